@@ -1,0 +1,25 @@
+# The two quickstart commands. Each creates .venv (Python 3.11) and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test clean
+
+$(VENV)/.installed-%: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$*]"
+	touch $@
+
+# Offline, tiny random-init models: face photo -> "f l" tokens -> SD text conditioning, then a short
+# CGDR training run on synthetic faces (checkpoints, metrics and sample images in runs/demo).
+demo: $(VENV)/.installed-faces
+	$(PY) -m f2d_jax.demo --config configs/tiny.py
+	$(PY) train.py --config configs/tiny.py --workdir runs/demo
+
+# The test suite (CPU only, no network).
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -n 2
+
+clean:
+	rm -rf $(VENV)

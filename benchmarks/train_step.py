@@ -1,0 +1,618 @@
+#!/usr/bin/env python
+"""Training-step throughput: our jitted Face2Diffusion CGDR step against the same step in PyTorch.
+
+    python benchmarks/train_step.py                  # sd14 on an accelerator, the cpu preset otherwise
+    python benchmarks/train_step.py --preset cpu --steps 5 --warmup 2
+
+Both sides run one training step of Face2Diffusion's CGDR objective on random weights and data of
+the same shapes (the numbers that matter for speed; nothing is downloaded):
+
+    class branch:  eps_c = UNet(z_t, t, CLIP("a photo of a person"))        no gradient
+    trained path:  mapping(identity, expression | null_exp) -> "f l" tokens written into the
+                   CLIP embeddings of "a photo of f l" -> CLIP encoder -> UNet -> eps*
+    loss:          mean(M (eps* - eps)^2) + lambda mean((1 - M)(eps* - eps_c)^2)
+    update:        global-norm clipping + AdamW on the mapping network only
+
+Ours is exactly what train.py runs: f2d_jax.train.step.train_step, jitted with explicit shardings
+over all local devices (batch split, frozen parameters replicated), the state donated, compiled
+ahead of time, built as f2d_jax/train/loop.py builds it from configs/f2d_sd14.py. PyTorch is
+diffusers' UNet2DConditionModel and transformers' CLIPTextModel with the same configs (the official
+Face2Diffusion injection: embeddings, overwrite the two identifier positions, causal encoder, final
+layer norm), the plain-torch mapping network of tests/torch_reference.py, torch.optim.AdamW and
+clip_grad_norm_, frozen models with requires_grad False and the class branch under no_grad.
+PyTorch runs eager and, where it works, under torch.compile; on accelerators with bf16 autocast
+and with fp16 autocast (+ GradScaler), frozen weights stored in that dtype as diffusers' training
+scripts do. On CPU everything is float32.
+
+Every measurement runs in its own child process (this script with --worker), one after the
+other, so peak memory is per measurement and the frameworks do not share the machine. Times are
+medians over --steps synchronized steps after --warmup steps. --batch is per device: ours runs
+batch x local devices, PyTorch batch on one device; the ratio compares images/s per device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = "RESULT "
+
+# Stable Diffusion v1.4's components, as in the checkpoint's config.json files.
+SD14_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=768, flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32,
+    norm_eps=1e-5, act_fn="silu")
+SD14_VAE = dict(  # built (the bundle needs it) but never run: the step reads cached VAE moments
+    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, act_fn="silu", scaling_factor=0.18215)
+SD14_CLIP = dict(  # CLIP ViT-L/14's text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+SD14_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon")
+
+PRESETS = {
+    # The paper's set-up: SD v1.4 at 512 px (64x64x4 latents), the official mapping network 1536 -> 768.
+    "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8, warmup=5, steps=20),
+    # The same structure, widths / 5 (CLIP / 3), 256 px (32x32x4 latents): a few minutes on a 2-core CPU.
+    "cpu": dict(
+        unet={**SD14_UNET, "sample_size": 32, "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 256},
+        vae={**SD14_VAE, "sample_size": 256, "block_out_channels": (32, 64, 128, 128)},
+        text_encoder={**SD14_CLIP, "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4},
+        resolution=256, batch=2, warmup=2, steps=5),
+}
+
+
+# ============================================================================ shared helpers
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def train_config(args):
+    """configs/f2d_sd14.py with the mapping network sized for the preset's text encoder."""
+    from f2d_jax.config import load_config
+
+    config = load_config(ROOT / "configs" / "f2d_sd14.py")
+    config.model.mapping.token_dim = PRESETS[args.preset]["text_encoder"]["hidden_size"]
+    if args.remat_unet != "config":
+        config.train.remat_unet = args.remat_unet == "on"
+    config.train.batch_size = args.batch
+    return config
+
+
+def make_batch(preset: str, batch: int, identity_dim: int, expression_dim: int, seed: int = 0):
+    """Cached-feature batch as the data loader yields it (NHWC, float32): identity, expression,
+    VAE latent moments (mean | logvar) and a head mask at latent resolution."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    size = PRESETS[preset]["resolution"] // 8
+    yy, xx = np.mgrid[:size, :size] / size
+    mask = ((((yy - 0.5) / 0.35) ** 2 + ((xx - 0.5) / 0.26) ** 2) <= 1).astype(np.float32)
+    mean = rng.standard_normal((batch, size, size, 4), np.float32) * 5.5
+    return {
+        "identity": rng.standard_normal((batch, identity_dim), np.float32),
+        "expression": rng.standard_normal((batch, expression_dim), np.float32),
+        "latent_moments": np.concatenate([mean, np.full_like(mean, -6.0)], axis=-1),
+        "mask": np.broadcast_to(mask[None, :, :, None], (batch, size, size, 1)).copy(),
+    }
+
+
+def timed_steps(step, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """(first call's seconds, per-step seconds of `steps` synchronized calls after `warmup` calls)."""
+    first = None
+    for i in range(warmup):
+        start = time.perf_counter()
+        sync(step())
+        if i == 0:
+            first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sync(step())
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+# ============================================================================ ours (JAX)
+
+def jax_worker(args) -> dict:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    # First among ours: it silences diffusers' Flax deprecation logging.
+    from f2d_jax.models import stable_diffusion as sdm
+    from f2d_jax.encoders import Encoders
+    from f2d_jax.models.bundle import Models, compute_dtype
+    from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
+    from f2d_jax.text import identifier_prompts, token_ids
+    from f2d_jax.train.checkpoint import abstract_like
+    from f2d_jax.train.metrics import compiled_flops, mfu, peak_flops
+    from f2d_jax.train.state import init_state, optimizer, partition
+    from f2d_jax.train.step import Constants, StepConfig, train_step
+
+    jax.config.update("jax_threefry_partitionable", True)  # as loop.py
+    rss_baseline = max_rss_bytes()  # Python + JAX + diffusers (+ the torch it imports), before any model
+    config = train_config(args)
+    tc, spec = config.train, PRESETS[args.preset]
+    dtype = compute_dtype(args.dtype)
+
+    # ---- models: the SD bundle from config dicts, random weights; the encoders from the config
+    log(f"[ours] building {args.preset} models ({jnp.dtype(dtype).name}) ...")
+    sd = sdm.build({"unet": spec["unet"], "vae": spec["vae"], "text_encoder": spec["text_encoder"],
+                    "scheduler": SD14_SCHEDULER}, dtype=dtype)
+    abstract = sdm.abstract_params(sd)
+    variables = sdm.random_params({k: abstract[k] for k in ("unet", "text_encoder")}, jax.random.key(config.seed),
+                                  dtype)
+    encoders = Encoders.from_config(config.model, sd.text_encoder)
+    models = Models(encoders, sd)
+    variables.update(encoders.init(jax.random.key(config.seed + 1), ("mapping",)))
+
+    # ---- as loop.py: mesh, partition, optimizer, shardings, state, constants, the compiled step
+    mesh = make_mesh(config.mesh)
+    global_batch = args.batch * mesh.size
+    trainable, frozen = partition(variables, tc.trainable)
+    tx, schedule = optimizer(config.optim, tc.steps)
+    frozen_shardings = param_shardings(frozen, mesh, config.mesh.frozen)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    rep, batch_sh = replicated(mesh), batch_sharding(mesh)
+    abstract_state = jax.eval_shape(functools.partial(init_state, tx=tx), trainable)
+    state_shardings = param_shardings(abstract_state, mesh, "replicate")
+    state = jax.jit(functools.partial(init_state, tx=tx), out_shardings=state_shardings)(trainable)
+    del trainable, variables["unet"]
+
+    tokenizer = sd.tokenizer()
+    ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
+    class_embedding = jax.jit(encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
+    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_embedding,
+                                         jnp.asarray(sdm.alphas_cumprod(sd.scheduler_config))), rep)
+    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor)
+    step_fn = jax.jit(functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg),
+                      in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
+                      out_shardings=(state_shardings, rep), donate_argnums=0)
+    batch = jax.device_put(make_batch(args.preset, global_batch, encoders.mapping.identity_dim,
+                                      encoders.mapping.expression_dim), batch_sh)
+    features = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
+
+    log(f"[ours] compiling the train step (batch {global_batch} over {mesh.size} device(s), "
+        f"remat_unet={tc.remat_unet}) ...")
+    rss_setup = max_rss_bytes()
+    start = time.perf_counter()
+    lowered = step_fn.lower(abstract_like(abstract_state, state_shardings), frozen, features, constants)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    if jax.config.jax_compilation_cache_dir:
+        log(f"[ours] note: JAX's persistent compilation cache is on ({jax.config.jax_compilation_cache_dir}); "
+            "the compile time may be a cache hit")
+    flops = compiled_flops(compiled)
+    xla_memory = xla_step_memory(compiled)
+    rss_compiled = max_rss_bytes()
+    log(f"[ours] compiled in {compile_s:.1f} s (trace + lower {lower_s:.1f} s); timing {args.warmup} warm-up + "
+        f"{args.steps} steps ...")
+
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], frozen, batch, constants)
+        return holder["state"], metrics
+
+    first, times = timed_steps(step, jax.block_until_ready, args.warmup, args.steps)
+    _, metrics = step()
+    metrics = jax.device_get(metrics)
+
+    device = jax.local_devices()[0]
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    if all("peak_bytes_in_use" in s for s in stats):
+        memory, memory_kind = max(s["peak_bytes_in_use"] for s in stats), "device peak_bytes_in_use"
+    else:
+        memory, memory_kind = max_rss_bytes(), "process max RSS"
+    seconds = statistics.median(times)
+    return dict(
+        name="ours (JAX, jit AOT)", framework="jax", dtype=jnp.dtype(dtype).name, compiled=True,
+        device=f"{jax.local_device_count()} x {device.device_kind}", platform=device.platform,
+        batch=global_batch, devices=mesh.size, seconds=seconds, times=times, first_step_s=first,
+        compile_s=compile_s, memory=memory, memory_kind=memory_kind, rss_baseline=rss_baseline,
+        rss_setup=rss_setup, rss_compiled=rss_compiled,
+        xla_memory=xla_memory, flops=flops,
+        peak_flops=peak_flops(device), mfu=mfu(flops, seconds, device),
+        loss=float(metrics["loss"]), finite=bool(metrics["finite"]), remat_unet=bool(tc.remat_unet),
+        versions=f"jax {jax.__version__}, flax {__import__('flax').__version__}")
+
+
+def xla_step_memory(compiled) -> dict | None:
+    """XLA's buffer assignment for one step, per device: arguments, outputs (less donated aliases)
+    and temporaries (activations and workspace)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    return dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
+                temporaries=m.temp_size_in_bytes)
+
+
+# ============================================================================ PyTorch
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_worker(args) -> dict:
+    import contextlib
+    import warnings
+
+    import numpy as np
+    import torch
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # Flax deprecation notices (diffusers imports its Flax side)
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
+
+    from f2d_jax.text import identifier_prompts, load_tokenizer, token_ids
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torch_reference import Mapping  # the official IMG2TEXTwithEXP structure, plain torch
+
+    rss_baseline = max_rss_bytes()  # Python + torch + diffusers (+ the JAX it imports), before any model
+    config = train_config(args)
+    tc, optim, spec = config.train, config.optim, PRESETS[args.preset]
+    cuda = torch.cuda.is_available()
+    if args.jax_platform not in (None, "cpu") and not cuda:
+        return dict(skipped=f"JAX ran on {args.jax_platform} but this PyTorch has no CUDA device")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, TORCH_DTYPES[args.torch_dtype])
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    torch.manual_seed(config.seed)
+    name = f"PyTorch {'torch.compile' if args.torch_compiled else 'eager'}" + \
+        (f" + {args.torch_dtype} autocast" if dtype != torch.float32 else "")
+    log(f"[{name}] building {args.preset} models ...")
+
+    # ---- frozen models: same configs, random init, weights in the compute dtype, no gradients
+    with torch.device(device):
+        unet = UNet2DConditionModel(**spec["unet"])
+        clip_config = CLIPTextConfig(**spec["text_encoder"], bos_token_id=49406, eos_token_id=49407,
+                                     pad_token_id=49407)
+        text = CLIPTextModel(clip_config)
+        m = config.model.mapping
+        mapping = Mapping(identity=m.identity_dim, hidden=m.hidden_dim, out=m.token_dim, n_layer=m.num_layers,
+                          dropout=m.dropout, exp=m.expression_dim)
+    for frozen in (unet, text):
+        frozen.requires_grad_(False).eval().to(dtype)
+    if tc.remat_unet:  # the same recomputation as ours (diffusers checkpoints per block)
+        unet.enable_gradient_checkpointing()
+    mapping.train()  # dropout on, as ours (train=True)
+    text_model = text.text_model
+
+    # ---- optimizer: AdamW on the mapping network, global-norm clipping, linear warm-up
+    opt = torch.optim.AdamW(mapping.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
+                            weight_decay=optim.weight_decay, eps=1e-8)
+    warmup = max(int(optim.warmup_steps), 0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / warmup, 1.0) if warmup else 1.0)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    # ---- constants: captions, the class embedding, the noise schedule
+    tokenizer = load_tokenizer()
+    ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    positions = torch.as_tensor(positions, dtype=torch.long, device=device)
+    with torch.no_grad(), autocast():
+        class_ids = torch.as_tensor(token_ids(tc.class_prompt, tokenizer), dtype=torch.long, device=device)
+        class_embedding = text(input_ids=class_ids).last_hidden_state
+    alphas = DDPMScheduler(**SD14_SCHEDULER).alphas_cumprod.to(device=device, dtype=torch.float32)
+    causal = _create_4d_causal_attention_mask((1, ids.shape[1]), dtype, device=device)
+
+    b = args.batch
+    data = make_batch(args.preset, b, m.identity_dim, m.expression_dim)
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)  # noqa: E731
+    batch = {"identity": torch.from_numpy(data["identity"]).to(device),
+             "expression": torch.from_numpy(data["expression"]).to(device),
+             "latent_moments": nchw(data["latent_moments"]), "mask": nchw(data["mask"])}
+    scaling, lam, p_uncond = spec["vae"]["scaling_factor"], tc.cgdr_lambda, tc.p_uncond
+
+    def loss_fn(batch):
+        mean, logvar = batch["latent_moments"].chunk(2, dim=1)
+        z0 = scaling * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+        t = torch.randint(0, alphas.shape[0], (b,), device=device)
+        eps = torch.randn_like(z0)
+        abar = alphas[t].view(-1, 1, 1, 1)
+        z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+        keep = (torch.rand(b, device=device) < 1 - p_uncond).float()
+        caption = torch.randint(0, ids.shape[0], (b,), device=device)
+        with autocast():
+            with torch.no_grad():
+                eps_class = unet(z_t, t, encoder_hidden_states=class_embedding.expand(b, -1, -1)).sample
+            first, last = mapping(batch["identity"], batch["expression"], keep)
+            hidden = text_model.embeddings(input_ids=ids[caption])
+            rows, pos = torch.arange(b, device=device), positions[caption]
+            hidden[rows, pos] = first.to(hidden.dtype)
+            hidden[rows, pos + 1] = last.to(hidden.dtype)
+            hidden = text_model.encoder(inputs_embeds=hidden, causal_attention_mask=causal).last_hidden_state
+            context = text_model.final_layer_norm(hidden)
+            pred = unet(z_t, t, encoder_hidden_states=context).sample
+        pred, eps_class, mask = pred.float(), eps_class.float(), batch["mask"]
+        fg = (mask * (pred - eps) ** 2).mean()
+        bg = ((1 - mask) * (pred - eps_class) ** 2).mean()
+        return fg + lam * bg
+
+    # diffusers' checkpointing helper calls an lru_cache'd version check, which dynamo warns about.
+    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+    forward = torch.compile(loss_fn) if args.torch_compiled else loss_fn
+
+    def clip():
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(mapping.parameters(), optim.grad_clip)
+
+    def step():
+        loss = forward(batch)
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            clip()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            clip()
+            scaler.step(opt)
+            scaler.update()
+        lr_schedule.step()
+        return loss
+
+    def sync(loss):
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    log(f"[{name}] timing {args.warmup} warm-up + {args.steps} steps"
+        + (" (torch.compile happens in the first)" if args.torch_compiled else "") + " ...")
+    first, times = timed_steps(step, sync, args.warmup, args.steps)
+    loss = float(step().detach())
+    flops = None
+    if not args.torch_compiled:  # an independent count (matmuls, convolutions, attention), one more step
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = float(counter.get_total_flops())
+    if cuda:
+        memory, memory_kind = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+        device_name = torch.cuda.get_device_name()
+    else:
+        memory, memory_kind = max_rss_bytes(), "process max RSS"
+        device_name = f"cpu ({torch.get_num_threads()} threads)"
+    seconds = statistics.median(times)
+    return dict(
+        name=name, framework="torch", dtype=str(dtype).removeprefix("torch."), compiled=args.torch_compiled,
+        device=device_name, platform=device.type, batch=b, devices=1, seconds=seconds, times=times,
+        first_step_s=first, compile_s=(first - seconds) if args.torch_compiled and first else None,
+        memory=memory, memory_kind=memory_kind, rss_baseline=rss_baseline, flops=flops,
+        loss=loss, finite=bool(np.isfinite(loss)),
+        remat_unet=bool(tc.remat_unet),
+        versions=f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+                 f"transformers {__import__('transformers').__version__}")
+
+
+# ============================================================================ driver
+
+def run_worker(kind: str, args, extra: list[str], env: dict | None = None) -> dict:
+    """Run one measurement in a child process; its last RESULT line is the answer."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--preset", args.preset,
+               "--dtype", args.dtype, "--remat-unet", args.remat_unet, *extra]
+    for flag in ("batch", "steps", "warmup"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
+    started = time.perf_counter()
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
+    if result.returncode or not lines:
+        return dict(failed=f"exit status {result.returncode} (see its output above)")
+    out = json.loads(lines[-1][len(RESULT):])
+    out["wall_s"] = time.perf_counter() - started
+    return out
+
+
+def fmt_bytes(n) -> str:
+    return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
+
+
+def fmt(x, spec: str, none: str = "n/a") -> str:
+    return none if x is None else format(x, spec)
+
+
+def per_device(r: dict) -> float:
+    """Images/s per device."""
+    return r["batch"] / r["seconds"] / r["devices"]
+
+
+def describe(r: dict) -> str:
+    parts = [f"{r['name']:<38s} {r['dtype']:>8s}: {r['batch'] / r['seconds']:8.2f} images/s "
+             f"({per_device(r):.2f}/device), {r['seconds']:.3f} s/step median "
+             f"[{min(r['times']):.3f}-{max(r['times']):.3f}], first step {fmt(r['first_step_s'], '.1f')} s"]
+    if r["framework"] == "jax":
+        parts.append(f"compile {r['compile_s']:.1f} s")
+        parts.append(f"{fmt(r['flops'] and r['flops'] / 1e12, '.3f')} TFLOP/step (XLA), "
+                     f"{fmt(r['flops'] and r['flops'] / r['seconds'] / 1e12, '.3f')} TFLOP/s/device, "
+                     f"MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''}")
+    elif r["compiled"]:
+        parts.append(f"torch.compile ~{fmt(r['compile_s'], '.1f')} s (first step - median)")
+    else:
+        parts.append(f"{fmt(r['flops'] and r['flops'] / 1e12, '.3f')} TFLOP/step (FlopCounterMode: matmul/conv/"
+                     "attention only)")
+    memory = f"peak memory {fmt_bytes(r['memory'])} ({r['memory_kind']}"
+    if "RSS" in r["memory_kind"]:
+        memory += f"; max RSS {fmt_bytes(r['rss_baseline'])} after imports"
+        if r.get("rss_setup"):
+            memory += (f", {fmt_bytes(r['rss_setup'])} after set-up, {fmt_bytes(r['rss_compiled'])} after "
+                       "compiling")
+    parts.append(memory + ")")
+    xla = r.get("xla_memory")
+    if xla:
+        parts.append(f"XLA buffers/device: arguments {fmt_bytes(xla['arguments'])}, temporaries "
+                     f"{fmt_bytes(xla['temporaries'])}, outputs {fmt_bytes(xla['outputs'])}")
+    parts.append(f"loss {r['loss']:.4g}")
+    return ", ".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
+                        help="model sizes: sd14 (SD v1.4, 512 px, batch 8) or cpu (same structure, reduced "
+                             "widths: UNet (64, 128, 256, 256), CLIP 12 x 256, 256 px, batch 2); auto: sd14 "
+                             "when JAX sees an accelerator, else cpu")
+    parser.add_argument("--batch", type=int, help="per-device batch (default: the preset's, 8 or 2)")
+    parser.add_argument("--steps", type=int, help="timed steps, median reported (default: 20 sd14, 5 cpu)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 sd14, 2 cpu)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="our compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
+    parser.add_argument("--torch-dtypes", default="auto",
+                        help="comma list of PyTorch autocast dtypes among fp32, bf16, fp16 (auto: bf16,fp16 on "
+                             "CUDA, fp32 on CPU)")
+    parser.add_argument("--torch-compile", choices=("both", "off", "only"), default="both",
+                        help="PyTorch eager and torch.compile (both; a compile failure is reported, not fatal), "
+                             "eager only, or compiled only")
+    parser.add_argument("--warm-torch-cache", action="store_true",
+                        help="let torch.compile use its on-disk caches (default: a fresh cache per run, so its "
+                             "compile time is a cold compile like ours)")
+    parser.add_argument("--remat-unet", choices=("config", "on", "off"), default="config",
+                        help="recompute UNet activations in the backward pass, both sides (config: "
+                             "configs/f2d_sd14.py's train.remat_unet, which is on)")
+    parser.add_argument("--skip-torch", action="store_true", help="measure ours only")
+    parser.add_argument("--skip-jax", action="store_true", help="measure PyTorch only")
+    parser.add_argument("--json", metavar="FILE", help="also write all results to FILE")
+    # Internal: one measurement in this process.
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-compiled", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jax-platform", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if (args.batch is not None and args.batch < 1) or (args.steps is not None and args.steps < 1) or \
+            (args.warmup is not None and args.warmup < 0):
+        parser.error("--batch and --steps must be at least 1, --warmup at least 0")
+    if args.torch_dtypes != "auto" and not set(args.torch_dtypes.split(",")) <= set(TORCH_DTYPES):
+        parser.error(f"--torch-dtypes: a comma list of {', '.join(TORCH_DTYPES)}, got {args.torch_dtypes!r}")
+
+    if args.worker:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if args.preset == "auto":
+            if args.worker == "jax":
+                import jax
+                args.preset = "cpu" if jax.default_backend() == "cpu" else "sd14"
+            else:
+                import torch
+                args.preset = "sd14" if torch.cuda.is_available() else "cpu"
+        spec = PRESETS[args.preset]
+        args.batch = args.batch or spec["batch"]
+        args.steps = args.steps or spec["steps"]
+        args.warmup = spec["warmup"] if args.warmup is None else args.warmup
+        result = jax_worker(args) if args.worker == "jax" else torch_worker(args)
+        result.update(preset=args.preset)
+        print(RESULT + json.dumps(result), flush=True)
+        return 0
+
+    results, platform, skipped = [], None, []
+    if not args.skip_jax:
+        ours = run_worker("jax", args, [])
+        if "failed" in ours:
+            skipped.append(f"ours: {ours['failed']}")
+            log(f"ours failed: {ours['failed']}")
+        else:
+            results.append(ours)
+            platform, args.preset = ours["platform"], ours["preset"]
+            log(describe(ours))
+    if args.preset == "auto":
+        import torch  # only to choose the preset
+        args.preset = "sd14" if torch.cuda.is_available() else "cpu"
+    spec = PRESETS[args.preset]
+    args.batch = args.batch or spec["batch"]
+    args.steps = args.steps or spec["steps"]
+    args.warmup = spec["warmup"] if args.warmup is None else args.warmup
+
+    if not args.skip_torch:
+        accelerated = platform not in (None, "cpu") or (platform is None and args.preset == "sd14")
+        dtypes = args.torch_dtypes.split(",") if args.torch_dtypes != "auto" else \
+            (["bf16", "fp16"] if accelerated else ["fp32"])
+        modes = {"both": [False, True], "off": [False], "only": [True]}[args.torch_compile]
+        for torch_dtype in dtypes:
+            for compiled in modes:
+                extra = ["--torch-dtype", torch_dtype] + (["--torch-compiled"] if compiled else []) + \
+                    (["--jax-platform", platform] if platform else [])
+                with tempfile.TemporaryDirectory(prefix="f2d_bench_inductor_") as cache:
+                    # A fresh Inductor/Triton cache: torch.compile's time is a cold compile, as ours is.
+                    env = {} if args.warm_torch_cache or not compiled else \
+                        {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": str(Path(cache) / "triton")}
+                    r = run_worker("torch", args, extra, env)
+                label = f"PyTorch {'torch.compile' if compiled else 'eager'} {torch_dtype}"
+                if "failed" in r or "skipped" in r:
+                    skipped.append(f"{label}: {r.get('failed') or r.get('skipped')}")
+                    log(skipped[-1])
+                    continue
+                results.append(r)
+                log(describe(r))
+
+    # ---- summary
+    ours = next((r for r in results if r["framework"] == "jax"), None)
+    print()
+    print(f"preset {args.preset}: batch {args.batch}/device, {PRESETS[args.preset]['resolution']} px "
+          f"({PRESETS[args.preset]['resolution'] // 8}x{PRESETS[args.preset]['resolution'] // 8}x4 latents), "
+          f"median of {args.steps} steps after {args.warmup} warm-up; remat_unet={results[0]['remat_unet']}"
+          if results else f"preset {args.preset}: nothing measured")
+    for r in results:
+        print(describe(r))
+    if results:
+        print("versions: " + "; ".join(dict.fromkeys(r["versions"] for r in results)))
+    header = ("run", "dtype", "device", "img/s/device", "s/step", "compile s", "peak memory", "MFU",
+              "ours/this")
+    rows = []
+    for r in results:
+        ratio = None if ours is None else per_device(ours) / per_device(r)
+        memory = f"{fmt_bytes(r['memory'])} ({'RSS' if 'RSS' in r['memory_kind'] else 'device'})"
+        mfu = (f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a") if r["framework"] == "jax" else "-"
+        rows.append((r["name"], r["dtype"], r["device"], f"{per_device(r):.2f}", f"{r['seconds']:.3f}",
+                     fmt(r["compile_s"], ".1f", "-"), memory, mfu, fmt(ratio, ".2f", "-")))
+    if rows:
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+        print()
+        print(line(header))
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in rows:
+            print(line(row))
+    if ours is not None:
+        for r in results:
+            if r is not ours:
+                print(f"ratio ours / {r['name']} ({r['dtype']}): {per_device(ours) / per_device(r):.2f}x "
+                      "images/s per device")
+    for s in skipped:
+        print(f"not measured: {s}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "results": results, "skipped": skipped},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

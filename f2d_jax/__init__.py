@@ -1,0 +1,8 @@
+"""f2d-jax: Face2Diffusion (CVPR 2024) in JAX/Flax."""
+import os
+
+# transformers and diffusers import TensorFlow whenever it is installed (the `data` extra needs it
+# to write datasets), which costs seconds per process; nothing here uses their TensorFlow side.
+os.environ.setdefault("USE_TF", "0")
+
+__version__ = "0.1.0"

@@ -1,0 +1,111 @@
+"""python -m f2d_jax.convert: import official checkpoints into a weights directory, export back."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMPORTABLE = {
+    "msid": "MSID encoder: official msid.pt (or .safetensors / .msgpack)",
+    "mapping": "mapping network: official mapping.pt (or .safetensors / .msgpack)",
+    "expression": "expression encoder: Deep3DFaceRecon checkpoint, e.g. epoch_20.pth (its net_recon)",
+}
+EXPORT_NAMES = {"msid": "msid", "mapping": "mapping", "expression": "net_recon", "text_encoder": "text_encoder"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m f2d_jax.convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="official PyTorch checkpoints -> an f2d-jax weights directory",
+                         description="Convert official checkpoints (strictly: every key and shape must match) "
+                                     "into a directory of Flax .msgpack files with a manifest.")
+    for name, help_text in IMPORTABLE.items():
+        imp.add_argument(f"--{name}", metavar="PATH", help=help_text)
+    imp.add_argument("--config", metavar="FILE", help="model sizes from this config's `model` section "
+                                                      "(default: the official sizes)")
+    imp.add_argument("--out", required=True, metavar="DIR", help="weights directory to write")
+
+    exp = sub.add_parser("export", help="an f2d-jax weights directory -> official PyTorch layouts",
+                         description="Write each model of a weights directory in its official key layout "
+                                     "(msid.pt, mapping.pt, net_recon.pt), loadable with a strict load_state_dict.")
+    exp.add_argument("weights", metavar="DIR", help="weights directory (from `import`) or a training workdir "
+                                                    "(its latest checkpoint)")
+    exp.add_argument("--out", required=True, metavar="DIR", help="directory for the exported files")
+    exp.add_argument("--format", choices=("pt", "safetensors"), default="pt")
+    exp.add_argument("--only", nargs="+", choices=sorted(EXPORT_NAMES), help="export only these models")
+
+    ins = sub.add_parser("inspect", help="list the tensors of a weight file or weights directory")
+    ins.add_argument("path", help=".pt/.pth/.bin/.safetensors/.msgpack file or weights directory")
+    ins.add_argument("--key", help="nested state-dict entry to show (e.g. net_recon)")
+    return parser
+
+
+def _import(args) -> None:
+    import jax
+
+    from f2d_jax.config import load_config
+    from f2d_jax.convert import load
+    from f2d_jax.convert.weights_dir import module_from_config, save_weights_dir
+
+    chosen = {name: getattr(args, name) for name in IMPORTABLE if getattr(args, name)}
+    if not chosen:
+        raise ValueError("nothing to import: give at least one of " + ", ".join(f"--{n}" for n in IMPORTABLE))
+    sizes = load_config(args.config).model if args.config else {}
+    models = {}
+    for name, path in chosen.items():
+        module = module_from_config(name, dict(sizes.get(name, {})))
+        models[name] = (module, load(name, path, module))
+        print(f"{name}: {path} -> {sum(np.size(x) for x in jax.tree.leaves(models[name][1])):,} values")
+    save_weights_dir(args.out, models, sources={n: str(Path(p).resolve()) for n, p in chosen.items()})
+    print(f"wrote {args.out}")
+
+
+def _export(args) -> None:
+    from f2d_jax.convert import save
+    from f2d_jax.convert.weights_dir import load_weights_dir
+
+    if (Path(args.weights) / "checkpoints").is_dir():
+        from f2d_jax.train.checkpoint import load_trained_models
+        models = {k: v for k, v in load_trained_models(args.weights).items() if not args.only or k in args.only}
+    else:
+        models = load_weights_dir(args.weights, names=args.only)
+    for name, (module, variables) in models.items():
+        path = save(name, variables, Path(args.out) / f"{EXPORT_NAMES[name]}.{args.format}", module)
+        print(f"{name} -> {path}")
+
+
+def _inspect(args) -> None:
+    from flax import traverse_util
+
+    from f2d_jax.convert import io
+    from f2d_jax.convert.weights_dir import load_weights_dir
+
+    path = Path(args.path)
+    if path.is_dir():
+        tree = {name: variables for name, (_, variables) in load_weights_dir(path).items()}
+        tensors = traverse_util.flatten_dict(tree, sep="/")
+    elif path.suffix.lower() in io.FLAX_SUFFIXES:
+        tensors = traverse_util.flatten_dict(io.read_flax(path), sep="/")
+    else:
+        tensors = io.read_state_dict(path, args.key)
+    for key, value in tensors.items():
+        print(f"{key:<70s} {str(tuple(np.shape(value))):<22s} {np.asarray(value).dtype}")
+    print(f"{len(tensors)} tensors, {sum(int(np.size(v)) for v in tensors.values()):,} values")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from f2d_jax.convert import CheckpointMismatchError
+    try:
+        {"import": _import, "export": _export, "inspect": _inspect}[args.command](args)
+    except (CheckpointMismatchError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""A weights directory: Flax .msgpack per model plus a manifest with each model's configuration.
+
+    DIR/f2d_weights.json   {"models": {"msid": {"config": {...}, "file": "msid.msgpack", ...}, ...}}
+    DIR/msid.msgpack, DIR/mapping.msgpack, ...
+
+What `python -m f2d_jax.convert import` writes and the rest of the package reads. The manifest
+is written last, so a directory without one is incomplete, never mistaken for a finished one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from f2d_jax.convert import io
+from f2d_jax.convert.checkpoints import SPECS, load
+
+MANIFEST = "f2d_weights.json"
+FORMAT = "f2d-jax weights"
+
+
+def module_config(module: nn.Module) -> dict[str, Any]:
+    """A module's constructor arguments as JSON-friendly values."""
+    config = {}
+    for field in dataclasses.fields(module):
+        if field.name in ("parent", "name"):
+            continue
+        value = getattr(module, field.name)
+        config[field.name] = jnp.dtype(value).name if field.name == "dtype" else value
+    return config
+
+
+def module_from_config(name: str, config: Mapping[str, Any]) -> nn.Module:
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    if "dtype" in config:
+        config["dtype"] = getattr(jnp, config["dtype"])  # "bfloat16" -> jnp.bfloat16
+    return SPECS[name].model(**config)
+
+
+def save_weights_dir(directory, models: Mapping[str, tuple[nn.Module, Any]],
+                     sources: Mapping[str, str] | None = None) -> Path:
+    """Write {name: (module, variables)} (names as in `f2d_jax.convert.SPECS`) to `directory`."""
+    directory = Path(os.fspath(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    manifest = {"format": FORMAT, "version": 1, "models": {}}
+    for name, (module, variables) in models.items():
+        if name not in SPECS:
+            raise ValueError(f"unknown model {name!r}; expected one of {', '.join(SPECS)}")
+        file = io.write_flax(variables, directory / f"{name}.msgpack")
+        manifest["models"][name] = {"class": type(module).__name__, "config": module_config(module),
+                                    "file": file.name, "source": (sources or {}).get(name, "")}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(directory / MANIFEST)
+    return directory
+
+
+def read_manifest(directory) -> dict[str, Any]:
+    path = Path(os.fspath(directory)) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an f2d-jax weights directory (no {MANIFEST}); "
+                                f"create one with `python -m f2d_jax.convert import`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an f2d-jax weights manifest")
+    return manifest
+
+
+def load_weights_dir(directory, names=None) -> dict[str, tuple[nn.Module, Any]]:
+    """{name: (module, variables)} for the models in `directory` (all, or those in `names`)."""
+    directory = Path(os.fspath(directory))
+    entries = read_manifest(directory)["models"]
+    missing = set(names or ()) - entries.keys()
+    if missing:
+        raise ValueError(f"{directory} holds {', '.join(sorted(entries)) or 'no models'}, not {', '.join(sorted(missing))}")
+    models = {}
+    for name, entry in entries.items():
+        if names is not None and name not in names:
+            continue
+        module = module_from_config(name, entry["config"])
+        models[name] = (module, load(name, directory / entry["file"], module))
+    return models

@@ -1,0 +1,74 @@
+"""The offline demo: a face photo + a prompt -> "f l" tokens -> Stable Diffusion text conditioning.
+
+    python -m f2d_jax.demo --config configs/tiny.py [--image face.jpg] [--prompt "a photo of f l"]
+
+With configs/tiny.py every model is a tiny random-init one (no weights, no downloads), so the
+numbers mean nothing; the shapes and the path through the code are the real ones.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+
+from f2d_jax.config import load_config
+from f2d_jax.encoders import Encoders
+from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
+from f2d_jax.text import PromptError, identifier_prompts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m f2d_jax.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny.py", help="config file (default: %(default)s)")
+    parser.add_argument("--image", help="face photo (default: the portrait shipped with the package)")
+    parser.add_argument("--prompt", default="f l eating bread in front of the Eiffel Tower",
+                        help="prompt containing the identifier 'f l' (default: %(default)r)")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.config)
+        input_ids, positions = identifier_prompts(args.prompt)
+        face = align_face(args.image or str(resources.files("f2d_jax").joinpath("assets/face.jpg")))
+    except (NoFaceError, PromptError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if any(config.weights[name] for name in ("sd", "msid", "mapping", "expression")):
+        print("note: the demo runs random-init models of the config's sizes; weights are not loaded",
+              file=sys.stderr)
+
+    encoders = Encoders.from_config(config.model)
+    variables = encoders.init(jax.random.key(config.seed))
+
+    @jax.jit
+    def condition(variables, faces, expression_images, input_ids, positions):
+        identity = encoders.identity_features(variables, faces)
+        expression = encoders.expression_codes(variables, expression_images)
+        tokens = encoders.identity_tokens(variables, identity)                    # null expression (inference)
+        tokens_with_expression = encoders.identity_tokens(variables, identity, expression)
+        embeddings = encoders.prompt_embeddings(variables, input_ids, positions, tokens)
+        return identity, expression, tokens, tokens_with_expression, embeddings
+
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(condition(variables, jnp.asarray(msid_input(face.crop[None])),
+                                              jnp.asarray(expression_input(face.expression_crop[None])),
+                                              input_ids, positions))
+    identity, expression, tokens, tokens_with_expression, embeddings = outputs
+    print(f"face       {face.source}: landmarks {face.landmarks.shape}, crops {face.crop.shape} and "
+          f"{face.expression_crop.shape}")
+    print(f"MSID       identity features          {identity.shape}")
+    print(f"expression Deep3DFaceRecon code       {expression.shape}")
+    print(f"mapping    'f l' tokens (null exp)    {tokens.shape}")
+    print(f"mapping    'f l' tokens (photo's exp) {tokens_with_expression.shape}")
+    print(f"prompt     {args.prompt!r}: ids {input_ids.shape}, 'f' at position {int(positions[0])}")
+    print(f"CLIP       text embedding             {embeddings.shape}  (the UNet's encoder_hidden_states)")
+    print(f"({time.perf_counter() - start:.1f} s including compilation; config {args.config})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

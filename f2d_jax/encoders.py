@@ -1,0 +1,85 @@
+"""The encoders that turn face crops and prompts into Stable Diffusion text conditioning.
+
+    112 crop -> MSID -> identity (B, 1536) --+
+    224 crop -> Deep3DFaceRecon -> exp (B, 64) --+-> mapping -> "f l" tokens (B, 2, 768)
+    prompt ids + tokens at the "f" position -> CLIP text encoder -> conditioning (B, 77, 768)
+
+`Encoders` holds the four Flax modules (configuration only); every method is a pure function
+of a variables dict {"msid", "mapping", "text_encoder", "expression"} and arrays, so training
+and sampling compose them under `jax.jit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from f2d_jax.models import CLIPTextEncoder, ExpressionEncoder, MappingNetwork, MSIDEncoder, expression_code
+
+NAMES = ("msid", "mapping", "text_encoder", "expression")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    msid: MSIDEncoder
+    mapping: MappingNetwork
+    text_encoder: CLIPTextEncoder
+    expression: ExpressionEncoder
+
+    def __post_init__(self):
+        if self.mapping.identity_dim != self.msid.features:
+            raise ValueError(f"mapping.identity_dim ({self.mapping.identity_dim}) must equal the MSID feature size "
+                             f"({self.msid.features} = {len(self.msid.tap_layers)} taps x {self.msid.width})")
+        if self.mapping.token_dim != self.text_encoder.width:
+            raise ValueError(f"mapping.token_dim ({self.mapping.token_dim}) must equal the text encoder width "
+                             f"({self.text_encoder.width})")
+
+    @classmethod
+    def from_config(cls, model: Mapping[str, Any], text_encoder: CLIPTextEncoder | None = None) -> Encoders:
+        """From a config's `model` section; `text_encoder` (e.g. the one of a loaded SD
+        checkpoint) is used when the section leaves the text encoder empty."""
+        text_config = dict(model.get("text_encoder") or {})
+        if text_encoder is None:
+            text_encoder = CLIPTextEncoder(**text_config)
+        return cls(MSIDEncoder(**model["msid"]), MappingNetwork(**model["mapping"]), text_encoder,
+                   ExpressionEncoder(**model["expression"]))
+
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def init(self, rng: jax.Array, names: tuple[str, ...] = NAMES) -> dict[str, Any]:
+        """Random variables for the models in `names` (one compiled program; the dummy inputs are
+        the smallest the parameter shapes allow)."""
+        # Per-parameter draws from an "rbg" key: XLA's RngBitGenerator compiles several times faster
+        # on CPU than the hundreds of inlined threefry hashes an init otherwise makes.
+        keys = dict(zip(NAMES, jax.random.split(
+            jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg"), len(NAMES))))
+        inputs = {
+            "msid": jnp.zeros((1, self.msid.image_size, self.msid.image_size, 3)),
+            "mapping": jnp.zeros((1, self.mapping.identity_dim)),
+            "text_encoder": jnp.zeros((1, 1), jnp.int32),
+            "expression": jnp.zeros((1, 32, 32, 3)),
+        }
+        return {name: getattr(self, name).init(keys[name], inputs[name]) for name in names}
+
+    def identity_features(self, variables, faces):
+        """(B, 112, 112, 3) aligned faces in [-1, 1] -> (B, F) MSID features."""
+        return self.msid.apply(variables["msid"], faces)
+
+    def expression_codes(self, variables, images):
+        """(B, 224, 224, 3) Deep3DFaceRecon crops in [0, 1] -> (B, 64) expression codes."""
+        return expression_code(self.expression.apply(variables["expression"], images))
+
+    def identity_tokens(self, variables, identity, expression=None, expression_mask=None, *, train=False, rng=None):
+        """(B, F) identity [+ (B, 64) expression, (B,) mask] -> (B, 2, D) embeddings of "f" and "l"."""
+        rngs = {"dropout": rng} if train else None
+        first, last = self.mapping.apply(variables["mapping"], identity, expression, expression_mask,
+                                         train=train, rngs=rngs)
+        return jnp.stack([first, last], axis=1)
+
+    def prompt_embeddings(self, variables, input_ids, positions=None, tokens=None):
+        """(B, 77) ids [+ (B, K, D) tokens written at (B,) positions] -> (B, 77, D) conditioning."""
+        hidden, _ = self.text_encoder.apply(variables["text_encoder"], input_ids, tokens, positions)
+        return hidden

@@ -1,0 +1,53 @@
+"""Every model of a config, with its variables: the Face2Diffusion encoders and the frozen SD.
+
+Weights come from the config's `weights` paths (local paths or hub ids); an empty path means
+random init, which is what the tiny config uses (and, for `weights.mapping`, training from
+scratch). An empty `weights.sd` means the tiny random Stable Diffusion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from f2d_jax import convert
+from f2d_jax.encoders import Encoders
+from f2d_jax.models.stable_diffusion import StableDiffusion, load_stable_diffusion, tiny_stable_diffusion
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    encoders: Encoders
+    sd: StableDiffusion
+
+
+def compute_dtype(name: str):
+    """"auto": bfloat16 on accelerators, float32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "mapping", "expression"),
+                log=lambda msg: print(msg, file=sys.stderr)) -> tuple[Models, dict[str, Any]]:
+    """(Models, variables) with variables for "unet", "vae", "text_encoder" (in `dtype`) and `names`
+    (float32). `log` receives a line for every model that starts from random init."""
+    weights = config["weights"]
+    if weights["sd"]:
+        sd, variables = load_stable_diffusion(weights["sd"], dtype=dtype)
+    else:
+        log("sd: tiny random-init Stable Diffusion (weights.sd is empty)")
+        sd, variables = tiny_stable_diffusion(jax.random.key(config["seed"]), dtype=dtype)
+    encoders = Encoders.from_config(config["model"], sd.text_encoder)
+    random = tuple(n for n in names if not weights[n])
+    for name in random:
+        log(f"{name}: random init (weights.{name} is empty)")
+    variables.update(encoders.init(jax.random.key(config["seed"] + 1), random) if random else {})
+    for name in names:
+        if weights[name]:
+            variables[name] = convert.load(name, weights[name], getattr(encoders, name))
+    return Models(encoders, sd), variables

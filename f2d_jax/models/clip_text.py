@@ -1,0 +1,105 @@
+"""CLIP text encoder that accepts injected word embeddings (the "f l" identity tokens).
+
+Same computation as Hugging Face's CLIPTextModel: token + position embeddings, pre-norm
+causal transformer layers, final LayerNorm. Face2Diffusion overwrites the embedded hidden
+states at the identifier's positions with the mapping network's outputs (no position
+embedding is added to them) before the transformer runs; `inject_tokens` does that.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from f2d_jax.models.layers import LayerNorm, Mlp, multi_head_attention
+
+_init = nn.initializers.normal(0.02)
+
+
+def inject_tokens(hidden, tokens, positions):
+    """Overwrite hidden[b, positions[b] + k] with tokens[b, k].
+
+    hidden: (B, T, D); tokens: (B, K, D); positions: (B,) int. Differentiable in `tokens`.
+    """
+    t, k = hidden.shape[1], tokens.shape[1]
+    offset = jnp.arange(t)[None, :] - jnp.asarray(positions).reshape(-1, 1)   # (B, T)
+    inside = (offset >= 0) & (offset < k)
+    picked = jnp.take_along_axis(tokens, jnp.clip(offset, 0, k - 1)[..., None], axis=1)  # (B, T, D)
+    return jnp.where(inside[..., None], picked.astype(hidden.dtype), hidden)
+
+
+class CLIPAttention(nn.Module):
+    """Causal self-attention with separate q, k, v and output projections (HF's layout)."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda name: nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
+        q, k, v = (dense(f"{n}_proj")(x) for n in "qkv")
+        return dense("out_proj")(multi_head_attention(q, k, v, self.num_heads, causal=True))
+
+
+class CLIPLayer(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    activation: str
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm1")(x)
+        x = x + CLIPAttention(self.num_heads, self.dtype, name="self_attn")(h)
+        h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
+        return x + Mlp(self.mlp_dim, self.activation, self.dtype, _init, name="mlp")(h), None
+
+
+class CLIPTextEncoder(nn.Module):
+    """(B, T) token ids [+ injected (B, K, D) at (B,) positions] -> (last_hidden_state, pooled).
+
+    Defaults are CLIP ViT-L/14's text tower, the one Stable Diffusion v1 uses. The pooled
+    output is taken at argmax(input_ids) (the first end-of-text token).
+    """
+
+    vocab_size: int = 49408
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    max_length: int = 77
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=_init, dtype=self.dtype)
+        self.position_embedding = nn.Embed(self.max_length, self.width, embedding_init=_init, dtype=self.dtype)
+        layer = nn.remat(CLIPLayer) if self.remat else CLIPLayer
+        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              length=self.num_layers)(
+            self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype)
+        self.final_layer_norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
+
+    def embed(self, input_ids):
+        """(B, T) ids -> (B, T, D) token + position embeddings."""
+        t = input_ids.shape[-1]
+        if t > self.max_length:
+            raise ValueError(f"at most {self.max_length} tokens, got {t}")
+        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))[None]
+
+    def encode(self, hidden, input_ids):
+        """(B, T, D) embedded hidden states -> (last_hidden_state (B, T, D), pooled (B, D))."""
+        hidden, _ = self.layers(hidden)
+        hidden = self.final_layer_norm(hidden)
+        pooled = jnp.take_along_axis(hidden, jnp.argmax(input_ids, axis=-1)[:, None, None], axis=1)[:, 0]
+        return hidden, pooled
+
+    def __call__(self, input_ids, injected=None, positions=None):
+        hidden = self.embed(input_ids)
+        if injected is not None:
+            hidden = inject_tokens(hidden, injected, positions)
+        return self.encode(hidden, input_ids)

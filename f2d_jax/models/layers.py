@@ -1,0 +1,50 @@
+"""Building blocks shared by the Flax models: norms with PyTorch numerics, attention, MLPs."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Two-pass variance (as PyTorch computes it) rather than E[x^2] - E[x]^2: the residual stream
+# of a trained transformer is large enough for the fast form to lose digits.
+LayerNorm = functools.partial(nn.LayerNorm, use_fast_variance=False)
+BatchNorm = functools.partial(nn.BatchNorm, use_fast_variance=False)
+
+# torch.nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch.nn.GELU / HF "gelu"
+    "quick_gelu": quick_gelu,                                   # OpenAI CLIP
+}
+
+
+def multi_head_attention(q, k, v, num_heads: int, causal: bool = False):
+    """(B, T, D) projections -> (B, T, D), softmax(q k^T / sqrt(D/heads)) v per head."""
+    b, t, d = q.shape
+    split = lambda x: x.reshape(b, x.shape[1], num_heads, d // num_heads)  # noqa: E731
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
+    return out.reshape(b, t, d)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2, the transformer feed-forward block (output width = input width)."""
+
+    hidden_dim: int
+    activation: str = "gelu"
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.truncated_normal(0.02)
+
+    @nn.compact
+    def __call__(self, x):
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init)
+        y = ACTIVATIONS[self.activation](dense(self.hidden_dim, name="fc1")(x))
+        return dense(x.shape[-1], name="fc2")(y)

@@ -1,0 +1,435 @@
+"""The frozen Stable Diffusion bundle: UNet, VAE, CLIP text encoder and the training noise schedule.
+
+`load_stable_diffusion` reads a diffusers-format directory (unet/, vae/, text_encoder/, tokenizer/,
+scheduler/) or a hub id and returns the modules with their parameters: diffusers' Flax UNet and VAE,
+our `CLIPTextEncoder`, the scheduler config. Weights may be Flax msgpack or PyTorch safetensors (no
+torch needed) or PyTorch .bin (needs torch); PyTorch weights go through the project's converter, so
+any mismatch is reported key by key. A config option the Flax models cannot represent raises rather
+than being dropped. `tiny_stable_diffusion` builds a random-init bundle of the same structure for
+tests and CPU demos.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from f2d_jax.convert import io
+from f2d_jax.convert.checkpoints import CLIP_LAYOUT
+from f2d_jax.convert.layout import TorchLayout, check_tree, from_torch
+from f2d_jax.models.clip_text import CLIPTextEncoder
+
+
+class _DropFlaxDeprecation(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith("Flax classes are deprecated")
+
+
+# diffusers logs "Flax classes are deprecated" from every Flax module's class body and setup (at import
+# and on every trace) through its library handler, which `import diffusers` sets up before any Flax module.
+import diffusers  # noqa: E402, F401
+
+for _handler in logging.getLogger("diffusers").handlers:
+    _handler.addFilter(_DropFlaxDeprecation())
+
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
+from diffusers.models.attention_flax import FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json"}
+# Per component, in order of preference: Flax msgpack, safetensors, PyTorch pickle.
+WEIGHT_FILES = {
+    "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text_encoder": ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"),
+}
+
+# Stable Diffusion v1.4's noise schedule (scheduler/scheduler_config.json, PNDM with DDPM training values).
+SD14_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": "epsilon", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False,
+}
+
+# The tiny bundle, as the config files of a diffusers directory would hold it (tests/sd_fixtures.py writes
+# PyTorch models from the same numbers). Latents 8x8 <-> images 64x64: the VAE downsamples 3 times, as SD's.
+TINY_CONFIGS = {
+    "unet": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
+    "vae": dict(sample_size=64, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64),
+                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32),
+    "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                         layer_norm_eps=1e-5),
+    "scheduler": SD14_SCHEDULER,
+}
+
+# PyTorch-only options and the PyTorch defaults (diffusers 0.39) the Flax models compute; any other value
+# would change the output. Keys not listed and not accepted by the Flax class are an error too.
+_UNET_TORCH_DEFAULTS = {
+    "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
+    "norm_num_groups": 32, "norm_eps": 1e-5, "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
+    "class_embed_type": None, "num_class_embeds": None, "upcast_attention": False,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+}
+_VAE_TORCH_DEFAULTS = {
+    "shift_factor": None, "latents_mean": None, "latents_std": None, "use_quant_conv": True,
+    "use_post_quant_conv": True, "mid_block_add_attention": True,
+}
+# Options the Flax classes accept but do not honour (they always build these).
+_FLAX_FIXED = {
+    "unet": {"down_block_types": {"CrossAttnDownBlock2D", "DownBlock2D"},
+             "up_block_types": {"CrossAttnUpBlock2D", "UpBlock2D"},
+             "mid_block_type": {"UNetMidBlock2DCrossAttn", None}},
+    "vae": {"down_block_types": {"DownEncoderBlock2D"}, "up_block_types": {"UpDecoderBlock2D"},
+            "act_fn": {"silu", "swish"}},
+}
+# Bookkeeping, or hints to pipelines that do not change the model's output.
+_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "force_upcast"}
+_EQUIVALENT = {"act_fn": {"swish": "silu"}}
+_ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def _torch_numerics(next_fun, args, kwargs, context):
+    """Method interceptor giving two diffusers Flax UNet layers PyTorch's numerics (see UNet)."""
+    module = context.module
+    if context.method_name != "__call__" or module.is_initializing():
+        return next_fun(*args, **kwargs)
+    if isinstance(module, FlaxGEGLU):  # GEGLU with exact GELU
+        hidden, deterministic = args[0], (args[1:] or [kwargs.get("deterministic", True)])[0]
+        value, gate = jnp.split(module.proj(hidden), 2, axis=-1)
+        return module.dropout_layer(value * jax.nn.gelu(gate, approximate=False), deterministic=deterministic)
+    if isinstance(module, nn.GroupNorm) and isinstance(module.parent, FlaxTransformer2DModel):
+        return module.clone(parent=None, epsilon=1e-6).apply({"params": module.variables["params"]}, *args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+
+@flax_register_to_config
+class UNet(FlaxUNet2DConditionModel):
+    """diffusers' Flax UNet computing what PyTorch's UNet2DConditionModel computes.
+
+    Same parameters and config; two layers differ in the Flax original: its GEGLU feed-forward uses
+    the tanh approximation of GELU (PyTorch: exact erf GELU) and its transformer input GroupNorm has
+    eps 1e-5 (PyTorch: 1e-6). Each alone moves the tiny UNet's output by a few 1e-5.
+    """
+
+    def __call__(self, *args, **kwargs):
+        with nn.intercept_methods(_torch_numerics):
+            return super().__call__(*args, **kwargs)
+
+
+class UnsupportedConfigError(ValueError):
+    """A model config asks for something the Flax model does not compute."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusion:
+    """The frozen Stable Diffusion modules and settings; parameters travel separately."""
+
+    unet: UNet
+    vae: FlaxAutoencoderKL
+    text_encoder: CLIPTextEncoder
+    scheduler_config: dict
+    vae_scaling_factor: float = 0.18215
+    tokenizer_path: str | None = None   # directory with the tokenizer files; None: the bundled SD v1 one
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD)."""
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    def tokenizer(self):
+        from f2d_jax.text import load_tokenizer
+        return load_tokenizer(self.tokenizer_path)
+
+
+# --------------------------------------------------------------------------- configs
+
+def _check_config(name: str, config: dict, flax_class, torch_defaults: dict, dtype) -> dict:
+    """The config's options that `flax_class` takes; raises for any that would be computed differently."""
+    accepted = {f.name for f in dataclasses.fields(flax_class)} - {"parent", "name", "dtype"}
+    kept = {}
+    for key, value in config.items():
+        value = _EQUIVALENT.get(key, {}).get(value, value) if isinstance(value, str) else value
+        value = tuple(value) if isinstance(value, list) else value
+        if key in _IGNORED:
+            continue
+        if key in _FLAX_FIXED.get(name, {}):
+            allowed = _FLAX_FIXED[name][key]
+            bad = sorted({v for v in (value if isinstance(value, tuple) else (value,)) if v not in allowed}, key=str)
+            if bad:
+                raise UnsupportedConfigError(f"{name} config: {key}={value!r}: the Flax model only builds "
+                                             f"{sorted(allowed, key=str)}, not {bad}")
+        if key in accepted:
+            kept[key] = value
+        elif key == "upcast_attention" and value:
+            if jnp.dtype(dtype) != jnp.float32:  # in float32 upcasting changes nothing
+                raise UnsupportedConfigError(f"{name} config: upcast_attention=True needs float32 attention; the Flax "
+                                             f"UNet computes it in {jnp.dtype(dtype).name}: load with dtype=float32")
+        elif key not in torch_defaults:
+            raise UnsupportedConfigError(f"{name} config: unknown option {key}={value!r}; the Flax "
+                                         f"{flax_class.__name__} has no such setting")
+        elif value != torch_defaults[key]:
+            raise UnsupportedConfigError(f"{name} config: {key}={value!r} is not supported: the Flax "
+                                         f"{flax_class.__name__} always computes {key}={torch_defaults[key]!r}")
+    return kept
+
+
+# Hugging Face CLIPTextConfig entry -> CLIPTextEncoder field.
+_CLIP_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "width", "intermediate_size": "mlp_dim",
+                "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                "max_position_embeddings": "max_length", "hidden_act": "activation", "layer_norm_eps": "layer_norm_eps"}
+
+
+def clip_text_fields(config: dict) -> dict:
+    """Hugging Face CLIPTextConfig entries -> CLIPTextEncoder fields."""
+    activation = config.get("hidden_act", "quick_gelu")
+    if activation not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"text_encoder config: hidden_act={activation!r} is not supported "
+                                     f"(use one of {', '.join(_ACTIVATIONS)})")
+    defaults = {f.name: f.default for f in dataclasses.fields(CLIPTextEncoder)}
+    return {ours: config.get(theirs, defaults[ours]) for theirs, ours in _CLIP_FIELDS.items()}
+
+
+def alphas_cumprod(scheduler_config: dict) -> np.ndarray:
+    """(T,) float32 cumulative products of 1 - beta_t: the DDPM training noise schedule of the config."""
+    steps = scheduler_config.get("num_train_timesteps", 1000)
+    start, end = scheduler_config.get("beta_start", 0.0001), scheduler_config.get("beta_end", 0.02)
+    schedule = scheduler_config.get("beta_schedule", "linear")
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        raise UnsupportedConfigError("scheduler config: rescale_betas_zero_snr=True is not supported")
+    if scheduler_config.get("trained_betas") is not None:
+        betas = np.asarray(scheduler_config["trained_betas"], np.float64)
+    elif schedule == "scaled_linear":
+        betas = np.linspace(start ** 0.5, end ** 0.5, steps, dtype=np.float64) ** 2
+    elif schedule == "linear":
+        betas = np.linspace(start, end, steps, dtype=np.float64)
+    else:
+        raise UnsupportedConfigError(f"scheduler config: beta_schedule={schedule!r} is not supported "
+                                     "(use 'scaled_linear' or 'linear')")
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def build(configs: dict, *, dtype=jnp.float32, tokenizer_path: str | None = None) -> StableDiffusion:
+    """The bundle's modules from the component configs {"unet", "vae", "text_encoder", "scheduler"}."""
+    unet = UNet.from_config(
+        _check_config("unet", configs["unet"], FlaxUNet2DConditionModel, _UNET_TORCH_DEFAULTS, dtype), dtype=dtype)
+    vae = FlaxAutoencoderKL.from_config(
+        _check_config("vae", configs["vae"], FlaxAutoencoderKL, _VAE_TORCH_DEFAULTS, dtype), dtype=dtype)
+    text_encoder = CLIPTextEncoder(**clip_text_fields(configs["text_encoder"]), dtype=dtype)
+    alphas_cumprod(configs["scheduler"])  # an unsupported schedule fails now, not in training
+    return StableDiffusion(unet, vae, text_encoder, dict(configs["scheduler"]),
+                           float(configs["vae"].get("scaling_factor", 0.18215)), tokenizer_path)
+
+
+def abstract_params(sd: StableDiffusion) -> dict[str, Any]:
+    """{"unet", "vae", "text_encoder"} variable trees as ShapeDtypeStructs (nothing is allocated)."""
+    key = jax.random.key(0)
+    tokens = jnp.zeros((1, sd.text_encoder.max_length), jnp.int32)
+    return {"unet": {"params": jax.eval_shape(sd.unet.init_weights, key)},
+            "vae": {"params": jax.eval_shape(sd.vae.init_weights, key)},
+            "text_encoder": jax.eval_shape(sd.text_encoder.init, key, tokens)}
+
+
+def _cast(variables, dtype):
+    def cast(x):
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(cast, variables)
+
+
+def random_params(abstract: Any, rng, dtype=jnp.float32) -> Any:
+    """Random variables shaped like `abstract`, drawn without compiling the models' init (which takes XLA
+    many seconds on CPU): Flax's default scheme, lecun-normal kernels, zero biases, unit norm scales,
+    and N(0, 0.02) embeddings as CLIP's."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    noise = np.asarray(jax.random.normal(rng, (sum(leaf.size for _, leaf in leaves),), jnp.float32))
+    values, offset = [], 0
+    for path, leaf in leaves:
+        name, shape = path[-1].key, leaf.shape
+        draw = noise[offset:offset + leaf.size].reshape(shape)
+        offset += leaf.size
+        if name == "kernel":  # Dense (in, out), scan-stacked Dense (L, in, out), Conv (H, W, in, out)
+            fan_in = np.prod(shape[:-1]) if len(shape) == 4 else shape[-2]
+            values.append(draw / np.sqrt(fan_in))
+        elif name == "embedding":
+            values.append(0.02 * draw)
+        else:
+            values.append(np.full(shape, 1.0 if name == "scale" else 0.0, np.float32))
+    return _cast(jax.tree_util.tree_unflatten(treedef, values), dtype)
+
+
+def tiny_stable_diffusion(rng, *, dtype=jnp.float32) -> tuple[StableDiffusion, dict]:
+    """A random-init bundle of TINY_CONFIGS' sizes (latents 8x8x4, images 64x64, 32-wide CLIP)."""
+    sd = build(TINY_CONFIGS, dtype=dtype)
+    return sd, random_params(abstract_params(sd), rng, dtype)
+
+
+# --------------------------------------------------------------------------- weights
+
+# PyTorch VAE attention: current diffusers names to_q/to_k/to_v/to_out.0, older checkpoints
+# query/key/value/proj_attn (the Flax names), the oldest store them as 1x1 convolutions.
+_VAE_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)\.")
+_VAE_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def normalize_vae_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A PyTorch AutoencoderKL state dict with the attention projections named and shaped as the Flax VAE's."""
+    out = {}
+    for key, value in state.items():
+        match = _VAE_ATTENTION.match(key)
+        if match:
+            name = _VAE_ATTENTION_NAMES.get(match[2], match[2])
+            key = f"{match[1]}{name}.{key[match.end():]}"
+            if value.ndim == 4 and value.shape[2:] == (1, 1):
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+# The generic rules cover the UNet; only its time embeddings' `linear_1`/`linear_2` are literal PyTorch
+# names, not `linear.1`: identity renames keep the reverse mapping (missing-key reports) right.
+_UNET_LAYOUT = TorchLayout(renames=tuple((f"{m}.linear_{i}", f"{m}.linear_{i}")
+                                         for m in ("time_embedding", "add_embedding") for i in (1, 2)))
+_TORCH_LAYOUTS = {"unet": _UNET_LAYOUT, "vae": TorchLayout(), "text_encoder": CLIP_LAYOUT}
+
+
+def _clip_from_hf_flax(tree: dict) -> dict:
+    """transformers' FlaxCLIPTextModel params (text_model/encoder/layers/<i>/...) -> our tree (layers stacked)."""
+    tree = tree.get("text_model", tree)
+    if "encoder" not in tree:
+        return tree  # already our layout (or not CLIP at all: check_tree will say)
+    embeddings, layers = tree.get("embeddings", {}), tree["encoder"].get("layers", {})
+    flat = [traverse_util.flatten_dict(layers[i]) for i in sorted(layers, key=int)]
+    stacked = {path: np.stack([np.asarray(f[path]) for f in flat]) for path in (flat[0] if flat else {})
+               if all(path in f and np.shape(f[path]) == np.shape(flat[0][path]) for f in flat)}
+    ours = {k: embeddings[k] for k in ("token_embedding", "position_embedding") if k in embeddings}
+    ours["layers"] = traverse_util.unflatten_dict(stacked)
+    if "final_layer_norm" in tree:
+        ours["final_layer_norm"] = tree["final_layer_norm"]
+    return ours
+
+
+def _weight_file(name: str, folder: Path) -> Path | None:
+    return next((folder / f for f in WEIGHT_FILES[name] if (folder / f).is_file()), None)
+
+
+def load_component(name: str, folder, target: dict, dtype=jnp.float32) -> dict:
+    """{"params": ...} for component `name` from the best weight file in `folder`, shaped like `target`."""
+    folder = Path(folder)
+    path = _weight_file(name, folder)
+    if path is None:
+        raise FileNotFoundError(f"no {name} weights in {folder}: expected one of {', '.join(WEIGHT_FILES[name])}")
+    what = f"{name} weights {path}"
+    if path.suffix == ".msgpack":
+        tree = io.read_flax(path)
+        tree = tree["params"] if set(tree) == {"params"} else tree
+        variables = {"params": _clip_from_hf_flax(tree) if name == "text_encoder" else tree}
+        check_tree(variables, target, what)
+    else:
+        state = io.read_state_dict(path)
+        if name == "vae":
+            state = normalize_vae_state(state)
+        variables = from_torch(state, target, _TORCH_LAYOUTS[name], what)
+    return _cast(variables, dtype)
+
+
+def save_stable_diffusion(sd: StableDiffusion, params: dict, directory) -> Path:
+    """Write the bundle as a diffusers-format directory with Flax weights, which
+    `load_stable_diffusion` reads back (e.g. a tiny SD whose UNet was trained here)."""
+    directory = Path(directory)
+    sd.unet.save_pretrained(directory / "unet", params=params["unet"]["params"])
+    sd.vae.save_pretrained(directory / "vae", params=params["vae"]["params"])
+    text = directory / "text_encoder"
+    text.mkdir(parents=True, exist_ok=True)
+    fields = {theirs: getattr(sd.text_encoder, ours) for theirs, ours in _CLIP_FIELDS.items()}
+    (text / CONFIG_FILES["text_encoder"]).write_text(json.dumps(fields, indent=2))
+    io.write_flax(params["text_encoder"]["params"], text / WEIGHT_FILES["text_encoder"][0])
+    sd.tokenizer().save_pretrained(directory / "tokenizer")
+    (directory / "scheduler").mkdir(exist_ok=True)
+    (directory / "scheduler" / CONFIG_FILES["scheduler"]).write_text(json.dumps(sd.scheduler_config, indent=2))
+    return directory
+
+
+def _read_config(root: Path, name: str) -> dict:
+    folder = root / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{root} has no {name}/ subfolder; a diffusers Stable Diffusion directory "
+                                "has unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
+    path = folder / CONFIG_FILES[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"no {name} config at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _hub_patterns(weights: list[str]) -> list[str]:
+    return ["model_index.json", "tokenizer/*", *(f"{c}/{CONFIG_FILES[c]}" for c in CONFIG_FILES), *weights]
+
+
+def resolve(path_or_hub_id, revision: str | None = None) -> Path:
+    """A local diffusers directory, or a hub id downloaded with only configs, tokenizer and one weight format."""
+    path = Path(os.fspath(path_or_hub_id)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; expected a diffusers Stable Diffusion directory")
+        return path
+    name = os.fspath(path_or_hub_id)
+    if not _HUB_ID.match(name) or name.startswith("."):
+        raise FileNotFoundError(f"no Stable Diffusion directory at {path}")
+    import huggingface_hub
+
+    root, missing = None, COMPONENTS
+    for weights in (1, 0, 2):  # safetensors, else Flax msgpack, else PyTorch .bin, per component
+        patterns = _hub_patterns([f"{c}/{WEIGHT_FILES[c][weights]}" for c in missing])
+        try:
+            root = Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=patterns))
+        except Exception as e:
+            raise FileNotFoundError(f"{name!r} is neither a local directory nor a downloadable hub id: {e}") from e
+        missing = [c for c in COMPONENTS if _weight_file(c, root / c) is None]
+        if not missing:
+            break
+    return root  # with weights missing, load_stable_diffusion names what it expected
+
+
+def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None
+                          ) -> tuple[StableDiffusion, dict]:
+    """(bundle, {"unet", "vae", "text_encoder": {"params": ...}}) from a diffusers directory or hub id.
+
+    Float weights (and the modules' compute dtype) become `dtype`. Raises FileNotFoundError for a
+    missing directory, subfolder, config or weight file, UnsupportedConfigError for a config the Flax
+    models would compute differently, CheckpointMismatchError for weights that do not fit.
+    """
+    root = resolve(path_or_hub_id, revision)
+    configs = {name: _read_config(root, name) for name in CONFIG_FILES}
+    tokenizer = root / "tokenizer"
+    if not tokenizer.is_dir():
+        raise FileNotFoundError(f"{root} has no tokenizer/ subfolder")
+    sd = build(configs, dtype=dtype, tokenizer_path=str(tokenizer))
+    targets = abstract_params(sd)
+    params = {name: load_component(name, root / name, targets[name], dtype) for name in COMPONENTS}
+    return sd, params

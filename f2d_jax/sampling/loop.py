@@ -1,0 +1,32 @@
+"""The denoising loop with classifier-free guidance, one `lax.fori_loop` under `jit`."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guidance: float, key=None):
+    """(B, C, h, w) initial noise -> denoised latents.
+
+    context / uncond_context: (B, 77, D) prompt and unconditional (e.g. empty-prompt) embeddings;
+    eps = eps_uncond + guidance * (eps_cond - eps_uncond) at every step.
+    """
+    contexts = jnp.concatenate([uncond_context, context]).astype(unet.dtype)
+    keys = jax.random.split(key if key is not None else jax.random.key(0), scheduler.timesteps.shape[0])
+
+    def body(i, x):
+        model_input = scheduler.scale_model_input(i, x)
+        t = jnp.broadcast_to(scheduler.timesteps[i], (2 * x.shape[0],))
+        out = unet.apply(unet_params, jnp.concatenate([model_input, model_input]).astype(unet.dtype), t,
+                         contexts).sample.astype(jnp.float32)
+        uncond, cond = jnp.split(out, 2)
+        return scheduler.step(i, x, uncond + guidance * (cond - uncond), keys[i])
+
+    return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, latents * scheduler.init_noise_sigma)
+
+
+def decode_images(vae, vae_params, latents, scaling_factor: float):
+    """(B, C, h, w) latents -> (B, H, W, 3) uint8 images."""
+    images = vae.apply(vae_params, (latents / scaling_factor).astype(vae.dtype), method=vae.decode).sample
+    images = jnp.transpose(images.astype(jnp.float32), (0, 2, 3, 1))
+    return jnp.round(jnp.clip((images + 1) * 127.5, 0, 255)).astype(jnp.uint8)

@@ -1,0 +1,257 @@
+"""The training loop: one linear function from a config and a workdir to a trained mapping network.
+
+Sections: set-up, mesh, models and data, state (resume or init), compiled step, loop
+(metrics, checkpoints, sample images, preemption). Everything numeric runs in jitted
+functions with explicit shardings; the host only feeds batches and reads metrics every
+`log.every` steps.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from f2d_jax.models.bundle import Models, compute_dtype, load_models
+from f2d_jax.models.stable_diffusion import alphas_cumprod
+from f2d_jax.faces import msid_input
+from f2d_jax.sampling import DDIM, decode_images, denoise
+from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from f2d_jax.text import identifier_prompts, token_ids
+from f2d_jax.train.checkpoint import Checkpoints, abstract_like
+from f2d_jax.data.loader import BatchLoader
+from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
+from f2d_jax.train.metrics import MetricWriter, compiled_flops, grid, is_primary, mfu
+from f2d_jax.train.state import init_state, merge, optimizer, partition
+from f2d_jax.train.step import Constants, StepConfig, train_step
+
+log = logging.getLogger("f2d_jax.train")
+PREEMPTED = 143  # exit status after a SIGTERM-triggered checkpoint (128 + SIGTERM)
+STEP_MODELS = ("mapping", "text_encoder", "unet")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why and what to try."""
+
+
+class Preemption:
+    """Notices SIGTERM (single process: our handler; several: JAX's preemption sync point)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir) -> int:
+    """Train as `config` says in `workdir`, resuming from its latest checkpoint.
+
+    Returns 0 when done, PREEMPTED after SIGTERM (a checkpoint was written first).
+    """
+    workdir = Path(workdir)
+    jax.config.update("jax_threefry_partitionable", True)  # random draws independent of the sharding
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_primary() else (lambda msg: None)
+    tc = config.train
+
+    # ------------------------------------------------------------------ mesh
+    mesh = make_mesh(config.mesh)
+    if tc.batch_size % mesh.size:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the {mesh.size} devices")
+    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es)")
+
+    # ------------------------------------------------------------------ models and data
+    dtype = compute_dtype(tc.compute_dtype)
+    models, variables, data = _models_and_data(config, dtype, say)
+    trainable, frozen = partition({k: variables[k] for k in STEP_MODELS}, tc.trainable)
+    tx, schedule = optimizer(config.optim, tc.steps)
+    frozen_shardings = param_shardings(frozen, mesh, config.mesh.frozen)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    rep, batch_sh = replicated(mesh), batch_sharding(mesh)
+
+    # ------------------------------------------------------------------ state: resume or init
+    abstract_state = jax.eval_shape(functools.partial(init_state, tx=tx), trainable)
+    state_shardings = param_shardings(abstract_state, mesh, "replicate")
+    checkpoints = Checkpoints(workdir, config.checkpoint.keep)
+    start = checkpoints.latest_step() or 0
+    if start:
+        state, _ = checkpoints.restore(start, abstract_like(abstract_state, state_shardings), config)
+        say(f"resumed from {checkpoints.directory / str(start)}")
+    else:
+        state = jax.jit(functools.partial(init_state, tx=tx), out_shardings=state_shardings)(trainable)
+    if start >= tc.steps:
+        say(f"already trained: checkpoint at step {start} >= train.steps={tc.steps}")
+        checkpoints.close()
+        return 0
+
+    # ------------------------------------------------------------------ constants and the compiled step
+    encoders = models.encoders
+    ids, positions = identifier_prompts(list(tc.prompts), models.sd.tokenizer())
+    class_embedding = jax.jit(encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, models.sd.tokenizer()))
+    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_embedding,
+                                         jnp.asarray(alphas_cumprod(models.sd.scheduler_config))), rep)
+    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, models.sd.vae_scaling_factor,
+                     models.sd.scheduler_config.get("prediction_type", "epsilon"))
+    step_fn = jax.jit(functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg),
+                      in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
+                      out_shardings=(state_shardings, rep), donate_argnums=0)
+    features = _feature_shapes(models, variables, data, tc.batch_size, batch_sh)
+    started = time.perf_counter()
+    compiled = step_fn.lower(abstract_like(abstract_state, state_shardings), frozen, features, constants).compile()
+    say(f"compiled the train step in {time.perf_counter() - started:.1f} s")
+    flops = compiled_flops(compiled)
+    encode = encoder_vars = None
+    if not data.encoded:  # raw images: the frozen encoders turn each batch into features on the devices
+        encoder_vars = jax.device_put({k: variables[k] for k in ("msid", "expression", "vae")}, rep)
+        encode = jax.jit(functools.partial(encode_raw, models), in_shardings=(rep, batch_sh), out_shardings=batch_sh)
+    sampler = _sampler(config, models, variables, frozen, data, mesh) if config.log.sample_every else None
+
+    # ------------------------------------------------------------------ loop
+    writer = MetricWriter(workdir, enabled=is_primary())
+    def meta(step):  # the data iterator's whole state is (seed, batch size, step): see data/loader.py
+        return {"config": config.to_dict(), "data": {"seed": config.seed, "batch_size": tc.batch_size, "step": step}}
+
+    loader = BatchLoader(data.source, tc.batch_size, config.seed, batch_sh, start_step=start, transform=data.transform)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not is_primary(), dynamic_ncols=True)
+    pending, last_time, last_step = [], time.perf_counter(), start
+    try:
+        with Preemption() as preemption:
+            for step in range(start, tc.steps):
+                _, batch = next(loader)
+                with jax.transfer_guard("disallow"):  # every input is already on the devices
+                    if encode is not None:
+                        batch = encode(encoder_vars, batch)
+                    state, metrics = compiled(state, frozen, batch, constants)
+                pending.append(metrics)
+                done = step + 1
+                bar.update(1)
+                if done % config.log.every == 0 or done == tc.steps:
+                    now = time.perf_counter()
+                    scalars = _summarize(jax.device_get(pending), done)
+                    seconds = (now - last_time) / (done - last_step)
+                    scalars.update(step_time=seconds, examples_per_second=tc.batch_size / seconds,
+                                   mfu=mfu(flops, seconds, jax.devices()[0]))
+                    writer.scalars(done, scalars)
+                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", fg=f"{scalars['loss_fg']:.4f}",
+                                    bg=f"{scalars['loss_bg']:.4f}")
+                    pending, last_time, last_step = [], now, done
+                save = done % config.checkpoint.every == 0 or done == tc.steps
+                sample = sampler is not None and (done % config.log.sample_every == 0 or done == tc.steps)
+                if save or sample:  # their time stays out of the step time
+                    jax.block_until_ready(state.step)
+                    paused = time.perf_counter()
+                    if save:
+                        checkpoints.save(done, state, meta(done))
+                    if sample:
+                        path = writer.image(done, "samples", sampler(state.params))
+                        if path:
+                            say(f"step {done}: sample images {path}")
+                    last_time += time.perf_counter() - paused
+                if preemption(done):
+                    checkpoints.save(done, state, meta(done))
+                    checkpoints.wait()
+                    say(f"SIGTERM: saved checkpoint {checkpoints.directory / str(done)}; "
+                        "run the same command to resume")
+                    return PREEMPTED
+    finally:
+        loader.close()
+        bar.close()
+        writer.close()
+        checkpoints.close()
+    say(f"done: {tc.steps} steps; checkpoints in {checkpoints.directory}; export the mapping network with "
+        f"`python -m f2d_jax.convert export {workdir} --out DIR`")
+    return 0
+
+
+def _models_and_data(config, dtype, say):
+    """Load the models the data needs (the frozen encoders only for raw datasets), and the data."""
+    needs_encoders = bool(config.data.dir) and not prepared_has_features(config.data.dir)
+    names = ("msid", "mapping", "expression") if needs_encoders else ("mapping",)
+    models, variables = load_models(config, dtype, names, log=say)
+    return models, variables, training_data(config, models)
+
+
+def _feature_shapes(models: Models, variables, data, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's batch as ShapeDtypeStructs (what the loader yields, after encoding raw data)."""
+    example = {k: np.asarray(v[:1]) for k, v in data.holdout.items()}
+    if not data.encoded:
+        example = jax.eval_shape(lambda b: encode_raw(models, variables, b), example)
+    return {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=sharding)
+            for k, v in example.items() if k in FEATURES}
+
+
+def _summarize(metrics: list[dict], step: int) -> dict[str, float]:
+    """Means over the logging interval; stops the run on a non-finite loss or gradient."""
+    finite = np.array([m["finite"] for m in metrics], bool)
+    if not finite.all():
+        bad = metrics[int(np.argmin(finite))]
+        first = step - len(metrics) + int(np.argmin(finite)) + 1
+        raise TrainingError(f"non-finite loss or gradient at step {first} (loss={float(bad['loss'])}, "
+                            f"grad_norm={float(bad['grad_norm'])}, lr={float(bad['lr']):.3g}); that update was not "
+                            "applied and training stopped. The last checkpoint is intact: lower optim.lr, set "
+                            "optim.grad_clip, or use train.compute_dtype=float32, then rerun to resume.")
+    return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0] if k != "finite"}
+
+
+def _sampler(config, models: Models, variables, frozen, data, mesh):
+    """A function trainable params -> a grid image of held-out faces x sample prompts (DDIM, CFG)."""
+    lc, encoders, sd = config.log, models.encoders, models.sd
+    tokenizer = sd.tokenizer()
+    holdout = {k: v[:lc.sample_faces] for k, v in data.holdout.items()}
+    prompts = list(lc.sample_prompts)
+    ids, positions = identifier_prompts(prompts, tokenizer)
+    n_faces, n_prompts = len(next(iter(holdout.values()))), len(prompts)
+    # Every (face, prompt) pair: faces vary along rows, prompts along columns.
+    face_index = np.repeat(np.arange(n_faces), n_prompts)
+    prompt_index = np.tile(np.arange(n_prompts), n_faces)
+    scheduler = DDIM.create(sd.scheduler_config, lc.sample_steps)
+    rep = replicated(mesh)
+    encoder_vars = {k: variables[k] for k in ("msid", "expression", "vae") if k in variables}  # frozen, as arguments
+    size = config.data.resolution // 8
+    noise = jax.random.normal(jax.random.key(config.seed), (len(face_index), sd.unet.in_channels, size, size))
+    constants = jax.device_put(dict(ids=jnp.asarray(ids[prompt_index]), positions=jnp.asarray(positions[prompt_index]),
+                                    uncond=token_ids([""] * len(face_index), tokenizer), noise=noise,
+                                    holdout=holdout, encoder_vars=encoder_vars), rep)
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def sample(trainable, frozen, c):
+        params = merge(trainable, frozen)
+        identity = c["holdout"]["identity"] if data.encoded else \
+            encoders.identity_features(c["encoder_vars"], msid_input(c["holdout"]["face"]))
+        tokens = encoders.identity_tokens(params, identity[face_index])
+        context = encoders.prompt_embeddings(params, c["ids"], c["positions"], tokens)
+        uncond = encoders.prompt_embeddings(params, c["uncond"])
+        latents = denoise(sd.unet, params["unet"], scheduler, c["noise"], context, uncond, lc.sample_guidance)
+        return decode_images(sd.vae, c["encoder_vars"]["vae"], latents, sd.vae_scaling_factor)
+
+    def run(trainable):
+        images = np.asarray(jax.device_get(sample(trainable, frozen, constants)))
+        return grid(images, rows=n_faces)
+    return run
+
+

@@ -1,0 +1,67 @@
+"""The train state (only what trains), the trainable/frozen split, and the optimizer."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array     # int32 scalar: the number of updates applied
+    params: Any         # the trainable parameters, as a sub-tree of the full parameter tree
+    opt_state: Any
+
+
+def partition(params: Mapping[str, Any], pattern: str) -> tuple[dict, dict]:
+    """(trainable, frozen) sub-trees: leaves whose "a/b/c" path matches `pattern` train."""
+    regex = re.compile(pattern)
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    trainable = {k: v for k, v in flat.items() if regex.search(k)}
+    if not trainable:
+        raise ValueError(f"train.trainable={pattern!r} matches no parameter; paths look like "
+                         f"{', '.join(sorted(flat)[:3])}")
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+    return (traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/"))
+
+
+def merge(*trees: Mapping[str, Any]) -> dict:
+    """The union of disjoint sub-trees (the inverse of `partition`)."""
+    flat = {}
+    for tree in trees:
+        flat.update(traverse_util.flatten_dict(dict(tree), sep="/"))
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def learning_rate(optim: Mapping[str, Any], steps: int) -> optax.Schedule:
+    """Linear warm-up to `lr`, then constant or cosine decay to 0 at `steps`."""
+    warmup = max(int(optim["warmup_steps"]), 0)
+    if optim["schedule"] == "constant":
+        after = optax.constant_schedule(optim["lr"])
+    elif optim["schedule"] == "cosine":
+        after = optax.cosine_decay_schedule(optim["lr"], max(steps - warmup, 1))
+    else:
+        raise ValueError(f"optim.schedule={optim['schedule']!r}; use 'constant' or 'cosine'")
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, optim["lr"], warmup), after], [warmup])
+
+
+def optimizer(optim: Mapping[str, Any], steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on the schedule above, after global-norm clipping (when optim.grad_clip > 0)."""
+    schedule = learning_rate(optim, steps)
+    adamw = optax.adamw(schedule, b1=optim["b1"], b2=optim["b2"], weight_decay=optim["weight_decay"])
+    clip = [optax.clip_by_global_norm(optim["grad_clip"])] if optim["grad_clip"] > 0 else []
+    return optax.chain(*clip, adamw), schedule
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state owning copies of `params` (the step donates its state's buffers)."""
+    params = jax.tree.map(jnp.array, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))

@@ -1,0 +1,108 @@
+"""One Face2Diffusion training step: CGDR with expression guidance, as a pure function.
+
+    z0 = s * sample(VAE moments);  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+    tokens = mapping(identity, expression or null_exp)          # trains
+    eps*   = UNet(z_t, t, CLIP(prompt with tokens at "f l"))     # gradient to the mapping net
+    eps_c  = UNet(z_t, t, CLIP("a photo of a person"))           # forward only, constant
+    L      = mean(M (eps* - eps)^2) + lambda mean((1 - M)(eps* - eps_c)^2)
+
+(in v-space for v-prediction models: the target is sqrt(abar_t) eps - sqrt(1 - abar_t) z0).
+
+All randomness comes from fold_in(key(seed), step), so a step is a function of (state, batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from f2d_jax.models.bundle import Models
+from f2d_jax.objectives import cgdr_loss
+from f2d_jax.train.state import TrainState, merge
+
+BATCH_FIELDS = ("identity", "expression", "latent_moments", "mask")
+
+
+@flax.struct.dataclass
+class Constants:
+    """Step inputs that never change (replicated): captions, class embedding, noise schedule."""
+
+    prompt_ids: jax.Array         # (P, 77) int32, the training captions
+    prompt_positions: jax.Array   # (P,) int32, where "f" is in each
+    class_embedding: jax.Array    # (1, 77, D) CLIP("a photo of a person")
+    alphas_cumprod: jax.Array     # (T,) float32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    seed: int
+    cgdr_lambda: float
+    p_uncond: float
+    remat_unet: bool
+    vae_scaling_factor: float
+    prediction_type: str = "epsilon"   # the UNet's output: "epsilon" or "v_prediction" (SD 2.x)
+
+
+def latents_from_moments(moments, key, scaling_factor: float):
+    """(B, h, w, 2C) VAE posterior (mean | logvar) -> (B, C, h, w) scaled latent sample (the UNet's layout)."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    return scaling_factor * jnp.transpose(sample, (0, 3, 1, 2))
+
+
+def train_step(state: TrainState, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array], constants: Constants,
+               *, models: Models, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig):
+    """(state, frozen params, batch, constants) -> (new state, metrics)."""
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), state.step), 6)
+    b = batch["identity"].shape[0]
+    z0 = latents_from_moments(batch["latent_moments"], keys[0], cfg.vae_scaling_factor)
+    t = jax.random.randint(keys[1], (b,), 0, constants.alphas_cumprod.shape[0])
+    eps = jax.random.normal(keys[2], z0.shape)
+    abar = constants.alphas_cumprod[t][:, None, None, None]
+    z_t = jnp.sqrt(abar) * z0 + jnp.sqrt(1 - abar) * eps
+    if cfg.prediction_type == "epsilon":
+        target = eps
+    elif cfg.prediction_type == "v_prediction":
+        target = jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * z0
+    else:
+        raise ValueError(f"prediction_type={cfg.prediction_type!r}: training supports epsilon and v_prediction")
+    mask = jnp.transpose(batch["mask"], (0, 3, 1, 2))                           # (B, 1, h, w)
+    keep_expression = jax.random.bernoulli(keys[3], 1 - cfg.p_uncond, (b,))
+    caption = jax.random.randint(keys[4], (b,), 0, constants.prompt_ids.shape[0])
+
+    unet = models.sd.unet
+    dtype = unet.dtype
+
+    def predict(params, context):
+        return unet.apply(params, z_t.astype(dtype), t, context.astype(dtype)).sample
+    predict_with_grad = jax.checkpoint(predict) if cfg.remat_unet else predict
+
+    all_params = merge(state.params, frozen)
+    class_context = jnp.broadcast_to(constants.class_embedding, (b, *constants.class_embedding.shape[1:]))
+    eps_class = jax.lax.stop_gradient(predict(all_params["unet"], class_context))  # no backward pass
+
+    def loss_fn(trainable):
+        params = merge(trainable, frozen)
+        encoders = models.encoders
+        tokens = encoders.identity_tokens(params, batch["identity"], batch["expression"], keep_expression,
+                                          train=True, rng=keys[5])
+        context = encoders.prompt_embeddings(params, constants.prompt_ids[caption],
+                                             constants.prompt_positions[caption], tokens)
+        return cgdr_loss(predict_with_grad(params["unet"], context), target, eps_class, mask, cfg.cgdr_lambda)
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = TrainState(step=state.step + 1,
+                           params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
+                           opt_state=keep_if_finite(opt_state, state.opt_state))
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
+    return new_state, metrics

@@ -1,0 +1,64 @@
+"""A tiny PyTorch Stable Diffusion in diffusers' directory layout, for loading and parity tests.
+
+`write_tiny_sd(path)` saves UNet2DConditionModel, AutoencoderKL and CLIPTextModel of the sizes in
+`f2d_jax.models.stable_diffusion.TINY_CONFIGS` with seeded random weights (every parameter
+non-trivial: norms and any constant-initialised tensor are perturbed), the real SD v1 tokenizer
+and SD v1.4's PNDM scheduler config, through StableDiffusionPipeline.save_pretrained (safetensors).
+Needs torch, diffusers and transformers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+# First: it silences diffusers' Flax deprecation logging, which importing the pipeline triggers.
+from f2d_jax.models.stable_diffusion import TINY_CONFIGS  # isort: skip
+from f2d_jax.text import load_tokenizer  # isort: skip
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+
+@dataclasses.dataclass
+class TinySD:
+    path: Path
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+
+
+def _scheduler_kwargs() -> dict:
+    return {k: v for k, v in TINY_CONFIGS["scheduler"].items() if not k.startswith("_")}
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every constant-initialised parameter (norm scales and biases, zero-init layers) random values."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in module.parameters():
+        if param.numel() > 1 and bool((param == param.flatten()[0]).all()):
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(param + 0.1 * noise)
+    return module.eval()
+
+
+def torch_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_CONFIGS["unet"])
+    vae = AutoencoderKL(**TINY_CONFIGS["vae"])
+    config = CLIPTextConfig(**TINY_CONFIGS["text_encoder"], bos_token_id=49406, eos_token_id=49407,
+                            pad_token_id=49407)
+    text_encoder = CLIPTextModel(config)
+    return tuple(randomize(m, seed + i) for i, m in enumerate((unet, vae, text_encoder)))
+
+
+def write_tiny_sd(path, seed: int = 0) -> TinySD:
+    """Write the tiny PyTorch SD directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    path = Path(path)
+    unet, vae, text_encoder = torch_models(seed)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+                                       scheduler=PNDMScheduler.from_config(_scheduler_kwargs()), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return TinySD(path, unet, vae, text_encoder)

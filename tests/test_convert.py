@@ -1,0 +1,167 @@
+"""Weight interop: Flax <-> official PyTorch layouts, strict errors, the weights directory and CLI."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as ref
+from f2d_jax import convert
+from f2d_jax.convert.__main__ import main as convert_main
+from f2d_jax.convert.weights_dir import load_weights_dir, save_weights_dir
+from f2d_jax.models import ExpressionEncoder, MappingNetwork, MSIDEncoder
+
+TINY = {
+    "msid": (MSIDEncoder(width=32, depth=3, num_heads=2, tap_layers=(0, 2)),
+             lambda: ref.MSID(width=32, depth=3, heads=2, taps=(0, 2))),
+    "mapping": (MappingNetwork(identity_dim=64, expression_dim=8, hidden_dim=16, token_dim=12),
+                lambda: ref.Mapping(identity=64, hidden=16, out=12, exp=8)),
+    "expression": (ExpressionEncoder(layers=(1, 1, 1, 1), width=8), lambda: ref.ReconNet((1, 1, 1, 1), 8)),
+}
+
+
+def _random_variables(name, module, seed=0):
+    """Random values in every leaf (BatchNorm statistics and null_exp included)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype),
+                        convert.checkpoints.abstract_variables(module, name))
+
+
+def _assert_same_tree(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".msgpack"])
+@pytest.mark.parametrize("name", ["msid", "mapping", "expression"])
+def test_flax_to_file_to_flax_is_bit_exact(tmp_path, name, suffix):
+    module, _ = TINY[name]
+    variables = _random_variables(name, module)
+    path = convert.save(name, variables, tmp_path / f"{name}{suffix}", module)
+    _assert_same_tree(convert.load(name, path, module), variables)
+
+
+def test_official_size_round_trip_through_pt(tmp_path):
+    for name, module in [("msid", MSIDEncoder()), ("mapping", MappingNetwork())]:
+        variables = _random_variables(name, module, seed=1)
+        save = {"msid": convert.save_msid, "mapping": convert.save_mapping}[name]
+        load = {"msid": convert.load_msid, "mapping": convert.load_mapping}[name]
+        _assert_same_tree(load(save(variables, tmp_path / f"{name}.pt")), variables)
+
+
+@pytest.mark.parametrize("name", ["msid", "mapping", "expression"])
+def test_exported_pt_loads_strictly_into_the_official_module(tmp_path, name):
+    module, torch_module = TINY[name]
+    variables = _random_variables(name, module)
+    path = convert.save(name, variables, tmp_path / f"{name}.pt", module)
+    reference = torch_module()
+    reference.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    reference.eval()
+    shape = {"msid": (2, 112, 112, 3), "mapping": (2, module.identity_dim if name == "mapping" else 0),
+             "expression": (2, 224, 224, 3)}[name]
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    ours = module.apply(variables, x)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(x if x.ndim == 2 else x.transpose(0, 3, 1, 2)))
+    for a, b in zip(jax.tree.leaves(ours), theirs if isinstance(theirs, tuple) else [theirs]):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_official_keys_survive_import_and_export(tmp_path):
+    torch_model = ref.randomize(ref.MSID(), seed=4)
+    torch.save(torch_model.state_dict(), tmp_path / "msid.pt")
+    exported = convert.torch_state_dict("msid", convert.load_msid(tmp_path / "msid.pt"))
+    original = torch_model.state_dict()
+    assert list(exported) == list(original) or set(exported) == set(original)
+    for key, value in original.items():
+        if key.endswith("num_batches_tracked"):  # Flax keeps no counter; exported as 0
+            assert exported[key] == 0
+        else:
+            np.testing.assert_array_equal(exported[key], value.numpy(), err_msg=key)
+
+
+def test_mismatches_are_listed(tmp_path):
+    state = ref.randomize(ref.Mapping()).state_dict()
+    state.pop("null_exp")
+    state["i2t_first.extra.weight"] = torch.zeros(3)
+    state["i2t_last.fc_out.weight"] = torch.zeros(700, 1536)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(convert.CheckpointMismatchError) as info:
+        convert.load_mapping(tmp_path / "bad.pt")
+    message = str(info.value)
+    assert "bad.pt does not match the model" in message
+    assert "1 missing keys: null_exp" in message
+    assert "1 unexpected keys: i2t_first.extra.weight" in message
+    assert "i2t_last.fc_out.weight (700, 1536) (model wants (768, 1536))" in message
+    assert info.value.missing == ["null_exp"]
+
+
+def test_msid_with_other_taps_is_a_listed_mismatch(tmp_path):
+    torch.save(ref.MSID(width=32, depth=3, heads=2, taps=(0, 2)).state_dict(), tmp_path / "msid.pt")
+    with pytest.raises(convert.CheckpointMismatchError, match=r"6 missing keys: norms\.layer_1\.0\.bias.*\n.*6 unexpected keys: norms\.layer_2\.0"):
+        convert.load_msid(tmp_path / "msid.pt", MSIDEncoder(width=32, depth=3, num_heads=2, tap_layers=(0, 1)))
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weight file at .*nothing.pt"):
+        convert.load_mapping(tmp_path / "nothing.pt")
+    (tmp_path / "weights.h5").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"unknown weight format '\.h5'"):
+        convert.load_mapping(tmp_path / "weights.h5")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read as a PyTorch checkpoint"):
+        convert.load_mapping(tmp_path / "broken.pt")
+    torch.save({"epoch": 3}, tmp_path / "no_tensors.pt")
+    with pytest.raises(ValueError, match="does not hold a state dict of tensors"):
+        convert.load_expression(tmp_path / "no_tensors.pt")
+
+
+def test_weights_directory_round_trip_and_incomplete_directory(tmp_path):
+    models = {name: (module, _random_variables(name, module)) for name, (module, _) in TINY.items()}
+    save_weights_dir(tmp_path / "w", models)
+    loaded = load_weights_dir(tmp_path / "w")
+    for name, (module, variables) in models.items():
+        assert loaded[name][0] == module
+        _assert_same_tree(loaded[name][1], variables)
+    (tmp_path / "w" / "f2d_weights.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not an f2d-jax weights directory"):
+        load_weights_dir(tmp_path / "w")
+
+
+def test_cli_import_export_inspect(tmp_path, capsys):
+    mapping = ref.randomize(ref.Mapping(), seed=5)
+    torch.save(mapping.state_dict(), tmp_path / "mapping.pt")
+    recon = ref.randomize(ref.ReconNet(), seed=6)
+    torch.save({"net_recon": recon.state_dict(), "epoch": 20}, tmp_path / "epoch_20.pth")
+    assert convert_main(["import", "--mapping", str(tmp_path / "mapping.pt"), "--expression",
+                         str(tmp_path / "epoch_20.pth"), "--out", str(tmp_path / "weights")]) == 0
+    assert convert_main(["export", str(tmp_path / "weights"), "--out", str(tmp_path / "exported"),
+                         "--format", "safetensors"]) == 0
+    for name, module in [("mapping.safetensors", mapping), ("net_recon.safetensors", recon)]:
+        back = convert.read_state_dict(tmp_path / "exported" / name)
+        module.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    capsys.readouterr()
+    assert convert_main(["inspect", str(tmp_path / "exported" / "mapping.safetensors")]) == 0
+    assert "i2t_first.layers.0.0.weight" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    torch.save(ref.Mapping(hidden=8).state_dict(), tmp_path / "small.pt")
+    assert convert_main(["import", "--mapping", str(tmp_path / "small.pt"), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mapping weights") and "shape mismatches" in err and "Traceback" not in err
+    assert convert_main(["import", "--out", str(tmp_path / "w")]) == 2
+    assert "nothing to import" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "f2d_weights.json").exists()
+
+
+def test_cli_import_with_config_sizes(tmp_path):
+    torch.save(ref.randomize(ref.MSID(width=32, depth=4, heads=2, taps=(0, 1, 2, 3))).state_dict(),
+               tmp_path / "msid.pt")
+    assert convert_main(["import", "--msid", str(tmp_path / "msid.pt"), "--config", "configs/tiny.py",
+                         "--out", str(tmp_path / "w")]) == 0
+    module, variables = load_weights_dir(tmp_path / "w")["msid"]
+    assert module == MSIDEncoder(width=32, depth=4, num_heads=2, tap_layers=(0, 1, 2, 3))
+    assert module.apply(variables, jnp.zeros((1, 112, 112, 3))).shape == (1, 128)

@@ -1,0 +1,312 @@
+"""The Stable Diffusion bundle: loading a diffusers directory (safetensors, Flax msgpack, no torch),
+parity with diffusers' / transformers' PyTorch models on the same random weights, clear errors,
+and the tiny random-init bundle."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import sd_fixtures
+from f2d_jax.convert.layout import CheckpointMismatchError
+from f2d_jax.models import stable_diffusion as sdm
+
+PROMPTS = ["a photo of f l", "an oil painting of f l wearing a red hat, highly detailed"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return sd_fixtures.write_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return sdm.load_stable_diffusion(tiny.path)
+
+
+def _max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _copy(tiny, tmp_path, drop=()):
+    """A copy of the fixture directory without the files in `drop` (relative paths)."""
+    path = tmp_path / "copy"
+    shutil.copytree(tiny.path, path)
+    for name in drop:
+        (path / name).unlink()
+    return path
+
+
+def _edit_config(path, component, **changes):
+    name = path / component / sdm.CONFIG_FILES[component]
+    name.write_text(json.dumps({**json.loads(name.read_text()), **changes}))
+
+
+# --------------------------------------------------------------------------- parity
+
+def test_unet_matches_diffusers_pytorch(tiny, loaded, parity):
+    sd, params = loaded
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((4, 77, 32)).astype(np.float32)
+    timesteps = np.array([0, 1, 500, 999], np.int32)
+    with torch.no_grad():
+        theirs = tiny.unet(torch.from_numpy(latents), torch.from_numpy(timesteps).long(),
+                           torch.from_numpy(context)).sample.numpy()
+
+    def run(unet):
+        return jax.jit(lambda *args: unet.apply(*args).sample)(params["unet"], latents, timesteps, context)
+
+    ours = run(sd.unet)
+    assert ours.shape == (4, 4, 8, 8) and np.abs(theirs).max() > 0.1
+    parity("SD UNet noise prediction (tiny, t in 0..999)", _max_err(ours, theirs), 1e-4)
+    # diffusers' own Flax UNet (tanh GELU in GEGLU, GroupNorm eps 1e-5 before the transformers) is further off.
+    plain = sdm.FlaxUNet2DConditionModel.from_config(sdm.TINY_CONFIGS["unet"])
+    assert _max_err(ours, theirs) < 1e-5 < _max_err(run(plain), theirs)
+
+
+def test_vae_matches_diffusers_pytorch(tiny, loaded, parity):
+    sd, params = loaded
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+
+    @jax.jit
+    def moments(variables, images):
+        posterior = sd.vae.apply(variables, images, method=sd.vae.encode).latent_dist
+        return posterior.mean, posterior.logvar
+
+    mean, logvar = moments(params["vae"], images)
+    decoded = jax.jit(lambda p, z: sd.vae.apply(p, z, method=sd.vae.decode).sample)(params["vae"], latents)
+    with torch.no_grad():
+        theirs = tiny.vae.encode(torch.from_numpy(images)).latent_dist
+        theirs_decoded = tiny.vae.decode(torch.from_numpy(latents)).sample.numpy()
+    nchw = lambda x: np.transpose(x, (0, 3, 1, 2))  # noqa: E731  (Flax's posterior is channels-last)
+    assert mean.shape == (2, 8, 8, 4) and decoded.shape == (2, 3, 64, 64)
+    parity("SD VAE encode: latent mean (tiny)", _max_err(nchw(mean), theirs.mean.numpy()), 1e-4)
+    parity("SD VAE encode: latent logvar (tiny)", _max_err(nchw(logvar), theirs.logvar.numpy()), 1e-4)
+    parity("SD VAE decode (tiny)", _max_err(decoded, theirs_decoded), 1e-4)
+
+
+def test_text_encoder_matches_transformers(tiny, loaded, parity):
+    sd, params = loaded
+    ids = np.asarray(sd.tokenizer()(PROMPTS, padding="max_length", max_length=77).input_ids, np.int32)
+    hidden, _ = jax.jit(sd.text_encoder.apply)(params["text_encoder"], ids)
+    with torch.no_grad():
+        theirs = tiny.text_encoder(torch.from_numpy(ids).long()).last_hidden_state.numpy()
+    assert hidden.shape == (2, 77, 32)
+    parity("SD CLIP text encoder last_hidden_state (tiny)", _max_err(hidden, theirs), 1e-4)
+
+
+def test_alphas_cumprod_matches_diffusers():
+    from diffusers import DDPMScheduler
+
+    for config in (sdm.SD14_SCHEDULER, {**sdm.SD14_SCHEDULER, "beta_schedule": "linear"}):
+        theirs = DDPMScheduler.from_config(config).alphas_cumprod.numpy()
+        ours = sdm.alphas_cumprod(config)
+        assert ours.shape == (1000,) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- formats
+
+def test_loaded_bundle_settings(tiny, loaded):
+    sd, params = loaded
+    assert sd.tokenizer_path == str(tiny.path / "tokenizer") and sd.vae_scaling_factor == 0.18215
+    assert sd.vae_scale_factor == 8 and sd.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert sd.tokenizer()("a photo of f l").input_ids == [49406, 320, 1125, 539, 325, 331, 49407]
+
+
+def test_flax_msgpack_weights_load_identically(tiny, loaded, tmp_path):
+    from transformers import FlaxCLIPTextModel
+
+    sd, params = loaded
+    path = _copy(tiny, tmp_path, drop=["unet/diffusion_pytorch_model.safetensors",
+                                       "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"])
+    sd.unet.save_pretrained(path / "unet", params=params["unet"]["params"])  # diffusers' Flax format
+    sd.vae.save_pretrained(path / "vae", params=params["vae"]["params"])
+    # transformers' own PyTorch -> Flax conversion, in Hugging Face's Flax layout (layers/<i>/...).
+    FlaxCLIPTextModel.from_pretrained(tiny.path / "text_encoder", from_pt=True).save_pretrained(path / "text_encoder")
+    assert (path / "text_encoder" / "flax_model.msgpack").is_file()
+
+    flax_sd, flax_params = sdm.load_stable_diffusion(path)
+    jax.tree.map(np.testing.assert_array_equal, flax_params["unet"], params["unet"])
+    jax.tree.map(np.testing.assert_array_equal, flax_params["vae"], params["vae"])
+    ids = np.asarray(sd.tokenizer()(PROMPTS, padding="max_length", max_length=77).input_ids, np.int32)
+    np.testing.assert_array_equal(flax_sd.text_encoder.apply(flax_params["text_encoder"], ids)[0],
+                                  sd.text_encoder.apply(params["text_encoder"], ids)[0])
+
+
+def test_old_vae_attention_names_and_conv_shapes(tiny, loaded, tmp_path):
+    """Older PyTorch VAEs name the attention projections query/key/value/proj_attn, the oldest as 1x1 convs."""
+    path = _copy(tiny, tmp_path)
+    weights = path / "vae" / "diffusion_pytorch_model.safetensors"
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for key, value in load_file(weights).items():
+        for new_name, old_name in names.items():
+            if f".attentions.0.{new_name}." in key:
+                key = key.replace(f".{new_name}.", f".{old_name}.")
+                value = value[:, :, None, None] if value.ndim == 2 else value
+        old[key] = value
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in old
+    save_file(old, weights)
+    _, params = sdm.load_stable_diffusion(path)
+    jax.tree.map(np.testing.assert_array_equal, params["vae"], loaded[1]["vae"])
+
+
+def test_loading_needs_no_torch(tiny, tmp_path):
+    bin_only = _copy(tiny, tmp_path, drop=["text_encoder/model.safetensors"])
+    torch.save({k: torch.from_numpy(v) for k, v in load_file(tiny.path / "text_encoder/model.safetensors").items()},
+               bin_only / "text_encoder" / "pytorch_model.bin")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # importing torch now fails
+        import jax
+        import jax.numpy as jnp
+        from f2d_jax.models.stable_diffusion import load_component, load_stable_diffusion
+        sd, params = load_stable_diffusion({str(tiny.path)!r}, dtype=jnp.bfloat16)
+        assert params["unet"]["params"]["conv_in"]["kernel"].dtype == jnp.bfloat16
+        assert sd.unet.dtype == jnp.bfloat16 and sd.text_encoder.dtype == jnp.bfloat16
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["text_encoder"])
+        try:
+            load_component("text_encoder", {str(bin_only / "text_encoder")!r}, target)
+        except ImportError as e:
+            assert "needs torch" in str(e), e
+        else:
+            raise AssertionError(".bin weights loaded without torch")
+        loaded = [m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m] is not None]
+        assert not loaded, loaded
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert "Flax classes are deprecated" not in result.stderr
+
+
+def test_hub_id_downloads_configs_tokenizer_and_one_weight_format(tiny, loaded, tmp_path, monkeypatch):
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        """A stand-in for the hub: the fixture directory, filtered by allow_patterns."""
+        calls.append((repo_id, revision, list(allow_patterns)))
+        if repo_id != "someone/tiny-sd":
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"404 {repo_id}")
+        root = tmp_path / "snapshot"
+        for file in tiny.path.rglob("*"):
+            name = file.relative_to(tiny.path).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, root / name)
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    sd, params = sdm.load_stable_diffusion("someone/tiny-sd", revision="main")
+    (repo_id, revision, patterns), = calls
+    assert (repo_id, revision) == ("someone/tiny-sd", "main")
+    assert "unet/diffusion_pytorch_model.safetensors" in patterns and "tokenizer/*" in patterns
+    assert not [p for p in patterns if p.endswith((".bin", ".msgpack"))]
+    jax.tree.map(np.testing.assert_array_equal, params["vae"], loaded[1]["vae"])
+    with pytest.raises(FileNotFoundError, match="'nobody/nothing' is neither a local directory nor a downloadable"):
+        sdm.load_stable_diffusion("nobody/nothing")
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Stable Diffusion directory at .*nowhere"):
+        sdm.load_stable_diffusion(tmp_path / "nowhere")
+
+
+def test_missing_subfolder(tiny, tmp_path):
+    path = _copy(tiny, tmp_path)
+    shutil.rmtree(path / "scheduler")
+    with pytest.raises(FileNotFoundError, match="has no scheduler/ subfolder"):
+        sdm.load_stable_diffusion(path)
+
+
+def test_missing_weight_file(tiny, tmp_path):
+    path = _copy(tiny, tmp_path, drop=["vae/diffusion_pytorch_model.safetensors"])
+    with pytest.raises(FileNotFoundError, match=r"no vae weights in .*vae: expected one of "
+                                                r"diffusion_flax_model.msgpack, diffusion_pytorch_model.safetensors"):
+        sdm.load_stable_diffusion(path)
+
+
+def test_wrong_shaped_weight(tiny, tmp_path):
+    path = _copy(tiny, tmp_path)
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_in.weight"] = np.zeros((32, 4, 5, 5), np.float32)
+    del state["time_embedding.linear_1.bias"]
+    save_file(state, weights)
+    with pytest.raises(CheckpointMismatchError) as error:
+        sdm.load_stable_diffusion(path)
+    message = str(error.value)
+    assert "unet weights" in message and "conv_in.weight (32, 4, 5, 5) (model wants (32, 4, 3, 3))" in message
+    assert "missing keys: time_embedding.linear_1.bias" in message
+
+
+@pytest.mark.parametrize("component, changes, message", [
+    ("unet", {"norm_num_groups": 16}, "norm_num_groups=16 is not supported.*always computes norm_num_groups=32"),
+    ("unet", {"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported"),
+    ("unet", {"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]},
+     "down_block_types=.*only builds .*not \\['SimpleCrossAttnDownBlock2D'\\]"),
+    ("unet", {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type=.*only builds"),
+    ("unet", {"future_option": 3}, "unknown option future_option=3"),
+    ("vae", {"act_fn": "gelu"}, "act_fn='gelu': the Flax model only builds"),
+    ("vae", {"shift_factor": 0.1}, "shift_factor=0.1 is not supported"),
+    ("text_encoder", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
+    ("scheduler", {"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule='squaredcos_cap_v2' is not supported"),
+])
+def test_unsupported_config(component, changes, message):
+    configs = {**sdm.TINY_CONFIGS, component: {**sdm.TINY_CONFIGS[component], **changes}}
+    with pytest.raises(sdm.UnsupportedConfigError, match=f"{component} config: {message}"):
+        sdm.build(configs)
+
+
+def test_unsupported_config_in_directory(tiny, tmp_path):
+    path = _copy(tiny, tmp_path)
+    _edit_config(path, "unet", time_cond_proj_dim=256)
+    with pytest.raises(sdm.UnsupportedConfigError, match="time_cond_proj_dim=256 is not supported"):
+        sdm.load_stable_diffusion(path)
+
+
+def test_upcast_attention_needs_float32():
+    configs = {**sdm.TINY_CONFIGS, "unet": {**sdm.TINY_CONFIGS["unet"], "upcast_attention": True}}
+    assert sdm.build(configs).unet.dtype == jnp.float32  # SD 2.1 sets it: a no-op in float32
+    with pytest.raises(sdm.UnsupportedConfigError, match="upcast_attention=True needs float32"):
+        sdm.build(configs, dtype=jnp.bfloat16)
+
+
+# --------------------------------------------------------------------------- tiny bundle
+
+def test_tiny_stable_diffusion_runs(loaded):
+    sd, params = sdm.tiny_stable_diffusion(jax.random.key(0))
+
+    @jax.jit
+    def generate(params, ids, latents, timesteps):
+        hidden, pooled = sd.text_encoder.apply(params["text_encoder"], ids)
+        noise = sd.unet.apply(params["unet"], latents, timesteps, hidden).sample
+        return hidden, pooled, noise, sd.vae.apply(params["vae"], noise, method=sd.vae.decode).sample
+
+    ids = jnp.asarray(sd.tokenizer()(PROMPTS, padding="max_length", max_length=77).input_ids)
+    hidden, pooled, noise, images = generate(params, ids, jnp.ones((2, 4, 8, 8)), jnp.array([1, 999]))
+    assert hidden.shape == (2, 77, 32) and pooled.shape == (2, 32)
+    assert noise.shape == (2, 4, 8, 8) and images.shape == (2, 3, 64, 64)
+    assert np.isfinite(images).all() and 0.05 < float(np.std(images)) < 10
+    assert sd.tokenizer_path is None and sd.vae_scale_factor == 8
+    # The same structure as the PyTorch fixture written from TINY_CONFIGS.
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, loaded[1])

@@ -1,0 +1,229 @@
+"""Training: the tiny config end to end, sharding, multi-process, preemption and resume, bad
+checkpoints, and export of the trained mapping network."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as ref
+from f2d_jax.config import load_config
+from f2d_jax.convert.__main__ import main as convert_main
+from f2d_jax.train.checkpoint import load_trained
+from f2d_jax.train.launch import run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def _env(devices: int = 1, cache=None, **extra):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if cache:  # the same programs compile once across the subprocesses of a test
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def _command(workdir, *overrides):
+    return [sys.executable, str(ROOT / "train.py"), "--config", TINY, "--workdir", str(workdir),
+            "--config.log.sample_every=0", *overrides]
+
+
+def _train(workdir, *overrides, devices=1, cache=None, check=True):
+    result = subprocess.run(_command(workdir, *overrides), env=_env(devices, cache), capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(workdir, step=None):
+    return load_trained(workdir, step)[1]
+
+
+def _assert_close(a, b, atol):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_tiny_config_end_to_end_and_export(tmp_path, capsys):
+    config = load_config(TINY, ["train.steps=12", "log.every=4", "log.sample_every=12", "checkpoint.every=8"])
+    assert run(config, tmp_path) == 0
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [4, 8, 12]
+    for name in ("loss", "loss_fg", "loss_bg", "grad_norm", "lr", "step_time", "examples_per_second"):
+        assert all(np.isfinite(m[name]) for m in metrics), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    sample = tmp_path / "samples" / "samples_0000012.png"
+    assert sample.is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12", "8"]
+    assert "compiled the train step in" in capsys.readouterr().err
+
+    # The trained mapping network exports to the official layout and loads strictly in PyTorch.
+    assert convert_main(["export", str(tmp_path), "--out", str(tmp_path / "export")]) == 0
+    reference = ref.Mapping(identity=128, hidden=64, out=32, exp=64)
+    reference.load_state_dict(torch.load(tmp_path / "export" / "mapping.pt", weights_only=True), strict=True)
+    trained = _params(tmp_path)["mapping"]["params"]
+    np.testing.assert_array_equal(reference.null_exp.detach().numpy(), trained["null_exp"])
+
+    # Running again is a no-op: the run is complete.
+    assert run(config, tmp_path) == 0
+    assert "already trained" in capsys.readouterr().err
+
+
+def test_sharded_run_and_restore_onto_another_mesh_match_single_device(tmp_path):
+    """8 simulated devices (mesh 4x2, frozen params FSDP-sharded) resume a 1-device run and
+    continue it exactly as the 1-device run does."""
+    cache = tmp_path / "cache"
+    common = ["--config.train.steps=6", "--config.checkpoint.every=3", "--config.log.every=1"]
+    _train(tmp_path / "single", *common, cache=cache)
+    _train(tmp_path / "first_half", *common, "--config.train.steps=3", cache=cache)
+    shutil.copytree(tmp_path / "first_half", tmp_path / "sharded")
+    _train(tmp_path / "sharded", *common, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+           "--config.mesh.frozen=fsdp", devices=8, cache=cache)
+    single, sharded = _metrics(tmp_path / "single"), _metrics(tmp_path / "sharded")
+    assert [m["step"] for m in sharded] == [1, 2, 3, 4, 5, 6]  # steps 1-3 from the 1-device run
+    for a, b in zip(single[3:], sharded[3:]):
+        for name in ("loss", "loss_fg", "loss_bg", "grad_norm"):
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=f"{name} at step {a['step']}")
+    _assert_close(_params(tmp_path / "sharded"), _params(tmp_path / "single"), atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_train_and_checkpoint(tmp_path):
+    """Two JAX processes (2 CPU devices each) form one 4-device mesh, read their own halves of
+    each batch, and write one checkpoint; the result is the single-process one."""
+    common = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.log.every=2"]
+    port = _free_port()
+    procs = [subprocess.Popen(_command(tmp_path / "multi", *common), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    assert "mesh {'data': 4, 'fsdp': 1} over 4 cpu devices, 2 process(es)" in outputs[0][1]
+    assert outputs[1][1].count("\n") < outputs[0][1].count("\n")  # only process 0 logs
+    assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir()) == ["2", "4"]
+    assert [m["step"] for m in _metrics(tmp_path / "multi")] == [2, 4]
+    _train(tmp_path / "single", *common)
+    _assert_close(_params(tmp_path / "multi"), _params(tmp_path / "single"), atol=1e-6)
+
+
+def _wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--config.train.steps=40", "--config.checkpoint.every=10", "--config.log.every=5"]
+    _train(tmp_path / "straight", *common, cache=cache)
+    proc = subprocess.Popen(_command(tmp_path / "killed", *common), env=_env(1, cache), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "10" / "commit_success.txt").exists()
+              or proc.poll() is not None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before = [m["step"] for m in _metrics(tmp_path / "killed")]
+    assert steps_before and steps_before[-1] < 40, "the run was not interrupted"
+    _train(tmp_path / "killed", *common, cache=cache)
+    _assert_close(_params(tmp_path / "killed"), _params(tmp_path / "straight"), atol=0)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    proc = subprocess.Popen(_command(tmp_path, "--config.train.steps=100000", "--config.log.every=1",
+                                     "--config.checkpoint.every=100000"),
+                            env=_env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text().strip())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 1
+    assert f"SIGTERM: saved checkpoint {tmp_path / 'checkpoints' / str(saved[0])}" in err
+    assert load_trained(tmp_path)[2] == saved[0]
+
+
+def test_corrupt_or_mismatched_checkpoint_is_an_error(tmp_path, capsys):
+    config = load_config(TINY, ["train.steps=2", "checkpoint.every=2", "log.sample_every=0"])
+    assert run(config, tmp_path) == 0
+    # A different model cannot resume this run.
+    bigger = load_config(TINY, ["train.steps=4", "model.mapping.hidden_dim=96", "log.sample_every=0"])
+    assert run(bigger, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "different config (model:" in err and "new --workdir" in err
+    # A damaged checkpoint stops the run; it is never replaced by a fresh start.
+    for file in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if file.is_file() and file.parent.name == "d":
+            file.write_bytes(b"garbage")
+    longer = load_config(TINY, ["train.steps=4", "log.sample_every=0"])
+    assert run(longer, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "error: checkpoint" in err and "cannot be restored" in err and "move it away" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_non_finite_loss_stops_with_a_diagnostic(tmp_path, capsys):
+    config = load_config(TINY, ["train.steps=20", "log.every=5", "log.sample_every=0", "optim.lr=1e30",
+                                "optim.warmup_steps=0", "optim.grad_clip=0.0"])
+    assert run(config, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "error: non-finite loss or gradient at step" in err and "lower optim.lr" in err
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Real photographs: the test portraits, skimage's astronaut, and a mirrored crop."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    for path in (ROOT / "tests" / "data" / "faces").glob("*.jpg"):
+        shutil.copy(path, root / path.name)
+    Image.fromarray(skimage.data.astronaut()).save(root / "astronaut.png")
+    obama = Image.open(root / "obama.jpg")
+    obama.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((40, 20, obama.width - 40, obama.height)).save(
+        root / "obama_mirrored_crop.jpg")
+    return root
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["raw", "cached-features"])
+def test_a_prepared_real_photo_dataset_trains(tmp_path, photos, cached, capsys):
+    from f2d_jax.data.prepare import main as prepare_main
+
+    data = tmp_path / "data"
+    assert prepare_main(["--images", str(photos), "--out", str(data), "--config", TINY, "--no-progress",
+                         *(["--cache-features"] if cached else [])]) == 0
+    config = load_config(TINY, [f"data.dir={data}", "train.steps=4", "train.batch_size=4", "log.every=2",
+                                "log.sample_every=4", "checkpoint.every=4"])
+    assert run(config, tmp_path / "run") == 0, capsys.readouterr().err[-3000:]
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [2, 4] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert (tmp_path / "run" / "samples" / "samples_0000004.png").is_file()
+    # A dataset made for other settings is refused with the reason.
+    other = load_config(TINY, [f"data.dir={data}", "data.resolution=128", "train.steps=2"])
+    assert run(other, tmp_path / "other") == 1
+    assert "does not fit the config: resolution: dataset 64, config.data.resolution 128" in capsys.readouterr().err
