@@ -11,11 +11,13 @@ $(VENV)/.installed-%: setup.py
 	$(PY) -m pip install -q -e ".[$*]"
 	touch $@
 
-# Offline, tiny random-init models: face photo -> "f l" tokens -> SD text conditioning, then a short
-# CGDR training run on synthetic faces (checkpoints, metrics and sample images in runs/demo).
+# Offline, tiny random-init models: face photo -> "f l" tokens -> SD text conditioning, a short CGDR
+# training run on synthetic faces (checkpoints, metrics, samples in runs/demo), then sample.py from it.
 demo: $(VENV)/.installed-faces
 	$(PY) -m f2d_jax.demo --config configs/tiny.py
 	$(PY) train.py --config configs/tiny.py --workdir runs/demo
+	$(PY) sample.py --checkpoint runs/demo --image f2d_jax/assets/face.jpg --prompt "a photo of f l" -n 4 \
+		--out runs/demo/sample.png
 
 # The test suite (CPU only, no network).
 test: $(VENV)/.installed-dev

@@ -18,7 +18,7 @@ over all local devices (batch split, frozen parameters replicated), the state do
 ahead of time, built as f2d_jax/train/loop.py builds it from configs/f2d_sd14.py. PyTorch is
 diffusers' UNet2DConditionModel and transformers' CLIPTextModel with the same configs (the official
 Face2Diffusion injection: embeddings, overwrite the two identifier positions, causal encoder, final
-layer norm), the plain-torch mapping network of tests/torch_reference.py, torch.optim.AdamW and
+layer norm), the plain-torch official mapping network (f2d_jax.torch.Mapping), torch.optim.AdamW and
 clip_grad_norm_, frozen models with requires_grad False and the class branch under no_grad.
 PyTorch runs eager and, where it works, under torch.compile; on accelerators with bf16 autocast
 and with fp16 autocast (+ GradScaler), frozen weights stored in that dtype as diffusers' training
@@ -34,54 +34,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULT = "RESULT "
-
-# Stable Diffusion v1.4's components, as in the checkpoint's config.json files.
-SD14_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=8, cross_attention_dim=768, flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32,
-    norm_eps=1e-5, act_fn="silu")
-SD14_VAE = dict(  # built (the bundle needs it) but never run: the step reads cached VAE moments
-    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=32, act_fn="silu", scaling_factor=0.18215)
-SD14_CLIP = dict(  # CLIP ViT-L/14's text tower
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-SD14_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="epsilon")
+from common import (ROOT, SD14_CLIP, SD14_SCHEDULER, SD14_UNET, SD14_VAE, fmt, fmt_bytes, log, max_rss_bytes,
+                    print_table, reduced, result_line, run_child, timed)
 
 PRESETS = {
     # The paper's set-up: SD v1.4 at 512 px (64x64x4 latents), the official mapping network 1536 -> 768.
     "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8, warmup=5, steps=20),
     # The same structure, widths / 5 (CLIP / 3), 256 px (32x32x4 latents): a few minutes on a 2-core CPU.
-    "cpu": dict(
-        unet={**SD14_UNET, "sample_size": 32, "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 256},
-        vae={**SD14_VAE, "sample_size": 256, "block_out_channels": (32, 64, 128, 128)},
-        text_encoder={**SD14_CLIP, "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4},
-        resolution=256, batch=2, warmup=2, steps=5),
+    "cpu": reduced(256, batch=2, warmup=2, steps=5),
 }
-
-
-# ============================================================================ shared helpers
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def train_config(args):
@@ -114,27 +81,9 @@ def make_batch(preset: str, batch: int, identity_dim: int, expression_dim: int, 
     }
 
 
-def timed_steps(step, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
-    """(first call's seconds, per-step seconds of `steps` synchronized calls after `warmup` calls)."""
-    first = None
-    for i in range(warmup):
-        start = time.perf_counter()
-        sync(step())
-        if i == 0:
-            first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        sync(step())
-        times.append(time.perf_counter() - start)
-    return first, times
-
-
 # ============================================================================ ours (JAX)
 
 def jax_worker(args) -> dict:
-    import functools
-
     import jax
     import jax.numpy as jnp
 
@@ -142,12 +91,9 @@ def jax_worker(args) -> dict:
     from f2d_jax.models import stable_diffusion as sdm
     from f2d_jax.encoders import Encoders
     from f2d_jax.models.bundle import Models, compute_dtype
-    from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
-    from f2d_jax.text import identifier_prompts, token_ids
-    from f2d_jax.train.checkpoint import abstract_like
+    from f2d_jax.sharding import batch_sharding, make_mesh
+    from f2d_jax.train.loop import step_program
     from f2d_jax.train.metrics import compiled_flops, mfu, peak_flops
-    from f2d_jax.train.state import init_state, optimizer, partition
-    from f2d_jax.train.step import Constants, StepConfig, train_step
 
     jax.config.update("jax_threefry_partitionable", True)  # as loop.py
     rss_baseline = max_rss_bytes()  # Python + JAX + diffusers (+ the torch it imports), before any model
@@ -166,28 +112,13 @@ def jax_worker(args) -> dict:
     models = Models(encoders, sd)
     variables.update(encoders.init(jax.random.key(config.seed + 1), ("mapping",)))
 
-    # ---- as loop.py: mesh, partition, optimizer, shardings, state, constants, the compiled step
+    # ---- exactly train.py's step: f2d_jax.train.loop.step_program
     mesh = make_mesh(config.mesh)
     global_batch = args.batch * mesh.size
-    trainable, frozen = partition(variables, tc.trainable)
-    tx, schedule = optimizer(config.optim, tc.steps)
-    frozen_shardings = param_shardings(frozen, mesh, config.mesh.frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    rep, batch_sh = replicated(mesh), batch_sharding(mesh)
-    abstract_state = jax.eval_shape(functools.partial(init_state, tx=tx), trainable)
-    state_shardings = param_shardings(abstract_state, mesh, "replicate")
-    state = jax.jit(functools.partial(init_state, tx=tx), out_shardings=state_shardings)(trainable)
-    del trainable, variables["unet"]
-
-    tokenizer = sd.tokenizer()
-    ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
-    class_embedding = jax.jit(encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
-    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_embedding,
-                                         jnp.asarray(sdm.alphas_cumprod(sd.scheduler_config))), rep)
-    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor)
-    step_fn = jax.jit(functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg),
-                      in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
-                      out_shardings=(state_shardings, rep), donate_argnums=0)
+    program = step_program(config, models, variables, mesh)
+    state = program.init()
+    del variables
+    batch_sh = batch_sharding(mesh)
     batch = jax.device_put(make_batch(args.preset, global_batch, encoders.mapping.identity_dim,
                                       encoders.mapping.expression_dim), batch_sh)
     features = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
@@ -196,9 +127,7 @@ def jax_worker(args) -> dict:
         f"remat_unet={tc.remat_unet}) ...")
     rss_setup = max_rss_bytes()
     start = time.perf_counter()
-    lowered = step_fn.lower(abstract_like(abstract_state, state_shardings), frozen, features, constants)
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
+    compiled = program.compile(features)
     compile_s = time.perf_counter() - start
     if jax.config.jax_compilation_cache_dir:
         log(f"[ours] note: JAX's persistent compilation cache is on ({jax.config.jax_compilation_cache_dir}); "
@@ -206,16 +135,16 @@ def jax_worker(args) -> dict:
     flops = compiled_flops(compiled)
     xla_memory = xla_step_memory(compiled)
     rss_compiled = max_rss_bytes()
-    log(f"[ours] compiled in {compile_s:.1f} s (trace + lower {lower_s:.1f} s); timing {args.warmup} warm-up + "
+    log(f"[ours] compiled in {compile_s:.1f} s (trace, lower, compile); timing {args.warmup} warm-up + "
         f"{args.steps} steps ...")
 
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics = compiled(holder["state"], frozen, batch, constants)
+        holder["state"], metrics = compiled(holder["state"], program.frozen, batch, program.constants)
         return holder["state"], metrics
 
-    first, times = timed_steps(step, jax.block_until_ready, args.warmup, args.steps)
+    first, times = timed(step, jax.block_until_ready, args.warmup, args.steps)
     _, metrics = step()
     metrics = jax.device_get(metrics)
 
@@ -271,8 +200,7 @@ def torch_worker(args) -> dict:
 
     from f2d_jax.text import identifier_prompts, load_tokenizer, token_ids
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from torch_reference import Mapping  # the official IMG2TEXTwithEXP structure, plain torch
+    from f2d_jax.torch import Mapping  # the official IMG2TEXTwithEXP structure, plain torch
 
     rss_baseline = max_rss_bytes()  # Python + torch + diffusers (+ the JAX it imports), before any model
     config = train_config(args)
@@ -389,7 +317,7 @@ def torch_worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     log(f"[{name}] timing {args.warmup} warm-up + {args.steps} steps"
         + (" (torch.compile happens in the first)" if args.torch_compiled else "") + " ...")
-    first, times = timed_steps(step, sync, args.warmup, args.steps)
+    first, times = timed(step, sync, args.warmup, args.steps)
     loss = float(step().detach())
     flops = None
     if not args.torch_compiled:  # an independent count (matmuls, convolutions, attention), one more step
@@ -425,22 +353,7 @@ def run_worker(kind: str, args, extra: list[str], env: dict | None = None) -> di
     for flag in ("batch", "steps", "warmup"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
-    started = time.perf_counter()
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
-    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
-    if result.returncode or not lines:
-        return dict(failed=f"exit status {result.returncode} (see its output above)")
-    out = json.loads(lines[-1][len(RESULT):])
-    out["wall_s"] = time.perf_counter() - started
-    return out
-
-
-def fmt_bytes(n) -> str:
-    return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
-
-
-def fmt(x, spec: str, none: str = "n/a") -> str:
-    return none if x is None else format(x, spec)
+    return run_child(command, args.timeout, env)
 
 
 def per_device(r: dict) -> float:
@@ -500,6 +413,9 @@ def main(argv=None) -> int:
     parser.add_argument("--remat-unet", choices=("config", "on", "off"), default="config",
                         help="recompute UNet activations in the backward pass, both sides (config: "
                              "configs/f2d_sd14.py's train.remat_unet, which is on)")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds one measurement may take before it is reported as not measured "
+                             "(default: %(default)s)")
     parser.add_argument("--skip-torch", action="store_true", help="measure ours only")
     parser.add_argument("--skip-jax", action="store_true", help="measure PyTorch only")
     parser.add_argument("--json", metavar="FILE", help="also write all results to FILE")
@@ -530,7 +446,7 @@ def main(argv=None) -> int:
         args.warmup = spec["warmup"] if args.warmup is None else args.warmup
         result = jax_worker(args) if args.worker == "jax" else torch_worker(args)
         result.update(preset=args.preset)
-        print(RESULT + json.dumps(result), flush=True)
+        print(result_line(result), flush=True)
         return 0
 
     results, platform, skipped = [], None, []
@@ -593,14 +509,7 @@ def main(argv=None) -> int:
         mfu = (f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a") if r["framework"] == "jax" else "-"
         rows.append((r["name"], r["dtype"], r["device"], f"{per_device(r):.2f}", f"{r['seconds']:.3f}",
                      fmt(r["compile_s"], ".1f", "-"), memory, mfu, fmt(ratio, ".2f", "-")))
-    if rows:
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-        print()
-        print(line(header))
-        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        for row in rows:
-            print(line(row))
+    print_table(header, rows)
     if ours is not None:
         for r in results:
             if r is not ours:

@@ -61,6 +61,6 @@ def test_train_config_errors_are_one_line():
     assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
 
 
-def test_sample_stub_says_what_is_missing():
+def test_sample_missing_photo_is_one_line():
     result = _run(["sample.py", "--image", "a.jpg", "--prompt", "f l", "--out", "o.png"])
-    assert result.returncode == 2 and "not implemented yet (issue #4" in result.stderr
+    assert result.returncode == 2 and result.stderr == "error: image file not found: a.jpg\n"

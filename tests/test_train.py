@@ -23,6 +23,7 @@ from f2d_jax.train.launch import run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
+FACE = str(ROOT / "f2d_jax" / "assets" / "face.jpg")
 
 
 def _env(devices: int = 1, cache=None, **extra):
@@ -83,6 +84,16 @@ def test_tiny_config_end_to_end_and_export(tmp_path, capsys):
     # Running again is a no-op: the run is complete.
     assert run(config, tmp_path) == 0
     assert "already trained" in capsys.readouterr().err
+
+    # The sampling pipeline picks up the run's config and trained weights.
+    from f2d_jax.sampling import F2DPipeline
+
+    pipe = F2DPipeline.from_checkpoint(tmp_path)
+    np.testing.assert_array_equal(np.asarray(pipe.variables["mapping"]["params"]["null_exp"]), trained["null_exp"])
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    images = pipe.generate(FACE, "a photo of f l", num_images=1, steps=2, height=64, width=64, latents=latents,
+                           progress=False)
+    assert images.shape == (1, 64, 64, 3)
 
 
 def test_sharded_run_and_restore_onto_another_mesh_match_single_device(tmp_path):

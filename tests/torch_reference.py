@@ -1,8 +1,9 @@
 """Plain-PyTorch reference models with the official key names, for parity tests.
 
-Written from the official architectures' descriptions (timm's VisionTransformer key layout,
-torchvision's ResNet, Face2Diffusion's IMG2TEXTwithEXP, Deep3DFaceRecon's ReconNetWrapper);
-timm and torchvision themselves are kept out because they pull a CUDA build of torch.
+MSID (timm's VisionTransformer key layout) and Mapping (Face2Diffusion's IMG2TEXTwithEXP) are the
+package's own PyTorch models, from f2d_jax.torch; written here from the official description:
+torchvision's ResNet and Deep3DFaceRecon's ReconNetWrapper. timm and torchvision themselves are
+kept out because they pull a CUDA build of torch.
 """
 from __future__ import annotations
 
@@ -10,110 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from f2d_jax.torch import MSID, Mapping
 
-# ----------------------------------------------------------------------------- MSID (timm ViT)
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch, width):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, patch, patch)
-
-    def forward(self, x):  # (B, 3, H, W) -> (B, N, D)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
-        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, width, hidden, act):
-        super().__init__()
-        self.fc1, self.fc2, self.act = nn.Linear(width, hidden), nn.Linear(hidden, width), act
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, width, heads, mlp):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = Mlp(width, mlp, nn.GELU())
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class MSID(nn.Module):
-    """timm VisionTransformer keys + the official `norms.layer_{i}` taps."""
-
-    def __init__(self, image_size=112, patch=8, width=384, depth=12, heads=12, mlp_ratio=4, taps=(2, 5, 8, 11)):
-        super().__init__()
-        self.taps = taps
-        self.patch_embed = PatchEmbed(patch, width)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, width) * 0.02)
-        self.blocks = nn.ModuleList([Block(width, heads, int(width * mlp_ratio)) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.norms = nn.ModuleDict({f"layer_{i}": nn.Sequential(nn.BatchNorm1d(width), nn.LayerNorm(width))
-                                    for i in taps})
-
-    def forward(self, x):  # (B, 3, H, W) in [-1, 1]
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
-        feats = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.taps:
-                feats.append(self.norms[f"layer_{i}"](x[:, 0]))
-        return torch.cat(feats, 1)
-
-
-# ----------------------------------------------------------------------------- mapping network
-
-class MappingMLP(nn.Module):
-    def __init__(self, dim_in, hidden, dim_out, n_layer=2, dropout=0.1):
-        super().__init__()
-        dims = [dim_in] + [hidden] * n_layer
-        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(a, b), nn.Dropout(dropout), nn.LeakyReLU(0.2))
-                                      for a, b in zip(dims[:-1], dims[1:])])
-        self.fc_out = nn.Linear(hidden, dim_out)
-
-    def forward(self, x):
-        return self.fc_out(self.layers(x))
-
-
-class Mapping(nn.Module):
-    """IMG2TEXTwithEXP: the official mapping network's structure and keys."""
-
-    def __init__(self, identity=1536, hidden=1536, out=768, n_layer=2, dropout=0.1, exp=64):
-        super().__init__()
-        self.i2t_first = MappingMLP(identity + exp, hidden, out, n_layer, dropout)
-        self.i2t_last = MappingMLP(identity + exp, hidden, out, n_layer, dropout)
-        self.null_exp = nn.Parameter(torch.zeros(exp))
-
-    def forward(self, x, exp=None, mask=None):
-        if exp is None:
-            exp = self.null_exp[None]
-        mask = torch.ones(len(x)) if mask is None else mask
-        mask = mask.reshape(-1, 1)
-        exp = exp * mask + self.null_exp[None] * (1 - mask)
-        x = torch.cat([x, exp.expand(len(x), -1)], -1)
-        return self.i2t_first(x), self.i2t_last(x)
+__all__ = ["MSID", "Mapping", "ReconNet", "randomize"]  # MSID and Mapping: re-exported
 
 
 # ----------------------------------------------------------------------------- expression (ResNet-50)

@@ -76,7 +76,15 @@ def cast_like(variables: Any, target: Any) -> Any:
 
 
 def load(name: str, path, model: nn.Module | None = None) -> dict[str, Any]:
-    """Flax variables for model `name` from .pt/.pth/.safetensors (official layout) or .msgpack."""
+    """Flax variables for model `name` from .pt/.pth/.safetensors (official layout), .msgpack, or a
+    weights directory written by `python -m f2d_jax.convert import` (f2d_weights.json)."""
+    if Path(path).is_dir():
+        from f2d_jax.convert.weights_dir import load_weights_dir
+
+        stored, variables = load_weights_dir(path, [name])[name]
+        if model is not None and model != stored:
+            raise ValueError(f"{name} in {path} has the configuration {stored}, not the expected {model}")
+        return variables
     model = model if model is not None else SPECS[name].model()
     target = abstract_variables(model, name)
     what = f"{name} weights {path}"

@@ -77,7 +77,7 @@ def write_state_dict(state: Mapping[str, np.ndarray], path) -> Path:
     """Write a state dict as .pt (torch.save of tensors) or .safetensors, chosen by suffix."""
     path = Path(os.fspath(path)).expanduser()
     suffix = path.suffix.lower()
-    arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.numpy import save_file

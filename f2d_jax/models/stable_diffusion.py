@@ -56,11 +56,12 @@ WEIGHT_FILES = {
     "text_encoder": ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"),
 }
 
-# Stable Diffusion v1.4's noise schedule (scheduler/scheduler_config.json, PNDM with DDPM training values).
+# Stable Diffusion v1.4's scheduler/scheduler_config.json as published: PNDM with the DDPM training values and no
+# timestep_spacing key, so each sampler takes its diffusers default.
 SD14_SCHEDULER = {
     "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": "epsilon", "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False,
+    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
 }
 
 # The tiny bundle, as the config files of a diffusers directory would hold it (tests/sd_fixtures.py writes

@@ -5,24 +5,31 @@ import jax
 import jax.numpy as jnp
 
 
-def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guidance: float, key=None):
+def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guidance: float, key=None,
+            callback=None):
     """(B, C, h, w) initial noise -> denoised latents.
 
     context / uncond_context: (B, 77, D) prompt and unconditional (e.g. empty-prompt) embeddings;
-    eps = eps_uncond + guidance * (eps_cond - eps_uncond) at every step.
+    eps = eps_uncond + guidance * (eps_cond - eps_uncond) at every step. key: the noise of the
+    ancestral schedulers (one split per step). callback: called with the step index inside the loop
+    (e.g. a `jax.debug.callback` for a progress bar).
     """
     contexts = jnp.concatenate([uncond_context, context]).astype(unet.dtype)
     keys = jax.random.split(key if key is not None else jax.random.key(0), scheduler.timesteps.shape[0])
 
-    def body(i, x):
+    def body(i, carry):
+        x, memory = carry
+        if callback is not None:
+            callback(i)
         model_input = scheduler.scale_model_input(i, x)
         t = jnp.broadcast_to(scheduler.timesteps[i], (2 * x.shape[0],))
         out = unet.apply(unet_params, jnp.concatenate([model_input, model_input]).astype(unet.dtype), t,
                          contexts).sample.astype(jnp.float32)
         uncond, cond = jnp.split(out, 2)
-        return scheduler.step(i, x, uncond + guidance * (cond - uncond), keys[i])
+        return scheduler.step(i, x, uncond + guidance * (cond - uncond), keys[i], memory)
 
-    return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, latents * scheduler.init_noise_sigma)
+    x = latents * scheduler.init_noise_sigma
+    return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, (x, scheduler.init_memory(x)))[0]
 
 
 def decode_images(vae, vae_params, latents, scaling_factor: float):

@@ -7,13 +7,16 @@ functions with explicit shardings; the host only feeds batches and reads metrics
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,7 @@ from f2d_jax.train.checkpoint import Checkpoints, abstract_like
 from f2d_jax.data.loader import BatchLoader
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
 from f2d_jax.train.metrics import MetricWriter, compiled_flops, grid, is_primary, mfu
-from f2d_jax.train.state import init_state, merge, optimizer, partition
+from f2d_jax.train.state import TrainState, init_state, merge, optimizer, partition
 from f2d_jax.train.step import Constants, StepConfig, train_step
 
 log = logging.getLogger("f2d_jax.train")
@@ -88,42 +91,27 @@ def train(config, workdir) -> int:
     # ------------------------------------------------------------------ models and data
     dtype = compute_dtype(tc.compute_dtype)
     models, variables, data = _models_and_data(config, dtype, say)
-    trainable, frozen = partition({k: variables[k] for k in STEP_MODELS}, tc.trainable)
-    tx, schedule = optimizer(config.optim, tc.steps)
-    frozen_shardings = param_shardings(frozen, mesh, config.mesh.frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
+    program = step_program(config, models, variables, mesh)
     rep, batch_sh = replicated(mesh), batch_sharding(mesh)
 
     # ------------------------------------------------------------------ state: resume or init
-    abstract_state = jax.eval_shape(functools.partial(init_state, tx=tx), trainable)
-    state_shardings = param_shardings(abstract_state, mesh, "replicate")
     checkpoints = Checkpoints(workdir, config.checkpoint.keep)
     start = checkpoints.latest_step() or 0
     if start:
-        state, _ = checkpoints.restore(start, abstract_like(abstract_state, state_shardings), config)
+        state, _ = checkpoints.restore(start, program.abstract_state, config)
         say(f"resumed from {checkpoints.directory / str(start)}")
     else:
-        state = jax.jit(functools.partial(init_state, tx=tx), out_shardings=state_shardings)(trainable)
+        state = program.init()
     if start >= tc.steps:
         say(f"already trained: checkpoint at step {start} >= train.steps={tc.steps}")
         checkpoints.close()
         return 0
 
-    # ------------------------------------------------------------------ constants and the compiled step
-    encoders = models.encoders
-    ids, positions = identifier_prompts(list(tc.prompts), models.sd.tokenizer())
-    class_embedding = jax.jit(encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, models.sd.tokenizer()))
-    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_embedding,
-                                         jnp.asarray(alphas_cumprod(models.sd.scheduler_config))), rep)
-    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, models.sd.vae_scaling_factor,
-                     models.sd.scheduler_config.get("prediction_type", "epsilon"))
-    step_fn = jax.jit(functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg),
-                      in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
-                      out_shardings=(state_shardings, rep), donate_argnums=0)
-    features = _feature_shapes(models, variables, data, tc.batch_size, batch_sh)
+    # ------------------------------------------------------------------ the compiled step
     started = time.perf_counter()
-    compiled = step_fn.lower(abstract_like(abstract_state, state_shardings), frozen, features, constants).compile()
+    compiled = program.compile(_feature_shapes(models, variables, data, tc.batch_size, batch_sh))
     say(f"compiled the train step in {time.perf_counter() - started:.1f} s")
+    frozen, constants = program.frozen, program.constants
     flops = compiled_flops(compiled)
     encode = encoder_vars = None
     if not data.encoded:  # raw images: the frozen encoders turn each batch into features on the devices
@@ -186,6 +174,48 @@ def train(config, workdir) -> int:
     say(f"done: {tc.steps} steps; checkpoints in {checkpoints.directory}; export the mapping network with "
         f"`python -m f2d_jax.convert export {workdir} --out DIR`")
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """The jitted train step over a mesh, with its frozen parameters and constants already placed."""
+
+    step: Any                      # jit(train_step): (state, frozen, batch, constants) -> (state, metrics)
+    frozen: Any                    # the frozen parameters, sharded by config.mesh.frozen
+    constants: Constants           # replicated
+    abstract_state: Any            # the state's ShapeDtypeStructs with their shardings (for restore and lowering)
+    init: Callable[[], TrainState]  # a fresh state on the mesh
+
+    def compile(self, features: dict[str, jax.ShapeDtypeStruct]):
+        """Ahead-of-time compile for a batch of these shapes (with shardings)."""
+        return self.step.lower(self.abstract_state, self.frozen, features, self.constants).compile()
+
+
+def step_program(config, models: Models, variables, mesh) -> StepProgram:
+    """Split what trains from what is frozen, place both on `mesh` and jit the step with explicit
+    shardings (batch over all devices, constants replicated, the state donated)."""
+    tc = config.train
+    trainable, frozen = partition({k: variables[k] for k in STEP_MODELS}, tc.trainable)
+    tx, schedule = optimizer(config.optim, tc.steps)
+    frozen_shardings = param_shardings(frozen, mesh, config.mesh.frozen)
+    rep, batch_sh = replicated(mesh), batch_sharding(mesh)
+    make_state = functools.partial(init_state, tx=tx)
+    abstract_state = jax.eval_shape(make_state, trainable)
+    state_shardings = param_shardings(abstract_state, mesh, "replicate")
+
+    tokenizer, sd = models.sd.tokenizer(), models.sd
+    ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
+    class_embedding = jax.jit(models.encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
+    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_embedding,
+                                         jnp.asarray(alphas_cumprod(sd.scheduler_config))), rep)
+    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor,
+                     sd.scheduler_config.get("prediction_type", "epsilon"))
+    step = jax.jit(functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg),
+                   in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=0)
+    return StepProgram(step, jax.device_put(frozen, frozen_shardings), constants,
+                       abstract_like(abstract_state, state_shardings),
+                       lambda: jax.jit(make_state, out_shardings=state_shardings)(trainable))
 
 
 def _models_and_data(config, dtype, say):

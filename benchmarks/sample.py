@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Sampling throughput: F2DPipeline (JAX) against diffusers' PyTorch StableDiffusionPipeline.
+
+    python benchmarks/sample.py                 # sd14 on an accelerator, the cpu preset otherwise
+    python benchmarks/sample.py --preset cpu --repeats 2
+
+Both sides generate `--batch` images with the same settings (Euler-ancestral, 30 steps, guidance 7,
+512x512 for sd14) from random weights of SD v1.4's shapes (nothing is downloaded). Ours is
+`F2DPipeline.generate` on an aligned face (conditioning, the jitted denoising loop, VAE decode,
+images back on the host), the batch sharded over the local devices; PyTorch gets the prompt
+embeddings precomputed (`prompt_embeds`, `negative_prompt_embeds`) and returns numpy images. On
+CUDA PyTorch runs in float16 (as diffusers recommends) and ours in bfloat16; on CPU both in float32.
+Compile time (our first call less a warm call) is reported apart; times are medians over --repeats
+calls after one warm-up call. Each side runs in its own child process.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, fmt, fmt_bytes, log,
+                    max_rss_bytes, print_table, reduced, result_line, run_child, timed)
+
+PRESETS = {
+    "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8),
+    "cpu": reduced(256, batch=2),
+}
+
+
+def jax_worker(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from f2d_jax.models import stable_diffusion as sdm  # first: silences diffusers' Flax notices
+    from f2d_jax.config import load_config
+    from f2d_jax.encoders import Encoders
+    from f2d_jax.faces import align_face
+    from f2d_jax.models.bundle import Models, compute_dtype
+    from f2d_jax.sampling import F2DPipeline
+
+    spec = PRESETS[args.preset]
+    dtype = compute_dtype("auto")
+    sd = sdm.build({k: spec[k] for k in ("unet", "vae", "text_encoder")} | {"scheduler": SD14_SAMPLING_SCHEDULER},
+                   dtype=dtype)
+    variables = sdm.random_params(sdm.abstract_params(sd), jax.random.key(0), dtype)
+    model = load_config(ROOT / "configs" / "f2d_sd14.py").model
+    model.mapping.token_dim = spec["text_encoder"]["hidden_size"]
+    encoders = Encoders.from_config(model, sd.text_encoder)
+    variables.update(encoders.init(jax.random.key(1), ("msid", "mapping")))
+    pipe = F2DPipeline(Models(encoders, sd), variables)
+    face = align_face(str(ROOT / "f2d_jax" / "assets" / "face.jpg"))
+    size = spec["resolution"]
+
+    def call(seed=0):
+        return pipe.generate(face, "f l eating bread in front of the Eiffel Tower", num_images=args.batch, seed=seed,
+                             steps=args.steps, guidance_scale=7.0, scheduler="euler_a", height=size, width=size,
+                             progress=False)
+
+    log(f"[ours] {args.preset}, {jnp.dtype(dtype).name}, {jax.local_device_count()} device(s): first call ...")
+    first, times = timed(call, lambda x: x, 1, args.repeats)
+    seconds = statistics.median(times)
+    device = jax.local_devices()[0]
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) or max_rss_bytes()
+    return dict(name="ours: F2DPipeline (JAX)", dtype=jnp.dtype(dtype).name, seconds=seconds, times=times,
+                compile_s=first - seconds, memory=peak, device=f"{jax.local_device_count()} x {device.device_kind}",
+                versions=f"jax {jax.__version__}")
+
+
+def torch_worker(args) -> dict:
+    import torch
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from f2d_jax.text import load_tokenizer
+
+    spec = PRESETS[args.preset]
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], bos_token_id=49406, eos_token_id=49407,
+                                        pad_token_id=49407))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**spec["vae"]), text_encoder=text, tokenizer=load_tokenizer(),
+        unet=UNet2DConditionModel(**spec["unet"]),
+        scheduler=EulerAncestralDiscreteScheduler.from_config(SD14_SAMPLING_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    width = spec["text_encoder"]["hidden_size"]
+    embeds = torch.randn(args.batch, 77, width, device=device, dtype=dtype)
+    size = spec["resolution"]
+
+    def call(seed=0):
+        with torch.no_grad():
+            return pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), height=size,
+                        width=size, num_inference_steps=args.steps, guidance_scale=7.0, output_type="np",
+                        generator=torch.Generator(device).manual_seed(seed)).images
+
+    log(f"[PyTorch] {args.preset}, {dtype}, {device}: first call ...")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    first, times = timed(call, lambda x: torch.cuda.synchronize() if cuda else None, 1, args.repeats)
+    return dict(name="diffusers StableDiffusionPipeline (PyTorch)", dtype=str(dtype).removeprefix("torch."),
+                seconds=statistics.median(times), times=times, compile_s=None,
+                memory=torch.cuda.max_memory_allocated() if cuda else max_rss_bytes(),
+                device=torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                versions=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
+                        help="sd14 (SD v1.4, 512 px, batch 8) or cpu (widths / 5, 256 px, batch 2); auto: sd14 "
+                             "when JAX sees an accelerator")
+    parser.add_argument("--batch", type=int, help="images per call (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement (default: %(default)s)")
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.preset == "auto":
+        import jax
+        args.preset = "cpu" if jax.default_backend() == "cpu" else "sd14"
+    args.batch = args.batch or PRESETS[args.preset]["batch"]
+    if min(args.batch, args.steps, args.repeats) < 1:
+        parser.error("--batch, --steps and --repeats must be at least 1")
+    if args.worker:
+        print(result_line((jax_worker if args.worker == "jax" else torch_worker)(args)), flush=True)
+        return 0
+
+    command = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--steps",
+               str(args.steps), "--repeats", str(args.repeats), "--worker"]
+    results, started = {}, time.perf_counter()
+    for kind in ("jax", "torch"):
+        results[kind] = run_child(command + [kind], args.timeout)
+        if "failed" not in results[kind]:
+            log(f"{results[kind]['name']}: {results[kind]['seconds']:.2f} s per call")
+    size = PRESETS[args.preset]["resolution"]
+    print(f"\npreset {args.preset}: {args.batch} images of {size}x{size}, Euler-ancestral, {args.steps} steps, "
+          f"guidance 7 (batch {2 * args.batch} through the UNet); median of {args.repeats} calls "
+          f"({time.perf_counter() - started:.0f} s in all)")
+    rows = []
+    for r in results.values():
+        if "failed" in r:
+            print(f"not measured: {r['failed']}")
+            continue
+        rows.append((r["name"], r["dtype"], r["device"], f"{args.batch / r['seconds']:.3f}",
+                     f"{r['seconds'] / args.batch:.2f}", fmt(r["compile_s"], ".1f", "-"), fmt_bytes(r["memory"])))
+    print_table(("run", "dtype", "device", "images/s", "s/image", "compile s", "peak memory"), rows)
+    if all("failed" not in r for r in results.values()):
+        ratio = results["torch"]["seconds"] / results["jax"]["seconds"]
+        print(f"\nratio ours / PyTorch: {ratio:.2f}x images/s")
+        print("versions: " + "; ".join(r["versions"] for r in results.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

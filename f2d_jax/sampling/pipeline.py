@@ -1,0 +1,251 @@
+"""F2DPipeline: face photo(s) + a prompt with "f l" -> images, in JAX.
+
+    pipe = F2DPipeline.from_pretrained(sd="CompVis/stable-diffusion-v1-4", msid="msid.pt", mapping="mapping.pt")
+    images = pipe("face.jpg", "f l eating bread in front of the Eiffel Tower", num_images=8, seed=0)
+
+    photos -> aligned 112 crops -> MSID features, averaged over the photos
+           -> mapping(identity, expression code | null_exp) -> "f l" tokens
+    prompt ids with the tokens at "f" -> CLIP -> conditioning;  negative prompt -> CLIP -> unconditional
+    noise -> [UNet + classifier-free guidance + scheduler] x steps (one lax.fori_loop) -> VAE decode
+
+The denoising loop and the decode are one jitted program, the batch sharded over the local devices,
+cached per (scheduler, steps, batch, size): a second call with the same shapes does not recompile.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm import tqdm
+
+from f2d_jax.config import load_config
+from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
+from f2d_jax.models.bundle import Models, compute_dtype, load_models
+from f2d_jax.sampling.loop import decode_images, denoise
+from f2d_jax.sampling.schedulers import make_scheduler
+from f2d_jax.text import identifier_prompts, token_ids
+
+DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
+OFFICIAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "f2d_sd14.py"
+ENCODERS = ("msid", "mapping", "expression")
+FaceInput = str | os.PathLike | np.ndarray | Image.Image | AlignedFace
+
+
+class WeightsError(ValueError):
+    """Weights the pipeline needs are missing or do not fit."""
+
+
+def _official_config() -> ml_collections.ConfigDict:
+    return load_config(OFFICIAL_CONFIG)
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _align(image: FaceInput, detector=None) -> AlignedFace:
+    if isinstance(image, AlignedFace):
+        return image
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    return align_face(image, detector=detector)
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
+            raise ValueError(f"{name}={value} is not possible: height and width must be positive multiples of "
+                             f"{multiple} (for this model's VAE and UNet)")
+
+
+class F2DPipeline:
+    """Face2Diffusion generation. Build it with `from_pretrained`, `from_checkpoint` or `from_config`."""
+
+    def __init__(self, models: Models, variables: dict[str, Any], config: ml_collections.ConfigDict | None = None,
+                 detector=None):
+        self.models, self.config, self.detector = models, config, detector
+        self.mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._batch = NamedSharding(self.mesh, P("data"))
+        self.variables = jax.device_put(variables, self._replicated)
+        self.tokenizer = models.sd.tokenizer()
+        unet = models.sd.unet
+        self.size_multiple = models.sd.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
+        self._condition = jax.jit(self._condition_fn, static_argnames=("with_expression",))
+        self._generate = jax.jit(self._generate_fn, static_argnames=("progress",), out_shardings=self._replicated)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, config, dtype: str = "auto", log: Callable[[str], None] | None = None) -> F2DPipeline:
+        """From a config file or ConfigDict: model sizes in `model`, weights in `weights` (empty: random
+        init, as configs/tiny.py uses; an empty weights.sd is the tiny random Stable Diffusion)."""
+        config = load_config(config) if isinstance(config, (str, os.PathLike)) else config
+        log = log or (lambda msg: print(msg, file=sys.stderr))
+        models, variables = load_models(config, compute_dtype(dtype), ENCODERS, log=log)
+        return cls(models, variables, config)
+
+    @classmethod
+    def from_pretrained(cls, sd: str = DEFAULT_SD, mapping: str | None = None, msid: str | None = None,
+                        expression: str | None = None, *, config=None, dtype: str = "auto") -> F2DPipeline:
+        """Stable Diffusion from a local diffusers directory or hub id; MSID and mapping weights as the
+        official .pt / .safetensors, our .msgpack or an `f2d_jax.convert import` directory; `mapping`
+        may also be a training workdir (its latest checkpoint). `expression`: Deep3DFaceRecon's
+        checkpoint, needed only for `expression_image`. `config`: model sizes (default: the paper's)."""
+        if mapping is not None and _is_workdir(mapping):
+            return cls.from_checkpoint(mapping, dtype=dtype, sd=sd, msid=msid, expression=expression)
+        config = (load_config(config) if isinstance(config, (str, os.PathLike)) else config) if config is not None \
+            else _official_config()
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.weights.update(sd=sd or "", msid=msid or "", mapping=mapping or "", expression=expression or "")
+        missing = [name for name in ("msid", "mapping") if not config.weights[name]]
+        if missing:
+            raise WeightsError(f"F2DPipeline.from_pretrained needs {' and '.join(missing)} weights (the official "
+                               f"{' / '.join(m + '.pt' for m in missing)}, or a training workdir for mapping)")
+        return cls.from_config(config, dtype)
+
+    @classmethod
+    def from_checkpoint(cls, workdir, step: int | None = None, dtype: str = "auto", **weights) -> F2DPipeline:
+        """A training run's config and its trained parameters (latest checkpoint or `step`); `weights`
+        (sd=, msid=, expression=) replace the paths its config names."""
+        from f2d_jax.train.checkpoint import load_trained
+        from f2d_jax.train.state import merge
+
+        config, params, _ = load_trained(workdir, step)
+        config = ml_collections.ConfigDict(_tuples(config))  # JSON gave lists; module fields must hash
+        config.weights.update({k: str(v) for k, v in weights.items() if v is not None})
+        pipe = cls.from_config(config, dtype, log=lambda msg: None if msg.startswith("mapping:") else
+                               print(msg, file=sys.stderr))
+        trained = jax.tree.map(lambda p, v: jnp.asarray(p, v.dtype), params,
+                               {k: _subtree(pipe.variables[k], params[k]) for k in params})
+        pipe.variables = jax.device_put(merge(pipe.variables, trained), pipe._replicated)
+        return pipe
+
+    # ------------------------------------------------------------------ conditioning
+
+    def identity(self, images: FaceInput | Sequence[FaceInput]) -> jax.Array:
+        """(1, F) MSID features of one person, averaged over the photos given."""
+        crops = np.stack([_align(image, self.detector).crop for image in _as_list(images)])
+        features = self.models.encoders.identity_features(self.variables, jnp.asarray(msid_input(crops)))
+        return jnp.mean(features, axis=0, keepdims=True)
+
+    def expression(self, image: FaceInput) -> jax.Array:
+        """(1, 64) Deep3DFaceRecon expression code of the face in `image`."""
+        if "expression" not in self.variables:
+            raise WeightsError("expression_image needs the expression encoder: pass expression= (Deep3DFaceRecon's "
+                               "epoch_20.pth)")
+        crop = _align(image, self.detector).expression_crop[None]
+        return self.models.encoders.expression_codes(self.variables, jnp.asarray(expression_input(crop)))
+
+    def _condition_fn(self, variables, identity, expression, ids, positions, *, with_expression):
+        encoders = self.models.encoders
+        n = ids.shape[0]
+        identity = jnp.broadcast_to(identity, (n, identity.shape[-1]))
+        expression = jnp.broadcast_to(expression, (n, expression.shape[-1])) if with_expression else None
+        tokens = encoders.identity_tokens(variables, identity, expression)
+        return encoders.prompt_embeddings(variables, ids, positions, tokens)
+
+    def encode_prompt(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str],
+                      expression_image: FaceInput | None = None) -> jax.Array:
+        """(len(prompts), 77, D) conditioning: each prompt with the person's "f l" tokens injected."""
+        ids, positions = identifier_prompts(_as_list(prompt), self.tokenizer)
+        identity = self.identity(image)
+        expression = self.expression(expression_image) if expression_image is not None else jnp.zeros((1, 1))
+        return self._condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions),
+                               with_expression=expression_image is not None)
+
+    # ------------------------------------------------------------------ generation
+
+    def _generate_fn(self, variables, scheduler, context, uncond, latents, key, guidance, *, progress):
+        sd = self.models.sd
+        callback = None
+        if progress:  # the host-side progress bar, updated from inside the loop
+            callback = lambda i: jax.debug.callback(_advance, i)  # noqa: E731
+        latents = denoise(sd.unet, variables["unet"], scheduler, latents, context, uncond, guidance, key,
+                          callback=callback)
+        return decode_images(sd.vae, variables["vae"], latents, sd.vae_scaling_factor)
+
+    def generate(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str], num_images: int = 8,
+                 seed: int = 0, steps: int = 30, guidance_scale: float = 7.0, scheduler: str = "euler_a",
+                 negative_prompt: str = "", expression_image: FaceInput | None = None, latents=None,
+                 height: int = 512, width: int = 512, progress: bool = True) -> np.ndarray:
+        """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major. `latents`:
+        (that many, 4, height / 8, width / 8) initial noise (default: drawn from `seed`)."""
+        check_size(height, width, self.size_multiple)
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        prompts = _as_list(prompt)
+        schedule = make_scheduler(scheduler, self.models.sd.scheduler_config, steps)
+        context = jnp.repeat(self.encode_prompt(image, prompts, expression_image), num_images, axis=0)
+        n = context.shape[0]
+        uncond = jnp.asarray(self.models.encoders.prompt_embeddings(
+            self.variables, token_ids([negative_prompt], self.tokenizer)))
+        shape = (n, self.models.sd.unet.in_channels, height // 8, width // 8)
+        if latents is None:
+            latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        elif tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must have shape {shape} (images, channels, height / 8, width / 8), "
+                             f"got {tuple(np.shape(latents))}")
+        # The batch over the local devices: pad to a multiple of their number, drop the padding after.
+        pad = -n % self.mesh.size
+        batch = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in
+                 (context, jnp.broadcast_to(uncond, context.shape), jnp.asarray(latents, jnp.float32))]
+        batch = jax.device_put(batch, self._batch)
+        key = jax.random.fold_in(jax.random.key(seed), 1)  # the ancestral samplers' noise
+        bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
+        _BARS.append(bar)
+        try:
+            images = self._generate(self.variables, schedule, *batch, key, jnp.float32(guidance_scale),
+                                    progress=progress)
+            images = np.asarray(jax.device_get(images))[:n]
+        finally:
+            _BARS.remove(bar)
+            bar.close()
+        return images
+
+    def __call__(self, image, prompt, num_images: int = 8, seed: int = 0, steps: int = 30,
+                 guidance_scale: float = 7.0, scheduler: str = "euler_a", negative_prompt: str = "",
+                 expression_image=None, latents=None, height: int = 512, width: int = 512,
+                 progress: bool = True) -> list[Image.Image]:
+        """PIL images (see `generate`)."""
+        images = self.generate(image, prompt, num_images, seed, steps, guidance_scale, scheduler, negative_prompt,
+                               expression_image, latents, height, width, progress)
+        return [Image.fromarray(x) for x in images]
+
+
+_BARS: list = []  # the progress bars of calls in flight (the jitted loop reports to the newest)
+
+
+def _advance(i) -> None:
+    if _BARS:
+        bar = _BARS[-1]
+        bar.update(max(int(i) + 1 - bar.n, 0))  # every device reports; count each step once
+
+
+def _is_workdir(path) -> bool:
+    return Path(os.fspath(path)).is_dir() and (Path(os.fspath(path)) / "checkpoints").is_dir()
+
+
+def _tuples(tree):
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
+
+
+def _subtree(tree, like):
+    """The part of `tree` with the keys of `like` (nested dicts)."""
+    if isinstance(like, dict):
+        return {k: _subtree(tree[k], v) for k, v in like.items()}
+    return tree
+
+
+__all__ = ["DEFAULT_SD", "F2DPipeline", "WeightsError", "check_size"]

@@ -1,0 +1,344 @@
+"""PyTorch side: Face2Diffusion's encoders conditioning a diffusers `StableDiffusionPipeline`.
+
+Export a JAX training run's mapping network in the official layout (MSID is frozen in training:
+use the official msid.pt; official mapping.pt files load the same way), then drive diffusers:
+
+    python -m f2d_jax.convert export runs/f2d --out weights        # -> weights/mapping.pt
+
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    from f2d_jax.torch import Face2DiffusionEncoder
+
+    pipe = StableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4").to("cuda")
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    f2d = Face2DiffusionEncoder.from_pretrained(msid="msid.pt", mapping="weights/mapping.pt", device="cuda")
+    identity = f2d.identity(["me.jpg", "me_too.jpg"])             # photos of one person, averaged
+    embeds = f2d.prompt_embeds(pipe.text_encoder, pipe.tokenizer, "f l as a knight, oil painting", identity)
+    image = pipe(prompt_embeds=embeds, guidance_scale=7.0, num_inference_steps=30).images[0]
+
+The pipeline's unconditional branch is then the empty prompt's embedding, as in the official code.
+Needs only torch (the `torch` extra), transformers and the face aligner; jax is never imported.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from f2d_jax.faces import align_face, msid_input
+from f2d_jax.text import identifier_prompts, token_ids
+
+# ----------------------------------------------------------------------------- MSID (timm ViT)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, width):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, patch, patch)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, N, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width, hidden, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(width, hidden), nn.Linear(hidden, width), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, mlp):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, mlp, nn.GELU())
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MSID(nn.Module):
+    """The official MSID encoder: timm VisionTransformer keys + the `norms.layer_{i}` taps.
+
+    (B, 3, H, W) faces in [-1, 1] -> (B, len(taps) * width) identity features.
+    """
+
+    def __init__(self, image_size=112, patch=8, width=384, depth=12, heads=12, mlp_ratio=4, taps=(2, 5, 8, 11)):
+        super().__init__()
+        self.taps = tuple(taps)
+        self.features = len(self.taps) * width
+        self.patch_embed = PatchEmbed(patch, width)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, width) * 0.02)
+        self.blocks = nn.ModuleList([Block(width, heads, round(width * mlp_ratio)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)  # in the checkpoint, unused by MSID
+        self.norms = nn.ModuleDict({f"layer_{i}": nn.Sequential(nn.BatchNorm1d(width), nn.LayerNorm(width))
+                                    for i in self.taps})
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                feats.append(self.norms[f"layer_{i}"](x[:, 0]))
+        return torch.cat(feats, 1)
+
+
+# ----------------------------------------------------------------------------- mapping network
+
+
+class MappingMLP(nn.Module):
+    def __init__(self, dim_in, hidden, dim_out, n_layer=2, dropout=0.1):
+        super().__init__()
+        dims = [dim_in] + [hidden] * n_layer
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(a, b), nn.Dropout(dropout), nn.LeakyReLU(0.2))
+                                      for a, b in zip(dims[:-1], dims[1:])])
+        self.fc_out = nn.Linear(hidden, dim_out)
+
+    def forward(self, x):
+        return self.fc_out(self.layers(x))
+
+
+class Mapping(nn.Module):
+    """IMG2TEXTwithEXP, the official mapping network: (B, identity) [+ (B, exp)] -> (first, last) (B, out).
+
+    `null_exp` replaces the expression where `mask` is 0, and everywhere when none is given.
+    """
+
+    def __init__(self, identity=1536, hidden=1536, out=768, n_layer=2, dropout=0.1, exp=64):
+        super().__init__()
+        self.i2t_first = MappingMLP(identity + exp, hidden, out, n_layer, dropout)
+        self.i2t_last = MappingMLP(identity + exp, hidden, out, n_layer, dropout)
+        self.null_exp = nn.Parameter(torch.zeros(exp))
+
+    def forward(self, x, exp=None, mask=None):
+        if exp is None:
+            exp = self.null_exp[None]
+        mask = torch.ones(len(x), device=x.device) if mask is None else mask
+        mask = mask.reshape(-1, 1).to(self.null_exp.dtype)
+        exp = exp * mask + self.null_exp[None] * (1 - mask)
+        x = torch.cat([x, exp.expand(len(x), -1)], -1)
+        return self.i2t_first(x), self.i2t_last(x)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class WeightsMismatchError(ValueError):
+    """A state dict does not fit the model: lists its missing keys, unexpected keys and bad shapes."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected, self.mismatched = sorted(missing), sorted(unexpected), sorted(mismatched)
+        parts = [f"{len(items)} {title}: {', '.join(items)}" for title, items in (
+            ("missing keys", self.missing), ("unexpected keys", self.unexpected),
+            ("shape mismatches", self.mismatched)) if items]
+        super().__init__(f"{what} does not fit the official structure:\n  " + "\n  ".join(parts))
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    """The state dict in an official .pt/.pth file (loaded with weights_only=True) or a .safetensors one."""
+    path = Path(os.fspath(path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no weight file at {path}")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    if path.suffix.lower() not in (".pt", ".pth"):
+        raise ValueError(f"{path}: expected a .pt, .pth or .safetensors state dict, not {path.suffix!r}")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (save model.state_dict())")
+    return state
+
+
+def _shape(state, key: str, what: str) -> tuple[int, ...]:
+    """The shape of `state[key]`, a tensor the model's sizes are read from."""
+    if key not in state:
+        raise WeightsMismatchError(what, missing=[key])
+    return tuple(state[key].shape)
+
+
+def _indices(state, pattern: str) -> list[int]:
+    """Sorted distinct N of the keys matching `pattern` (a regex with one group for N)."""
+    return sorted({int(m[1]) for m in map(re.compile(pattern).match, state) if m})
+
+
+def _count(state, pattern: str) -> int:
+    """1 + the largest N of the keys matching `pattern` (so that a gap shows as missing keys)."""
+    return max(_indices(state, pattern), default=-1) + 1
+
+
+def msid_sizes(state, what: str = "MSID weights", heads: int | None = None) -> dict:
+    """MSID constructor arguments read off an official state dict's shapes.
+
+    The head count leaves no trace in the shapes: None means the official head size (32).
+    """
+    width, _, patch, _ = _shape(state, "patch_embed.proj.weight", what)
+    heads = heads if heads is not None else width // 32
+    if heads < 1 or width % heads:
+        raise ValueError(f"{what}: {heads} attention heads do not divide the width {width}; pass msid_heads=")
+    grid = round((_shape(state, "pos_embed", what)[1] - 1) ** 0.5)
+    hidden = _shape(state, "blocks.0.mlp.fc1.weight", what)[0]
+    return dict(image_size=grid * patch, patch=patch, width=width, depth=_count(state, r"blocks\.(\d+)\."),
+                heads=heads, mlp_ratio=hidden / width, taps=_indices(state, r"norms\.layer_(\d+)\."))
+
+
+def mapping_sizes(state, identity: int, what: str = "mapping weights") -> dict:
+    """Mapping constructor arguments read off an official state dict, for `identity`-dim features."""
+    hidden, inputs = _shape(state, "i2t_first.layers.0.0.weight", what)
+    if inputs <= identity:
+        raise ValueError(f"{what} take {inputs} inputs, fewer than the {identity} identity features of the MSID "
+                         f"weights plus an expression code: the two files do not belong together")
+    return dict(identity=identity, hidden=hidden, out=_shape(state, "i2t_first.fc_out.weight", what)[0],
+                n_layer=_count(state, r"i2t_first\.layers\.(\d+)\."), exp=inputs - identity)
+
+
+def load_strict(module: nn.Module, state, what: str) -> nn.Module:
+    """`module.load_state_dict(state)` that lists every missing/unexpected key and shape mismatch.
+
+    BatchNorm's `num_batches_tracked` counters are skipped (eval outputs do not use them).
+    """
+    own, state = ({k: v for k, v in d.items() if not k.endswith("num_batches_tracked")}
+                  for d in (module.state_dict(), state))
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} (model wants {tuple(v.shape)})"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise WeightsMismatchError(what, missing, unexpected, mismatched)
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+# ----------------------------------------------------------------------------- text conditioning
+
+
+def encode_text(text_encoder, input_ids, positions=None, tokens=None) -> torch.Tensor:
+    """transformers CLIPTextModel's last_hidden_state (B, 77, D), with `tokens` (B, K, D) written over
+    the token + position embeddings at positions[b] .. positions[b] + K - 1 before the layers run."""
+    device = text_encoder.device
+    input_ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
+
+    def inject(module, args, hidden):  # (B, 77, D) embeddings
+        rows = torch.arange(len(hidden), device=device)[:, None]
+        columns = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=device)[:, None] + \
+            torch.arange(tokens.shape[1], device=device)
+        hidden = hidden.clone()
+        hidden[rows, columns] = tokens.to(device=device, dtype=hidden.dtype)
+        return hidden
+
+    handle = text_encoder.text_model.embeddings.register_forward_hook(inject) if tokens is not None else None
+    try:
+        return text_encoder(input_ids).last_hidden_state
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@torch.no_grad()
+def text_embeds(text_encoder, tokenizer, prompts: str | list[str]) -> torch.Tensor:
+    """Plain prompts (no identity) -> (B, 77, D), e.g. a negative prompt for `negative_prompt_embeds`."""
+    return encode_text(text_encoder, token_ids(prompts, tokenizer))
+
+
+# ----------------------------------------------------------------------------- the encoder
+
+
+class Face2DiffusionEncoder(nn.Module):
+    """MSID + mapping network: face photos -> identity features -> "f l" tokens -> prompt embeddings."""
+
+    def __init__(self, msid: MSID, mapping: Mapping):
+        super().__init__()
+        self.msid, self.mapping = msid, mapping
+
+    @classmethod
+    def from_pretrained(cls, msid, mapping, *, msid_heads: int | None = None, device=None,
+                        dtype: torch.dtype = torch.float32) -> Face2DiffusionEncoder:
+        """From msid.pt and mapping.pt (official layout, .pt/.pth or .safetensors), loaded strictly.
+
+        Model sizes come from the weights' shapes; `msid_heads` is the MSID's attention head count
+        (not visible in the shapes; default: heads of size 32, as the official 12 of width 384).
+        """
+        msid_state, mapping_state = read_weights(msid), read_weights(mapping)
+        encoder = MSID(**msid_sizes(msid_state, f"MSID weights {msid}", msid_heads))
+        load_strict(encoder, msid_state, f"MSID weights {msid}")
+        network = Mapping(**mapping_sizes(mapping_state, encoder.features, f"mapping weights {mapping}"))
+        load_strict(network, mapping_state, f"mapping weights {mapping}")
+        return cls(encoder, network).to(device=device, dtype=dtype).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.mapping.null_exp.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mapping.null_exp.dtype
+
+    @torch.no_grad()
+    def identity(self, images, *, detector=None) -> torch.Tensor:
+        """Face photos of one person (a path, PIL image or uint8 (H, W, 3) array, or a list of them)
+        -> (1, F) MSID features, averaged over the photos. Each photo is aligned with f2d_jax.faces
+        (`detector`: its landmark detector; default dlib)."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("identity() needs at least one face photo")
+        crops = np.stack([align_face(_rgb(image), detector=detector).crop for image in images])  # (N, 112, 112, 3)
+        faces = torch.from_numpy(msid_input(crops)).permute(0, 3, 1, 2)
+        features = self.msid(faces.to(device=self.device, dtype=self.dtype))
+        return features.mean(0, keepdim=True)
+
+    def identity_tokens(self, identity, expression=None) -> torch.Tensor:
+        """(B, F) identity features [+ (B, 64) expression codes] -> (B, 2, D) embeddings of "f" and "l"."""
+        identity, expression = (None if x is None else torch.as_tensor(x, device=self.device, dtype=self.dtype)
+                                for x in (identity, expression))
+        if identity.ndim != 2 or identity.shape[1] != self.msid.features:
+            raise ValueError(f"identity must be (B, {self.msid.features}) MSID features (from identity()), "
+                             f"got {tuple(identity.shape)}")
+        return torch.stack(self.mapping(identity, expression), 1)
+
+    @torch.no_grad()
+    def prompt_embeds(self, text_encoder, tokenizer, prompts: str | list[str], identity,
+                      expression=None) -> torch.Tensor:
+        """Prompts with "f l" -> (B, 77, D) `prompt_embeds` for the pipeline of `text_encoder`/`tokenizer`.
+
+        `identity` is (1, F) (shared by every prompt) or (B, F); raises f2d_jax.text.PromptError for a
+        prompt without the identifier.
+        """
+        input_ids, positions = identifier_prompts(prompts, tokenizer)
+        tokens = self.identity_tokens(identity, expression)
+        if tokens.shape[-1] != text_encoder.config.hidden_size:
+            raise ValueError(f"the mapping network writes {tokens.shape[-1]}-dim tokens but the text encoder is "
+                             f"{text_encoder.config.hidden_size} wide: weights for another Stable Diffusion")
+        if len(tokens) not in (1, len(input_ids)):
+            raise ValueError(f"{len(tokens)} identities for {len(input_ids)} prompts; give one or one per prompt")
+        return encode_text(text_encoder, input_ids, positions, tokens.expand(len(input_ids), -1, -1))
+
+
+def _rgb(image):
+    """A PIL image as an RGB uint8 array; paths and arrays go to align_face as they are."""
+    return np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image

@@ -1,0 +1,243 @@
+"""F2DPipeline and sample.py on tiny random models; the JAX images against diffusers' PyTorch pipeline."""
+import json
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+from f2d_jax.config import load_config
+from f2d_jax.convert import save_mapping, save_msid
+from f2d_jax.encoders import Encoders
+from f2d_jax.faces import NoFaceError, align_face
+from f2d_jax.sampling import F2DPipeline, WeightsError
+from f2d_jax.text import PromptError, identifier_prompts, token_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.py")
+FACE = str(resources.files("f2d_jax").joinpath("assets/face.jpg"))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return F2DPipeline.from_config(TINY)
+
+
+@pytest.fixture(scope="module")
+def face():
+    return align_face(FACE)
+
+
+def test_generates_images_and_reuses_the_compiled_program(pipe, face):
+    images = pipe(face, "a photo of f l", num_images=2, steps=3, height=64, width=64, scheduler="ddim",
+                  progress=False)
+    assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+    compiled = pipe._generate._cache_size()
+    again = pipe.generate(face, "a photo of f l", num_images=2, steps=3, height=64, width=64, scheduler="ddim",
+                          seed=1, guidance_scale=3.0, progress=False)
+    assert pipe._generate._cache_size() == compiled  # new seed and guidance: same program
+    assert not np.array_equal(again, np.stack([np.asarray(im) for im in images]))
+
+
+def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
+    prompts = ["a photo of f l", "f l eating bread in front of the Eiffel Tower"]
+    embeddings = pipe.encode_prompt(face, prompts)
+    assert embeddings.shape == (2, 77, 32)
+    # Several photos of one person: their identity features are averaged.
+    flipped = align_face(np.ascontiguousarray(np.asarray(Image.open(FACE).convert("RGB"))[:, ::-1]))
+    both = pipe.identity([face, flipped])
+    np.testing.assert_allclose(both, (pipe.identity(face) + pipe.identity(flipped)) / 2, atol=1e-5)
+    # An expression photo's code replaces null_exp (a random tiny expression encoder's code is ~0,
+    # as null_exp is at init, so the check also feeds a code of ones).
+    code = pipe.expression(flipped)
+    assert code.shape == (1, 64)
+    ids, positions = identifier_prompts(prompts, pipe.tokenizer)
+    encoders, variables = pipe.models.encoders, pipe.variables
+    for expression in (code, jnp.ones((1, 64))):
+        monkeypatch.setattr(pipe, "expression", lambda image: expression)
+        tokens = encoders.identity_tokens(variables, jnp.repeat(pipe.identity(face), 2, 0), jnp.repeat(expression, 2, 0))
+        np.testing.assert_allclose(pipe.encode_prompt(face, prompts, expression_image=flipped),
+                                   encoders.prompt_embeddings(variables, ids, positions, tokens), atol=1e-5)
+    assert not np.allclose(pipe.encode_prompt(face, prompts, expression_image=flipped), embeddings, atol=1e-3)
+    images = pipe.generate([face, flipped], prompts, num_images=3, steps=2, height=64, width=64, progress=False)
+    assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_given_latents_make_the_seed_irrelevant(pipe, face):
+    latents = jax.random.normal(jax.random.key(3), (1, 4, 8, 8))
+    a, b = (pipe.generate(face, "a photo of f l", num_images=1, steps=2, height=64, width=64, scheduler="ddim",
+                          latents=latents, seed=s, progress=False) for s in (0, 1))
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(height=60), ValueError, "height=60 is not possible: height and width must be positive multiples of 16"),
+    (dict(width=100), ValueError, "width=100 is not possible"),
+    (dict(prompt="a photo of a person"), PromptError, "the prompt has no identifier 'f l'"),
+    (dict(prompt="a photo of " + "very " * 80 + "f l"), PromptError, "the identifier 'f l' is cut off"),
+    (dict(scheduler="heun"), ValueError, "unknown scheduler 'heun'"),
+    (dict(num_images=0), ValueError, "num_images must be at least 1"),
+    (dict(latents=np.zeros((2, 4, 8, 8))), ValueError, r"latents must have shape \(1, 4, 8, 8\)"),
+])
+def test_bad_input_is_a_clear_error(pipe, face, kwargs, error, message):
+    args = dict(image=face, prompt="a photo of f l", num_images=1, steps=2, height=64, width=64, progress=False)
+    with pytest.raises(error, match=message):
+        pipe.generate(**{**args, **kwargs})
+
+
+def test_no_face_names_the_file(pipe, tmp_path):
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (200, 200), (90, 120, 150)).save(blank)
+    with pytest.raises(NoFaceError, match="no face found in .*wall.png"):
+        pipe.encode_prompt(str(blank), "a photo of f l")
+
+
+def test_pretrained_needs_identity_weights(tmp_path):
+    with pytest.raises(WeightsError, match="needs msid and mapping weights"):
+        F2DPipeline.from_pretrained(sd=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+def run_sample(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *argv], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
+    out = tmp_path / "grid.png"
+    result = run_sample("--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--prompt",
+                        "f l on the moon", "-n", "2", "--steps", "2", "--out", str(out), "--out-dir",
+                        str(tmp_path / "single"))
+    assert result.returncode == 0, result.stderr
+    grid = Image.open(out)
+    assert grid.size == (2 * 64, 2 * 64)  # rows: prompts, columns: images
+    settings = json.loads(grid.text["f2d_jax"])
+    assert settings["prompts"] == ["a photo of f l", "f l on the moon"] and settings["steps"] == 2
+    assert settings["scheduler"] == "euler_a" and settings["seed"] == 0
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
+        "p00_000.png", "p00_001.png", "p01_000.png", "p01_001.png"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "a photo of a person"], "error: the prompt has no identifier 'f l'"),
+    (["--height", "100"], "error: height=100 is not possible"),
+    (["--height", "72"], "error: height=72 is not possible: height and width must be positive multiples of 16"),
+    (["--image", "WALL"], "error: no face found in "),
+    (["--config", "", "--msid", "missing/msid.pt", "--mapping", "missing/mapping.pt", "--sd", "./missing/sd"],
+     "error: no Stable Diffusion directory at missing/sd"),
+    (["--out", "grid.jpg"], "error: --out must be a .png file"),
+])
+def test_sample_py_errors_are_one_line(tmp_path, capsys, argv, message):
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (120, 120), (200, 200, 200)).save(wall)
+    base = {"--config": TINY, "--image": FACE, "--prompt": "a photo of f l", "--out": str(tmp_path / "o.png"),
+            "--steps": "1", "-n": "1"}
+    extra = dict(zip(argv[::2], argv[1::2]))
+    merged = {**base, **{k: (str(wall) if v == "WALL" else v) for k, v in extra.items()}}
+    args = [x for k, v in merged.items() if v != "" for x in (k, v)]
+    assert sample.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message) and sum(line.startswith("error") for line in err) == 1, err
+    assert not any("Traceback" in line for line in err)
+
+
+# ----------------------------------------------------------------------------- against diffusers (PyTorch)
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_pipelines(tmp_path_factory):
+    """The same tiny random SD in diffusers format, loaded by F2DPipeline (JAX) and diffusers (PyTorch)."""
+    import sd_fixtures
+
+    root = tmp_path_factory.mktemp("f2d")
+    tiny = sd_fixtures.write_tiny_sd(root / "sd", seed=0)
+    encoders = Encoders.from_config(load_config(TINY).model)
+    variables = encoders.init(jax.random.key(7), ("msid", "mapping"))
+    save_msid(variables["msid"], root / "msid.safetensors")
+    save_mapping(variables["mapping"], root / "mapping.safetensors")
+    ours = F2DPipeline.from_pretrained(sd=str(tiny.path), msid=str(root / "msid.safetensors"),
+                                       mapping=str(root / "mapping.safetensors"), config=TINY, dtype="float32")
+    return ours, tiny.path
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++2m"])
+def test_images_match_diffusers_pytorch(tiny_sd_pipelines, face, scheduler, parity):
+    import torch
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    ours, path = tiny_sd_pipelines
+    theirs = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    kind = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}
+    theirs.scheduler = kind[scheduler].from_config(theirs.scheduler.config)
+    prompts = ["a photo of f l", "f l eating bread in front of the Eiffel Tower"]
+    latents = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 8, 8)))
+    mine = ours.generate(face, prompts, num_images=1, steps=10, guidance_scale=7.0, scheduler=scheduler,
+                         latents=latents, height=64, width=64, progress=False)
+    context = np.asarray(ours.encode_prompt(face, prompts))
+    uncond = np.asarray(ours.models.encoders.prompt_embeddings(ours.variables, jnp.asarray(
+        token_ids(["", ""], ours.tokenizer))))
+    with torch.no_grad():
+        reference = theirs(prompt_embeds=torch.from_numpy(context), negative_prompt_embeds=torch.from_numpy(uncond),
+                           latents=torch.from_numpy(latents), num_inference_steps=10, guidance_scale=7.0,
+                           height=64, width=64, output_type="np").images
+    reference = np.round(reference * 255).astype(np.uint8)
+    value = psnr(mine, reference)
+    difference = np.abs(mine.astype(int) - reference.astype(int)).max() / 255
+    parity(f"images vs diffusers, {scheduler} 10 steps, PSNR {value:.1f} dB (max diff / 255)", difference, 0.1)
+    assert value >= 35, f"PSNR {value:.1f} dB < 35 dB"
+
+
+@pytest.mark.parametrize("msid, message", [
+    ("nowhere.safetensors", "error: "),
+    ("mapping.safetensors", "error: msid weights "),
+])
+def test_sample_py_missing_or_wrong_weights(tiny_sd_pipelines, tmp_path, capsys, msid, message):
+    _, path = tiny_sd_pipelines
+    root = path.parent
+    argv = ["--config", TINY, "--sd", str(path), "--msid", str(root / msid), "--mapping",
+            str(root / "mapping.safetensors"), "--image", FACE, "--prompt", "a photo of f l", "--out",
+            str(tmp_path / "o.png"), "--steps", "1", "-n", "1"]
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message) and msid in err[-1] and not any("Traceback" in line for line in err), err
+
+
+def test_euler_ancestral_steps_match_diffusers_with_the_same_noise(tiny_sd_pipelines, face, monkeypatch, parity):
+    """UNet + guidance + the Euler-ancestral update, the noise we draw injected into diffusers."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete
+
+    from f2d_jax.sampling import denoise, make_scheduler
+
+    ours, path = tiny_sd_pipelines
+    theirs = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    theirs.scheduler = EulerAncestralDiscreteScheduler.from_config(theirs.scheduler.config)
+    prompts = ["a photo of f l", "f l surfing"]
+    context = ours.encode_prompt(face, prompts)
+    uncond = ours.models.encoders.prompt_embeddings(ours.variables, jnp.asarray(token_ids(["", ""], ours.tokenizer)))
+    latents = jax.random.normal(jax.random.key(0), (2, 4, 8, 8))
+    key, sd = jax.random.key(5), ours.models.sd
+    for steps in (1, 2):  # one step (its noise is drawn, sigma_up = 0 at the end) and two (noise injected once)
+        scheduler = make_scheduler("euler_a", sd.scheduler_config, steps)
+        mine = denoise(sd.unet, ours.variables["unet"], scheduler, latents, context, uncond, 7.0, key)
+        noise = iter([np.asarray(jax.random.normal(k, latents.shape)) for k in jax.random.split(key, steps)])
+        monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor",
+                            lambda shape, **kwargs: torch.from_numpy(next(noise)))
+        with torch.no_grad():
+            reference = theirs(prompt_embeds=torch.from_numpy(np.asarray(context)),
+                               negative_prompt_embeds=torch.from_numpy(np.asarray(uncond)),
+                               latents=torch.from_numpy(np.asarray(latents)), num_inference_steps=steps,
+                               guidance_scale=7.0, output_type="latent").images
+        parity(f"Euler-ancestral guided step(s) vs diffusers, {steps} step(s), latents", float(
+            np.abs(np.asarray(mine) - reference.numpy()).max()), 1e-4)
