@@ -102,19 +102,13 @@ def main(argv=None) -> int:
         print(f"error: --out must be a .png file, got {out}", file=sys.stderr)
         return 2
 
-    from f2d_jax.convert import CheckpointMismatchError
-    from f2d_jax.faces import NoFaceError
-    from f2d_jax.text import PromptError
-
     from f2d_jax.faces import align_face
     from f2d_jax.sampling import check_size
     from f2d_jax.text import identifier_prompts
 
     try:  # the cheap checks first, before any weights load
         identifier_prompts(args.prompt)
-        for size in (args.height, args.width):
-            if size is not None:
-                check_size(size, size, 8)
+        check_size(args.height or 8, args.width or 8, 8)
         faces = [align_face(image) for image in args.image]
         expression = align_face(args.expression_image) if args.expression_image else None
         pipe = load_pipeline(args)
@@ -123,7 +117,7 @@ def main(argv=None) -> int:
                                guidance_scale=args.guidance, scheduler=args.scheduler,
                                negative_prompt=args.negative_prompt, expression_image=expression,
                                height=height, width=args.width or height)
-    except (NoFaceError, PromptError, CheckpointMismatchError, FileNotFoundError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # NoFaceError, PromptError, CheckpointMismatchError, missing files, ...
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

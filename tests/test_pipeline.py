@@ -127,6 +127,7 @@ def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", "a photo of a person"], "error: the prompt has no identifier 'f l'"),
     (["--height", "100"], "error: height=100 is not possible"),
+    (["--width", "100"], "error: width=100 is not possible"),
     (["--height", "72"], "error: height=72 is not possible: height and width must be positive multiples of 16"),
     (["--image", "WALL"], "error: no face found in "),
     (["--config", "", "--msid", "missing/msid.pt", "--mapping", "missing/mapping.pt", "--sd", "./missing/sd"],

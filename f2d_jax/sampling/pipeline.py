@@ -44,10 +44,6 @@ class WeightsError(ValueError):
     """Weights the pipeline needs are missing or do not fit."""
 
 
-def _official_config() -> ml_collections.ConfigDict:
-    return load_config(OFFICIAL_CONFIG)
-
-
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -80,7 +76,11 @@ class F2DPipeline:
         self.tokenizer = models.sd.tokenizer()
         unet = models.sd.unet
         self.size_multiple = models.sd.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
-        self._condition = jax.jit(self._condition_fn, static_argnames=("with_expression",))
+        encoders = models.encoders  # the encoders run jitted: one compiled program per input shape
+        self._identity = jax.jit(encoders.identity_features)
+        self._expression = jax.jit(encoders.expression_codes)
+        self._embed = jax.jit(encoders.prompt_embeddings)
+        self._condition = jax.jit(self._condition_fn)
         self._generate = jax.jit(self._generate_fn, static_argnames=("progress",), out_shardings=self._replicated)
 
     # ------------------------------------------------------------------ construction
@@ -104,7 +104,7 @@ class F2DPipeline:
         if mapping is not None and _is_workdir(mapping):
             return cls.from_checkpoint(mapping, dtype=dtype, sd=sd, msid=msid, expression=expression)
         config = (load_config(config) if isinstance(config, (str, os.PathLike)) else config) if config is not None \
-            else _official_config()
+            else load_config(OFFICIAL_CONFIG)
         config = ml_collections.ConfigDict(config.to_dict())
         config.weights.update(sd=sd or "", msid=msid or "", mapping=mapping or "", expression=expression or "")
         missing = [name for name in ("msid", "mapping") if not config.weights[name]]
@@ -117,6 +117,7 @@ class F2DPipeline:
     def from_checkpoint(cls, workdir, step: int | None = None, dtype: str = "auto", **weights) -> F2DPipeline:
         """A training run's config and its trained parameters (latest checkpoint or `step`); `weights`
         (sd=, msid=, expression=) replace the paths its config names."""
+        from f2d_jax.convert.checkpoints import cast_like
         from f2d_jax.train.checkpoint import load_trained
         from f2d_jax.train.state import merge
 
@@ -125,8 +126,7 @@ class F2DPipeline:
         config.weights.update({k: str(v) for k, v in weights.items() if v is not None})
         pipe = cls.from_config(config, dtype, log=lambda msg: None if msg.startswith("mapping:") else
                                print(msg, file=sys.stderr))
-        trained = jax.tree.map(lambda p, v: jnp.asarray(p, v.dtype), params,
-                               {k: _subtree(pipe.variables[k], params[k]) for k in params})
+        trained = cast_like(params, {k: _subtree(pipe.variables[k], params[k]) for k in params})
         pipe.variables = jax.device_put(merge(pipe.variables, trained), pipe._replicated)
         return pipe
 
@@ -135,7 +135,7 @@ class F2DPipeline:
     def identity(self, images: FaceInput | Sequence[FaceInput]) -> jax.Array:
         """(1, F) MSID features of one person, averaged over the photos given."""
         crops = np.stack([_align(image, self.detector).crop for image in _as_list(images)])
-        features = self.models.encoders.identity_features(self.variables, jnp.asarray(msid_input(crops)))
+        features = self._identity(self.variables, jnp.asarray(msid_input(crops)))
         return jnp.mean(features, axis=0, keepdims=True)
 
     def expression(self, image: FaceInput) -> jax.Array:
@@ -144,13 +144,14 @@ class F2DPipeline:
             raise WeightsError("expression_image needs the expression encoder: pass expression= (Deep3DFaceRecon's "
                                "epoch_20.pth)")
         crop = _align(image, self.detector).expression_crop[None]
-        return self.models.encoders.expression_codes(self.variables, jnp.asarray(expression_input(crop)))
+        return self._expression(self.variables, jnp.asarray(expression_input(crop)))
 
-    def _condition_fn(self, variables, identity, expression, ids, positions, *, with_expression):
+    def _condition_fn(self, variables, identity, expression, ids, positions):
+        """expression: (1, 64) or None (null_exp)."""
         encoders = self.models.encoders
         n = ids.shape[0]
         identity = jnp.broadcast_to(identity, (n, identity.shape[-1]))
-        expression = jnp.broadcast_to(expression, (n, expression.shape[-1])) if with_expression else None
+        expression = None if expression is None else jnp.broadcast_to(expression, (n, expression.shape[-1]))
         tokens = encoders.identity_tokens(variables, identity, expression)
         return encoders.prompt_embeddings(variables, ids, positions, tokens)
 
@@ -159,9 +160,8 @@ class F2DPipeline:
         """(len(prompts), 77, D) conditioning: each prompt with the person's "f l" tokens injected."""
         ids, positions = identifier_prompts(_as_list(prompt), self.tokenizer)
         identity = self.identity(image)
-        expression = self.expression(expression_image) if expression_image is not None else jnp.zeros((1, 1))
-        return self._condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions),
-                               with_expression=expression_image is not None)
+        expression = self.expression(expression_image) if expression_image is not None else None
+        return self._condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions))
 
     # ------------------------------------------------------------------ generation
 
@@ -185,16 +185,15 @@ class F2DPipeline:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
         prompts = _as_list(prompt)
         schedule = make_scheduler(scheduler, self.models.sd.scheduler_config, steps)
-        context = jnp.repeat(self.encode_prompt(image, prompts, expression_image), num_images, axis=0)
-        n = context.shape[0]
-        uncond = jnp.asarray(self.models.encoders.prompt_embeddings(
-            self.variables, token_ids([negative_prompt], self.tokenizer)))
+        n = len(prompts) * num_images
         shape = (n, self.models.sd.unet.in_channels, height // 8, width // 8)
         if latents is None:
             latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         elif tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (images, channels, height / 8, width / 8), "
                              f"got {tuple(np.shape(latents))}")
+        context = jnp.repeat(self.encode_prompt(image, prompts, expression_image), num_images, axis=0)
+        uncond = self._embed(self.variables, token_ids([negative_prompt], self.tokenizer))
         # The batch over the local devices: pad to a multiple of their number, drop the padding after.
         pad = -n % self.mesh.size
         batch = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in
