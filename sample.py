@@ -56,18 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_pipeline(args):
-    from f2d_jax.sampling import F2DPipeline
-
-    paths = dict(sd=args.sd, msid=args.msid, mapping=args.mapping, expression=args.expression)
-    if args.checkpoint:
-        return F2DPipeline.from_checkpoint(args.checkpoint, dtype=args.dtype, **paths)
-    if args.config and not any(paths.values()):
-        return F2DPipeline.from_config(args.config, dtype=args.dtype)
-    return F2DPipeline.from_pretrained(**{k: v for k, v in paths.items() if v}, config=args.config,
-                                       dtype=args.dtype)
-
-
 def save(images, args, pipe, out: Path) -> None:
     import numpy as np
     from PIL import Image, PngImagePlugin
@@ -111,7 +99,10 @@ def main(argv=None) -> int:
         check_size(args.height or 8, args.width or 8, 8)
         faces = [align_face(image) for image in args.image]
         expression = align_face(args.expression_image) if args.expression_image else None
-        pipe = load_pipeline(args)
+        from f2d_jax.sampling import F2DPipeline
+
+        pipe = F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
+                                mapping=args.mapping, expression=args.expression)
         height = args.height or (pipe.config.data.resolution if args.config or args.checkpoint else 512)
         images = pipe.generate(faces, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
                                guidance_scale=args.guidance, scheduler=args.scheduler,

@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "opencv-python-headless==5.0.0.93",
     "scikit-image==0.26.0",
     "tqdm==4.70.1",
+    "matplotlib==3.11.2",
     "tensorboardX==2.6.5",
 ]
 

@@ -69,6 +69,21 @@ def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
 
 
+def test_an_image_depends_on_its_seed_not_on_its_batch(pipe, face):
+    """Image j of a call is seed + j's image (Euler-A draws noise at every step, per image); up to float32
+    rounding of other batch shapes (1/255)."""
+    args = dict(steps=2, height=64, width=64, progress=False)
+    batch = pipe.generate(face, ["a photo of f l", "f l surfing"], num_images=3, seed=5, **args)
+    alone = pipe.generate(face, "f l surfing", num_images=1, seed=7, **args)
+    same = lambda a, b: np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)  # noqa: E731
+    same(batch[5], alone[0])
+    context = pipe.encode_prompt(face, ["f l surfing", "a photo of f l"])
+    same(pipe.sample(context, [7, 6], **args), batch[[5, 1]])
+    assert not np.allclose(batch[5], batch[4], atol=8)
+    with pytest.raises(ValueError, match="2 conditionings but 3 seeds"):
+        pipe.sample(context, [1, 2, 3], **args)
+
+
 def test_given_latents_make_the_seed_irrelevant(pipe, face):
     latents = jax.random.normal(jax.random.key(3), (1, 4, 8, 8))
     a, b = (pipe.generate(face, "a photo of f l", num_images=1, steps=2, height=64, width=64, scheduler="ddim",
@@ -228,11 +243,12 @@ def test_euler_ancestral_steps_match_diffusers_with_the_same_noise(tiny_sd_pipel
     context = ours.encode_prompt(face, prompts)
     uncond = ours.models.encoders.prompt_embeddings(ours.variables, jnp.asarray(token_ids(["", ""], ours.tokenizer)))
     latents = jax.random.normal(jax.random.key(0), (2, 4, 8, 8))
-    key, sd = jax.random.key(5), ours.models.sd
+    keys, sd = jax.random.split(jax.random.key(5), 2), ours.models.sd  # one per image
     for steps in (1, 2):  # one step (its noise is drawn, sigma_up = 0 at the end) and two (noise injected once)
         scheduler = make_scheduler("euler_a", sd.scheduler_config, steps)
-        mine = denoise(sd.unet, ours.variables["unet"], scheduler, latents, context, uncond, 7.0, key)
-        noise = iter([np.asarray(jax.random.normal(k, latents.shape)) for k in jax.random.split(key, steps)])
+        mine = denoise(sd.unet, ours.variables["unet"], scheduler, latents, context, uncond, 7.0, keys)
+        noise = iter([np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (4, 8, 8)))(keys))
+                      for i in range(steps)])
         monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor",
                             lambda shape, **kwargs: torch.from_numpy(next(noise)))
         with torch.no_grad():

@@ -36,17 +36,17 @@ def test_scheduler_matches_diffusers(name, changes, steps, parity, monkeypatch):
     ours = make_scheduler(name, config, steps)
     np.testing.assert_array_equal(np.asarray(ours.timesteps), theirs.timesteps.numpy())
     np.testing.assert_allclose(ours.init_noise_sigma, float(theirs.init_noise_sigma), rtol=1e-6)
-    # Euler-A: diffusers draws the same noise as ours (jax.random.normal of the step's key).
+    # Euler-A: diffusers draws the same noise as ours (jax.random.normal of each image's key).
     noise = {}
     monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *args, **kwargs: noise["step"])
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2, 4, 8, 8)) * ours.init_noise_sigma).astype(np.float32)
     ours_x, theirs_x, memory, error = jnp.asarray(x), torch.from_numpy(x), ours.init_memory(jnp.asarray(x)), 0.0
-    keys = jax.random.split(jax.random.key(0), steps)
+    keys = jax.random.split(jax.random.key(0), (steps, x.shape[0]))
     for i, t in enumerate(theirs.timesteps):
         error = max(error, _max_error(ours.scale_model_input(i, ours_x), theirs.scale_model_input(theirs_x, t)))
         output = rng.standard_normal(x.shape).astype(np.float32)
-        noise["step"] = torch.from_numpy(np.asarray(jax.random.normal(keys[i], x.shape, jnp.float32)))
+        noise["step"] = torch.from_numpy(np.asarray(jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(keys[i])))
         ours_x, memory = ours.step(i, ours_x, jnp.asarray(output), keys[i], memory)
         theirs_x = theirs.step(torch.from_numpy(output), t, theirs_x).prev_sample
         error = max(error, _max_error(ours_x, theirs_x))

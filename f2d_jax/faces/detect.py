@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 _INSTALL_HINT = "pip install 'f2d-jax[faces]'"
-_PREDICTOR_FILE = os.path.join("models", "shape_predictor_68_face_landmarks.dat")
+_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 
 
 class LandmarkDetector(Protocol):
@@ -28,8 +28,9 @@ class LandmarkDetector(Protocol):
     def __call__(self, image: np.ndarray) -> list[np.ndarray]: ...
 
 
-def predictor_model_path() -> str:
-    """Path of the 68-point shape predictor shipped in `face_recognition_models`."""
+def predictor_model_path(filename: str = _PREDICTOR_FILE) -> str:
+    """Path of a dlib model file shipped in `face_recognition_models` (default: the 68-point shape predictor;
+    also dlib_face_recognition_resnet_model_v1.dat, the face descriptor)."""
     # Deliberately not importing the package: its __init__ needs pkg_resources, which
     # recent setuptools no longer provides. Only its data file is needed.
     spec = importlib.util.find_spec("face_recognition_models")
@@ -37,7 +38,7 @@ def predictor_model_path() -> str:
         raise ImportError(
             f"the face_recognition_models package is not installed; run: {_INSTALL_HINT}"
         )
-    path = os.path.join(spec.submodule_search_locations[0], _PREDICTOR_FILE)
+    path = os.path.join(spec.submodule_search_locations[0], "models", filename)
     if not os.path.isfile(path):
         raise ImportError(
             f"{path} is missing (broken face_recognition_models install?); "

@@ -11,11 +11,13 @@ def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guid
 
     context / uncond_context: (B, 77, D) prompt and unconditional (e.g. empty-prompt) embeddings;
     eps = eps_uncond + guidance * (eps_cond - eps_uncond) at every step. key: the noise of the
-    ancestral schedulers (one split per step). callback: called with the step index inside the loop
+    ancestral schedulers: one key per image, (B,), so that an image does not depend on the batch it is
+    in, or one key for the batch. callback: called with the step index inside the loop
     (e.g. a `jax.debug.callback` for a progress bar).
     """
     contexts = jnp.concatenate([uncond_context, context]).astype(unet.dtype)
-    keys = jax.random.split(key if key is not None else jax.random.key(0), scheduler.timesteps.shape[0])
+    keys = key if key is not None else jax.random.key(0)
+    keys = jax.random.split(keys, latents.shape[0]) if keys.ndim == 0 else keys
 
     def body(i, carry):
         x, memory = carry
@@ -26,7 +28,7 @@ def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guid
         out = unet.apply(unet_params, jnp.concatenate([model_input, model_input]).astype(unet.dtype), t,
                          contexts).sample.astype(jnp.float32)
         uncond, cond = jnp.split(out, 2)
-        return scheduler.step(i, x, uncond + guidance * (cond - uncond), keys[i], memory)
+        return scheduler.step(i, x, uncond + guidance * (cond - uncond), jax.vmap(jax.random.fold_in, (0, None))(keys, i), memory)
 
     x = latents * scheduler.init_noise_sigma
     return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, (x, scheduler.init_memory(x)))[0]

@@ -130,6 +130,17 @@ class F2DPipeline:
         pipe.variables = jax.device_put(merge(pipe.variables, trained), pipe._replicated)
         return pipe
 
+    @classmethod
+    def load(cls, checkpoint=None, config=None, dtype: str = "auto", **weights) -> F2DPipeline:
+        """What the command lines give: a training workdir (`checkpoint`), a `config` file, or weight paths
+        (sd=, msid=, mapping=, expression=; empty ones are ignored) with an optional config for the sizes."""
+        weights = {k: v for k, v in weights.items() if v}
+        if checkpoint:
+            return cls.from_checkpoint(checkpoint, dtype=dtype, **weights)
+        if config and not weights:
+            return cls.from_config(config, dtype=dtype)
+        return cls.from_pretrained(**weights, config=config, dtype=dtype)
+
     # ------------------------------------------------------------------ conditioning
 
     def identity(self, images: FaceInput | Sequence[FaceInput]) -> jax.Array:
@@ -165,12 +176,12 @@ class F2DPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def _generate_fn(self, variables, scheduler, context, uncond, latents, key, guidance, *, progress):
+    def _generate_fn(self, variables, scheduler, context, uncond, latents, keys, guidance, *, progress):
         sd = self.models.sd
         callback = None
         if progress:  # the host-side progress bar, updated from inside the loop
             callback = lambda i: jax.debug.callback(_advance, i)  # noqa: E731
-        latents = denoise(sd.unet, variables["unet"], scheduler, latents, context, uncond, guidance, key,
+        latents = denoise(sd.unet, variables["unet"], scheduler, latents, context, uncond, guidance, keys,
                           callback=callback)
         return decode_images(sd.vae, variables["vae"], latents, sd.vae_scaling_factor)
 
@@ -178,38 +189,58 @@ class F2DPipeline:
                  seed: int = 0, steps: int = 30, guidance_scale: float = 7.0, scheduler: str = "euler_a",
                  negative_prompt: str = "", expression_image: FaceInput | None = None, latents=None,
                  height: int = 512, width: int = 512, progress: bool = True) -> np.ndarray:
-        """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major. `latents`:
-        (that many, 4, height / 8, width / 8) initial noise (default: drawn from `seed`)."""
-        check_size(height, width, self.size_multiple)
+        """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major; image j of every prompt
+        uses seed + j. `latents`: (that many, 4, height / 8, width / 8) initial noise (default: from the seeds)."""
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
+        check_size(height, width, self.size_multiple)
         prompts = _as_list(prompt)
-        schedule = make_scheduler(scheduler, self.models.sd.scheduler_config, steps)
-        n = len(prompts) * num_images
-        shape = (n, self.models.sd.unet.in_channels, height // 8, width // 8)
-        if latents is None:
-            latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        elif tuple(np.shape(latents)) != shape:
-            raise ValueError(f"latents must have shape {shape} (images, channels, height / 8, width / 8), "
-                             f"got {tuple(np.shape(latents))}")
+        seeds = np.tile(seed + np.arange(num_images), len(prompts))
+        self._check_latents(latents, len(seeds), height, width)
         context = jnp.repeat(self.encode_prompt(image, prompts, expression_image), num_images, axis=0)
+        return self.sample(context, seeds, steps, guidance_scale, scheduler, negative_prompt, latents, height,
+                           width, progress)
+
+    def sample(self, context, seeds: Sequence[int], steps: int = 30, guidance_scale: float = 7.0,
+               scheduler: str = "euler_a", negative_prompt: str = "", latents=None, height: int = 512,
+               width: int = 512, progress: bool = True) -> np.ndarray:
+        """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s (N, 77, D)) and N seeds.
+
+        Image i depends only on its conditioning and seeds[i] (initial noise and the ancestral samplers'
+        noise), not on what else is in the batch."""
+        check_size(height, width, self.size_multiple)
+        seeds = np.asarray(seeds, np.uint32).reshape(-1)
+        n = len(seeds)
+        if context.shape[0] != n:
+            raise ValueError(f"{context.shape[0]} conditionings but {n} seeds: give one seed per image")
+        schedule = make_scheduler(scheduler, self.models.sd.scheduler_config, steps)
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+        shape = self._check_latents(latents, n, height, width)
+        if latents is None:
+            latents = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
         uncond = self._embed(self.variables, token_ids([negative_prompt], self.tokenizer))
         # The batch over the local devices: pad to a multiple of their number, drop the padding after.
-        pad = -n % self.mesh.size
-        batch = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in
-                 (context, jnp.broadcast_to(uncond, context.shape), jnp.asarray(latents, jnp.float32))]
+        rows = np.arange(n + -n % self.mesh.size) % n
+        noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)  # the ancestral samplers' noise
+        batch = [x[rows] for x in
+                 (context, jnp.broadcast_to(uncond, context.shape), jnp.asarray(latents, jnp.float32), noise_keys)]
         batch = jax.device_put(batch, self._batch)
-        key = jax.random.fold_in(jax.random.key(seed), 1)  # the ancestral samplers' noise
         bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
         _BARS.append(bar)
         try:
-            images = self._generate(self.variables, schedule, *batch, key, jnp.float32(guidance_scale),
-                                    progress=progress)
+            images = self._generate(self.variables, schedule, *batch, jnp.float32(guidance_scale), progress=progress)
             images = np.asarray(jax.device_get(images))[:n]
         finally:
             _BARS.remove(bar)
             bar.close()
         return images
+
+    def _check_latents(self, latents, n: int, height: int, width: int) -> tuple[int, ...]:
+        shape = (n, self.models.sd.unet.in_channels, height // 8, width // 8)
+        if latents is not None and tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must have shape {shape} (images, channels, height / 8, width / 8), "
+                             f"got {tuple(np.shape(latents))}")
+        return shape
 
     def __call__(self, image, prompt, num_images: int = 8, seed: int = 0, steps: int = 30,
                  guidance_scale: float = 7.0, scheduler: str = "euler_a", negative_prompt: str = "",

@@ -147,7 +147,9 @@ class EulerAncestral(_SigmaSpace):
         return x + noise * self.sigmas_up[i]
 
     def step(self, i, x, model_output, key, memory):
-        return self.step_with_noise(i, x, model_output, jax.random.normal(key, x.shape, x.dtype)), memory
+        """key: one PRNG key per image, (B,)."""
+        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(key)
+        return self.step_with_noise(i, x, model_output, noise), memory
 
 
 @flax.struct.dataclass

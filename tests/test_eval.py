@@ -1,0 +1,219 @@
+"""Evaluation: recognizers on real photos, the CLIP score against transformers' PyTorch CLIP, scoring any
+folder with a manifest (no-face images are failures), and the generate -> score -> report chain."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from f2d_jax.eval import ClipScorer, ManifestError, load_prompts, neutral_prompt, score_images
+from f2d_jax.eval.__main__ import main
+from f2d_jax.eval.manifest import Entry, append_entries, read_manifest
+from f2d_jax.eval.recognizers import DlibRecognizer, cosine, msid_recognizer
+from f2d_jax.eval.score import hmean, gmean, landmark_spread
+from f2d_jax.faces import align_face, load_image
+from f2d_jax.text import PromptError
+
+FACES = Path(__file__).parent / "data" / "faces"
+OBAMA = [FACES / f for f in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
+BIDEN = FACES / "biden.jpg"
+TINY_MSID = dict(width=32, depth=4, num_heads=2, tap_layers=(0, 1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return ClipScorer.tiny()
+
+
+@pytest.fixture
+def blank(tmp_path):
+    path = tmp_path / "wall.png"
+    Image.new("RGB", (256, 256), (90, 120, 150)).save(path)
+    return path
+
+
+def _embed(recognizer, path):
+    return recognizer([align_face(str(path))], [load_image(str(path))[0]])[0]
+
+
+def test_dlib_descriptor_scores_the_same_person_above_another():
+    dlib = DlibRecognizer()
+    obama = [_embed(dlib, p) for p in OBAMA]
+    biden = _embed(dlib, BIDEN)
+    same = [float(cosine(obama[i], obama[j])) for i in range(3) for j in range(i + 1, 3)]
+    different = [float(cosine(o, biden)) for o in obama]
+    assert min(same) > max(different), (same, different)
+    # and by dlib's own measure: distance under its 0.6 threshold for the same person only
+    assert max(np.linalg.norm(obama[i] - obama[j]) for i in range(3) for j in range(i + 1, 3)) < 0.6
+    assert min(np.linalg.norm(o - biden) for o in obama) > 0.6
+
+
+def test_clip_score_matches_transformers_pytorch_clip(tmp_path, parity):
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from f2d_jax.text import load_tokenizer
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(small, vocab_size=49408), projection_dim=24,
+                        vision_config=dict(small, image_size=64, patch_size=16))
+    model = CLIPModel(config).eval()
+    model.save_pretrained(tmp_path)
+    load_tokenizer().save_pretrained(tmp_path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    images = [load_image(str(p))[0] for p in (*OBAMA, BIDEN)]  # portrait and landscape sizes
+    images.append(np.asarray(Image.open(OBAMA[0]).convert("RGB").resize((300, 180))))
+    texts = [neutral_prompt(p) for p in ("a photo of f l", "f l looking shocked", "Fauvism painting of f l",
+                                          "f l in front of Niagara Falls", "f l")]
+    ours = ClipScorer.load(str(tmp_path)).scores(images, texts)
+    tokens = load_tokenizer()(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(pixel_values=processor(images, return_tensors="pt")["pixel_values"], **tokens)
+    theirs = (out.image_embeds * out.text_embeds).sum(-1).numpy()
+    assert np.ptp(theirs) > 1e-2  # the pairs score differently
+    parity("CLIP score vs transformers PyTorch CLIP (tiny, 5 image-text pairs)", np.abs(ours - theirs).max(), 1e-4)
+
+
+def test_prompts_default_list_and_checks(tmp_path):
+    prompts = load_prompts()
+    assert len(prompts) == 40 and all("f l" in p for p in prompts)
+    assert {"f l looking shocked", "f l exploring Machu Picchu", "Fauvism painting of f l laughing a lot",
+            "f l eating bread in front of the Eiffel Tower"} <= set(prompts)
+    assert neutral_prompt("A photo of f l eating ice cream") == "A photo of a person eating ice cream"
+    assert neutral_prompt("f l's half") == "a person's half"
+    bad = tmp_path / "p.txt"
+    bad.write_text("# comment\na photo of f l\na photo of a dog\n")
+    with pytest.raises(PromptError, match="prompt 2 has no identifier 'f l': 'a photo of a dog'"):
+        load_prompts(bad)
+    bad.write_text("a photo of f l\na photo of f l\n")
+    with pytest.raises(PromptError, match="duplicate prompts"):
+        load_prompts(bad)
+
+
+def test_means_and_landmark_spread():
+    assert hmean(0.5, 0.25) == pytest.approx(1 / 3) and gmean(0.5, 0.125) == pytest.approx(0.25)
+    assert hmean(-0.2, 0.3) == 0.0 and gmean(-0.2, 0.3) == 0.0
+    face = align_face(str(OBAMA[0])).landmarks
+    assert landmark_spread([face, face * 2 + 10]) == pytest.approx(0.0, abs=1e-9)  # scale and shift removed
+    assert landmark_spread([face]) is None
+    mouth_open = face.copy()
+    mouth_open[48:68, 1] += 10
+    assert landmark_spread([face, mouth_open]) > 0.05
+
+
+def test_scores_another_systems_folder_and_counts_faceless_images_as_failures(tmp_path, blank, clip):
+    """Images of the same person score above another person's; an image without a face is a failure."""
+    folder = tmp_path / "other"
+    (folder / "out").mkdir(parents=True)
+    rows = [(OBAMA[1], "f l looking shocked", 0), (OBAMA[2], "f l looking shocked", 1),
+            (BIDEN, "a photo of f l", 0), (blank, "a photo of f l", 1)]
+    for i, (src, _, _) in enumerate(rows):
+        shutil.copy(src, folder / "out" / f"{i}{src.suffix}")
+    append_entries(folder, [Entry(str(folder / "out" / f"{i}{src.suffix}"), str(OBAMA[0]), prompt, seed)
+                            for i, (src, prompt, seed) in enumerate(rows)])
+    settings, entries = read_manifest(folder)
+    assert settings == {} and entries[0].face_id == "obama" and entries[0].image == str(folder / "out" / "0.jpg")
+    recognizers = {"dlib": DlibRecognizer(), "msid": msid_recognizer(TINY_MSID, log=lambda m: None)}
+    report = score_images(entries, clip, recognizers, progress=False)
+    found = [r["face_found"] for r in report["images"]]
+    assert found == [True, True, True, False]
+    dlib = [r["identity"]["dlib"] for r in report["images"]]
+    assert min(dlib[:2]) > dlib[2] and dlib[3] is None
+    overall = report["overall"]
+    assert overall["no_face_rate"] == 0.25 and overall["images"] == 4 and overall["faces"] == 1
+    assert overall["identity"]["dlib"]["mean"] == pytest.approx(sum(dlib[:3]) / 4)
+    assert overall["identity"]["dlib"]["detected_mean"] == pytest.approx(sum(dlib[:3]) / 3)
+    assert overall["clip_score"] == pytest.approx(np.mean([r["clip_score"] for r in report["images"]]))
+    assert overall["hmean"] == pytest.approx(hmean(overall["identity"]["dlib"]["mean"], overall["clip_score"]))
+    assert report["primary"] == "dlib" and set(report["per_prompt"]) == {"f l looking shocked", "a photo of f l"}
+    assert report["per_prompt"]["a photo of f l"]["no_face_rate"] == 0.5
+    assert report["per_prompt"]["f l looking shocked"]["diversity"] > 0  # two detected faces over two seeds
+    assert report["per_prompt"]["a photo of f l"]["diversity"] is None  # one face: no pair
+
+
+def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for path in (OBAMA[0], BIDEN):
+        shutil.copy(path, faces)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of f l\nf l looking shocked\n")
+    gen, common = tmp_path / "gen", ["--steps", "2", "--batch-size", "3"]
+    args = ["generate", "--config", "configs/tiny.py", "--faces", str(faces), "--prompts", str(prompts),
+            "--seeds", "2", "--out", str(gen), *common]
+    assert main(args) == 0
+    settings, entries = read_manifest(gen)
+    assert len(entries) == 8 and settings["system"] == "tiny" and settings["height"] == 64
+    assert {(e.face_id, e.prompt, e.seed) for e in entries} == {
+        (f, p, s) for f in ("obama", "biden") for p in ("a photo of f l", "f l looking shocked") for s in (0, 1)}
+    first = np.asarray(Image.open(entries[3].image))
+    # Resuming: nothing is redone; a lost image is made again, the same picture (up to batch rounding).
+    Path(entries[3].image).unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 images generated, 7 already there" in capsys.readouterr().err
+    again = np.asarray(Image.open(entries[3].image))
+    assert np.abs(again.astype(int) - first).max() <= 1
+    assert main([*args[:-4], "--steps", "3", "--batch-size", "3"]) == 2
+    assert "holds images generated with other settings (steps: 2 -> 3)" in capsys.readouterr().err
+
+    assert main(["score", "--generated", str(gen), "--out", str(tmp_path / "tiny.json"), "--clip", "tiny"]) == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert report["system"] == "tiny" and report["overall"]["images"] == 8
+    assert report["recognizers"] == ["dlib", "msid"] and len(report["per_face"]) == 2
+    # random tiny models make no faces: all failures, scored as 0, not a crash
+    assert report["overall"]["no_face_rate"] == 1.0 and report["overall"]["identity"]["dlib"]["mean"] == 0.0
+    other = dict(report, system="tiny again")
+    (tmp_path / "again.json").write_text(json.dumps(other))
+    out = tmp_path / "report"
+    assert main(["report", "--inputs", str(tmp_path / "tiny.json"), str(tmp_path / "again.json"),
+                 "--out", str(out)]) == 0
+    table = (out / "report.md").read_text()
+    assert "| tiny | 8 |" in table and "| tiny again | 8 |" in table and "identity (dlib)" in table
+    assert Image.open(out / "tradeoff.png").size[0] > 300
+    sheets = sorted((out / "sheets" / "tiny").glob("*.png"))
+    assert len(sheets) == 2 and Image.open(sheets[0]).size == (3 * 128, 24 + 2 * 128)
+    assert [r["system"] for r in json.loads((out / "report.json").read_text())] == ["tiny", "tiny again"]
+
+
+@pytest.mark.parametrize("command, message", [
+    (["score", "--generated", "{tmp}", "--out", "{tmp}/r.json"], "has no manifest.jsonl"),
+    (["score", "--generated", "{other}", "--out", "{tmp}/r.json", "--clip", "tiny"],
+     "the msid recognizer needs --msid"),
+    (["score", "--generated", "{other}", "--out", "{tmp}/r.json", "--recognizers", "dlib,facenet"],
+     "unknown recognizer\\(s\\) facenet"),
+    (["score", "--generated", "{other}", "--out", "{tmp}/r.txt"], "--out must be a .json file"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{faces}", "--out", "{tmp}/g"],
+     "no face found in .*wall.png"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{tmp}/none", "--out", "{tmp}/g"], "is not a directory"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{faces}", "--prompts", "{tmp}/p.txt", "--out",
+      "{tmp}/g"], "prompt 1 has no identifier"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{faces}", "--seeds", "0", "--out", "{tmp}/g"],
+     "--seeds must be at least 1"),
+    (["report", "--inputs", "{tmp}/p.txt", "--out", "{tmp}/r"], "is not JSON"),
+    (["report", "--inputs", "{tmp}/plain.json", "--out", "{tmp}/r"], "is not a score report"),
+])
+def test_bad_input_is_one_error_line(tmp_path, blank, capsys, command, message):
+    faces, other = tmp_path / "faces", tmp_path / "other"
+    faces.mkdir()
+    shutil.copy(OBAMA[0], faces)
+    shutil.copy(blank, faces)
+    other.mkdir()
+    append_entries(other, [Entry(str(OBAMA[1]), str(OBAMA[0]), "a photo of f l")])
+    (tmp_path / "p.txt").write_text("a photo of a dog\n")
+    (tmp_path / "plain.json").write_text("[1, 2]")
+    args = [a.format(tmp=tmp_path, faces=faces, other=other) for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    assert re.search(message, err[-1]), err[-1]
+
+
+def test_manifest_lines_need_image_face_and_prompt(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "prompt": "f l"}\n')
+    with pytest.raises(ManifestError, match="line 1 lacks face"):
+        read_manifest(tmp_path)
