@@ -117,9 +117,17 @@ def write_dataset(data_dir: str | os.PathLike, spec: DatasetSpec, splits: SplitG
     tfds' own messages on stdout are dropped, and its progress bars shown only with `progress`.
     """
     require_tensorflow()
+    builder = F2DFaces(spec=spec, splits=splits, data_dir=os.fspath(data_dir), file_format=FILE_FORMAT)
+    return prepare_builder(builder, download_dir=download_dir, progress=progress)
+
+
+def prepare_builder(builder: tfds.core.DatasetBuilder, *, download_dir: str | os.PathLike,
+                    progress: bool = False) -> Path:
+    """Runs `builder`'s download_and_prepare (no statistics, tfds' stdout dropped, its progress bars
+    only with `progress`); returns the dataset folder. Needs TensorFlow."""
+    require_tensorflow()
     from tensorflow_datasets.core.utils import tqdm_utils
 
-    builder = F2DFaces(spec=spec, splits=splits, data_dir=os.fspath(data_dir), file_format=FILE_FORMAT)
     bars = getattr(tqdm_utils, "_active", True)
     tfds.display_progress_bar(progress and bars)
     try:

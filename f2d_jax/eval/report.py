@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from f2d_jax.faces import align_face, load_image
 
@@ -80,7 +80,7 @@ def scatter_plot(reports: Sequence[dict[str, Any]], path) -> None:
 
 
 def _thumb(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image).convert("RGB").resize((THUMB, THUMB), Image.BICUBIC)
+    return ImageOps.fit(Image.fromarray(image).convert("RGB"), (THUMB, THUMB), Image.BICUBIC)  # centre crop
 
 
 def _reference_thumb(path: str) -> Image.Image:

@@ -40,14 +40,17 @@ def merge(*trees: Mapping[str, Any]) -> dict:
 
 
 def learning_rate(optim: Mapping[str, Any], steps: int) -> optax.Schedule:
-    """Linear warm-up to `lr`, then constant or cosine decay to 0 at `steps`."""
+    """Linear warm-up to `lr`, then constant, cosine decay to 0 at `steps`, or polynomial decay
+    (lr * (1 - t / T) ** optim.power to 0 at `steps`, insightface's PolyScheduler)."""
     warmup = max(int(optim["warmup_steps"]), 0)
     if optim["schedule"] == "constant":
         after = optax.constant_schedule(optim["lr"])
     elif optim["schedule"] == "cosine":
         after = optax.cosine_decay_schedule(optim["lr"], max(steps - warmup, 1))
+    elif optim["schedule"] == "polynomial":
+        after = optax.polynomial_schedule(optim["lr"], 0.0, optim.get("power", 1.0), max(steps - warmup, 1))
     else:
-        raise ValueError(f"optim.schedule={optim['schedule']!r}; use 'constant' or 'cosine'")
+        raise ValueError(f"optim.schedule={optim['schedule']!r}; use 'constant', 'cosine' or 'polynomial'")
     if not warmup:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, optim["lr"], warmup), after], [warmup])
