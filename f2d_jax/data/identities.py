@@ -44,6 +44,7 @@ import f2d_jax
 from f2d_jax.data import builder as builder_lib
 from f2d_jax.data.examples import find_images
 from f2d_jax.data.loader import BatchLoader, Source, batch_indices
+from f2d_jax.data.read import read_records
 from f2d_jax.data.recordio import IDX_NAME, REC_NAME, FaceRecordIO, decode_image, encode_image
 
 NAME = "f2d_identities"
@@ -352,15 +353,11 @@ class IdentityData:
     def get(self, indices, flip=None) -> dict[str, np.ndarray]:
         """{"image": (B, 112, 112, 3) uint8 RGB, "label": (B,) int32} for `indices`; rows where the
         boolean `flip` is true are mirrored left-right."""
-        indices = [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
-        n = len(self)
-        bad = [i for i in indices if not 0 <= i < n]
-        if bad:
-            raise IndexError(f"indices {bad[:5]} out of range for {n} {self.split} examples")
-        records = self._source.__getitems__(indices) if indices else []
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        records = read_records(self._source, indices, self.split)
         images = np.zeros((len(indices), SIZE, SIZE, 3), np.uint8)
         for row, (i, record) in enumerate(zip(indices, records)):
-            images[row] = decode_image(record["image"], where=f"{self.data_dir} {self.split} example {i}")
+            images[row] = decode_image(record["image"], where=f"{self.data_dir} {self.split} example {int(i)}")
         if flip is not None:
             flip = np.asarray(flip, dtype=bool).reshape(-1)
             if flip.shape != (len(indices),):

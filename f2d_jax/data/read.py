@@ -87,6 +87,17 @@ def compatibility_problems(info: dict[str, Any], config) -> list[str]:
     return problems
 
 
+def read_records(source, indices, split: str) -> list:
+    """The records at `indices` (a sequence of ints) of a tfds data source (one split, named `split`
+    in the IndexError an index out of range gets)."""
+    indices = [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
+    n = len(source)
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise IndexError(f"indices {bad[:5]} out of range for {n} {split} examples")
+    return source.__getitems__(indices) if indices else []
+
+
 class PreparedData:
     """One split of a prepared dataset: `len()`, `get(indices)` and the dataset's `info`.
 
@@ -129,12 +140,7 @@ class PreparedData:
 
     def get(self, indices) -> dict[str, np.ndarray]:
         """The examples at `indices` (a sequence of ints), stacked per requested field."""
-        indices = [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
-        n = len(self)
-        bad = [i for i in indices if not 0 <= i < n]
-        if bad:
-            raise IndexError(f"indices {bad[:5]} out of range for {n} {self.split} examples")
-        records = self._source.__getitems__(indices) if indices else []
+        records = read_records(self._source, indices, self.split)
         out = {}
         for field in self.fields:
             values = [r[field] for r in records]

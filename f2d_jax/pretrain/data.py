@@ -25,11 +25,11 @@ SIZE = 112
 class SyntheticIdentities:
     """`num_examples` examples of `num_identities` identities (example i has identity i % n)."""
 
-    def __init__(self, num_identities: int, num_examples: int, seed: int = 0, shift: int = 6, noise: float = 24.0):
+    def __init__(self, num_identities: int, num_examples: int, seed: int = 0, shift: int = 3, noise: float = 16.0):
         self.num_identities, self.num_examples, self.seed = int(num_identities), int(num_examples), int(seed)
         self.shift, self.noise = shift, noise
         rng = np.random.default_rng([self.seed, 0])
-        coarse = rng.integers(0, 256, (self.num_identities, 8, 8, 3), dtype=np.uint8)
+        coarse = rng.integers(0, 256, (self.num_identities, 4, 4, 3), dtype=np.uint8)
         self.patterns = np.stack([np.asarray(Image.fromarray(c).resize((SIZE, SIZE), Image.BICUBIC), np.float32)
                                   for c in coarse])
 

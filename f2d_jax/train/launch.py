@@ -40,10 +40,13 @@ def initialize_distributed() -> None:
 
 
 def run(config, workdir) -> int:
-    """train() with logging set up; user errors become one line on stderr and exit status 1."""
+    """train() (or config.task's trainer) with logging set up; user errors become one line on stderr and exit status 1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     initialize_distributed()
     try:
+        if config.get("task", "f2d") == "msid_arcface":
+            from f2d_jax.pretrain import train_msid
+            return train_msid(config, workdir)
         return train(config, workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +96,8 @@ def train(config, workdir) -> int:
 
     # ------------------------------------------------------------------ state: resume or init
     checkpoints = Checkpoints(workdir, config.checkpoint.keep)
-    start = checkpoints.latest_step() or 0
-    if start:
-        state, _ = checkpoints.restore(start, program.abstract_state, config)
-        say(f"resumed from {checkpoints.directory / str(start)}")
-    else:
-        state = program.init()
-    if start >= tc.steps:
-        say(f"already trained: checkpoint at step {start} >= train.steps={tc.steps}")
-        checkpoints.close()
+    state, start = resume_or_init(checkpoints, program.abstract_state, program.init, config, say)
+    if state is None:
         return 0
 
     # ------------------------------------------------------------------ the compiled step
@@ -120,11 +113,56 @@ def train(config, workdir) -> int:
     sampler = _sampler(config, models, variables, frozen, data, mesh) if config.log.sample_every else None
 
     # ------------------------------------------------------------------ loop
+    def step_fn(state, batch):
+        if encode is not None:
+            batch = encode(encoder_vars, batch)
+        return compiled(state, frozen, batch, constants)
+
+    def sample(done, state):
+        path = writer.image(done, "samples", sampler(state.params))
+        if path:
+            say(f"step {done}: sample images {path}")
+
     writer = MetricWriter(workdir, enabled=is_primary())
+    loader = BatchLoader(data.source, tc.batch_size, config.seed, batch_sh, start_step=start, transform=data.transform)
+    status = run_loop(config, state, start, loader, step_fn, checkpoints, writer, flops=flops, say=say,
+                      hooks=[(config.log.sample_every if sampler is not None else 0, sample)],
+                      postfix=lambda m: dict(loss=f"{m['loss']:.4f}", fg=f"{m['loss_fg']:.4f}",
+                                             bg=f"{m['loss_bg']:.4f}"))
+    if status == 0:
+        say(f"done: {tc.steps} steps; checkpoints in {checkpoints.directory}; export the mapping network with "
+            f"`python -m f2d_jax.convert export {workdir} --out DIR`")
+    return status
+
+
+def resume_or_init(checkpoints: Checkpoints, abstract_state, init: Callable[[], Any], config, say):
+    """(state, start step): the latest checkpoint restored onto `abstract_state`'s shardings, else
+    init(); (None, step) when that checkpoint already completes config.train.steps (then closed)."""
+    start = checkpoints.latest_step() or 0
+    if start:
+        state, _ = checkpoints.restore(start, abstract_state, config)
+        say(f"resumed from {checkpoints.directory / str(start)}")
+    else:
+        state = init()
+    if start >= config.train.steps:
+        say(f"already trained: checkpoint at step {start} >= train.steps={config.train.steps}")
+        checkpoints.close()
+        return None, start
+    return state, start
+
+
+def run_loop(config, state, start: int, loader, step_fn: Callable, checkpoints: Checkpoints, writer: MetricWriter,
+             *, flops, say, postfix: Callable[[dict], dict],
+             hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = ()) -> int:
+    """Steps start .. config.train.steps of `step_fn(state, batch) -> (state, metrics)` on the
+    loader's batches: metrics every log.every steps (means; a non-finite loss stops the run),
+    checkpoints every checkpoint.every steps, each hook (every, fn(step, state)) every `every`
+    steps (0: never) and at the end, and a checkpoint then PREEMPTED on SIGTERM. Returns 0 when
+    done; closes the loader, writer and checkpoints."""
+    tc = config.train
     def meta(step):  # the data iterator's whole state is (seed, batch size, step): see data/loader.py
         return {"config": config.to_dict(), "data": {"seed": config.seed, "batch_size": tc.batch_size, "step": step}}
 
-    loader = BatchLoader(data.source, tc.batch_size, config.seed, batch_sh, start_step=start, transform=data.transform)
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not is_primary(), dynamic_ncols=True)
     pending, last_time, last_step = [], time.perf_counter(), start
     try:
@@ -132,9 +170,7 @@ def train(config, workdir) -> int:
             for step in range(start, tc.steps):
                 _, batch = next(loader)
                 with jax.transfer_guard("disallow"):  # every input is already on the devices
-                    if encode is not None:
-                        batch = encode(encoder_vars, batch)
-                    state, metrics = compiled(state, frozen, batch, constants)
+                    state, metrics = step_fn(state, batch)
                 pending.append(metrics)
                 done = step + 1
                 bar.update(1)
@@ -145,20 +181,17 @@ def train(config, workdir) -> int:
                     scalars.update(step_time=seconds, examples_per_second=tc.batch_size / seconds,
                                    mfu=mfu(flops, seconds, jax.devices()[0]))
                     writer.scalars(done, scalars)
-                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", fg=f"{scalars['loss_fg']:.4f}",
-                                    bg=f"{scalars['loss_bg']:.4f}")
+                    bar.set_postfix(**postfix(scalars))
                     pending, last_time, last_step = [], now, done
                 save = done % config.checkpoint.every == 0 or done == tc.steps
-                sample = sampler is not None and (done % config.log.sample_every == 0 or done == tc.steps)
-                if save or sample:  # their time stays out of the step time
+                due = [fn for every, fn in hooks if every and (done % every == 0 or done == tc.steps)]
+                if save or due:  # their time stays out of the step time
                     jax.block_until_ready(state.step)
                     paused = time.perf_counter()
                     if save:
                         checkpoints.save(done, state, meta(done))
-                    if sample:
-                        path = writer.image(done, "samples", sampler(state.params))
-                        if path:
-                            say(f"step {done}: sample images {path}")
+                    for fn in due:
+                        fn(done, state)
                     last_time += time.perf_counter() - paused
                 if preemption(done):
                     checkpoints.save(done, state, meta(done))
@@ -171,8 +204,6 @@ def train(config, workdir) -> int:
         bar.close()
         writer.close()
         checkpoints.close()
-    say(f"done: {tc.steps} steps; checkpoints in {checkpoints.directory}; export the mapping network with "
-        f"`python -m f2d_jax.convert export {workdir} --out DIR`")
     return 0
 
 
