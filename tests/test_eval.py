@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from f2d_jax.eval import ClipScorer, ManifestError, load_prompts, neutral_prompt, score_images
+from f2d_jax.eval import ClipScorer, ManifestError, ScoreError, load_prompts, neutral_prompt, score_images
 from f2d_jax.eval.__main__ import main
 from f2d_jax.eval.manifest import Entry, append_entries, read_manifest
 from f2d_jax.eval.recognizers import DlibRecognizer, cosine, msid_recognizer
@@ -133,6 +133,11 @@ def test_scores_another_systems_folder_and_counts_faceless_images_as_failures(tm
     assert report["per_prompt"]["a photo of f l"]["no_face_rate"] == 0.5
     assert report["per_prompt"]["f l looking shocked"]["diversity"] > 0  # two detected faces over two seeds
     assert report["per_prompt"]["a photo of f l"]["diversity"] is None  # one face: no pair
+
+
+def test_a_reference_without_a_face_is_a_clear_error(blank, clip):
+    with pytest.raises(ScoreError, match="no face found in the reference photo .*wall.png"):
+        score_images([Entry(str(OBAMA[1]), str(blank), "a photo of f l")], clip, {}, progress=False)
 
 
 def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from f2d_jax.eval.manifest import MANIFEST, SETTINGS, Entry, append_entries, read_manifest
+from f2d_jax.eval.prompts import slug
 from f2d_jax.faces import NoFaceError, align_face
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -47,8 +47,7 @@ def reference_faces(directory) -> list[Path]:
 
 
 def image_name(prompt: str, seed: int) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:48]
-    return f"{slug}-{hashlib.sha1(prompt.encode()).hexdigest()[:6]}_s{seed}.png"
+    return f"{slug(prompt)}-{hashlib.sha1(prompt.encode()).hexdigest()[:6]}_s{seed}.png"
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:

@@ -33,6 +33,11 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
     return prompts
 
 
+def slug(prompt: str) -> str:
+    """A file-name form of a prompt (lower case, runs of other characters as _, at most 48)."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:48]
+
+
 def neutral_prompt(prompt: str) -> str:
     """The prompt the CLIP score reads: the identifier replaced by "a person"."""
     return _IDENTIFIER.sub(NEUTRAL, prompt)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from f2d_jax.eval.prompts import slug
 from f2d_jax.faces import align_face, load_image
 
 THUMB = 128
@@ -110,8 +111,7 @@ def contact_sheets(report: dict[str, Any], directory, max_faces: int = 8, max_se
             sheet.paste(references[face], (0, 24 + row * THUMB))
             for column, image in enumerate(images[:max_seeds], 1):
                 sheet.paste(_thumb(load_image(image)[0]), (column * THUMB, 24 + row * THUMB))
-        slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:48]
-        written.append(directory / f"{number:02d}_{slug}.png")
+        written.append(directory / f"{number:02d}_{slug(prompt)}.png")
         sheet.save(written[-1])
     return written
 

@@ -95,10 +95,12 @@ def score_images(entries: Sequence[Entry], clip, recognizers: Mapping[str, Calla
     references = {}
     for path in sorted({e.face for e in entries}):
         try:
-            face = align_face(path, detector=detector)
-        except (NoFaceError, FileNotFoundError, ValueError) as e:
+            image = load_image(path)[0]  # read once: detection and the recognizers use it
+            face = align_face(image, detector=detector)
+        except NoFaceError as e:
+            raise ScoreError(f"no face found in the reference photo {path}") from e
+        except (FileNotFoundError, ValueError) as e:
             raise ScoreError(f"reference face {path}: {e}") from e
-        image = load_image(path)[0]
         references[path] = {n: recognizers[n]([face], [image])[0] for n in names}
     records, landmarks = [], defaultdict(list)
     for start in tqdm(range(0, len(entries), batch_size), desc="scoring", unit="batch", disable=not progress,

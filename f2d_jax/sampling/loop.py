@@ -28,7 +28,8 @@ def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guid
         out = unet.apply(unet_params, jnp.concatenate([model_input, model_input]).astype(unet.dtype), t,
                          contexts).sample.astype(jnp.float32)
         uncond, cond = jnp.split(out, 2)
-        return scheduler.step(i, x, uncond + guidance * (cond - uncond), jax.vmap(jax.random.fold_in, (0, None))(keys, i), memory)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+        return scheduler.step(i, x, uncond + guidance * (cond - uncond), step_keys, memory)
 
     x = latents * scheduler.init_noise_sigma
     return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, (x, scheduler.init_memory(x)))[0]
