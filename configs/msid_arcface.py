@@ -21,14 +21,16 @@ def get_config():
     config.model = ml_collections.ConfigDict(dict(msid=f2d_sd14.get_config().model.msid.to_dict()))
 
     config.arcface = ml_collections.ConfigDict(dict(
-        num_identities=93431,          # MS1MV3 (ms1m-retinaface-t1); padded up to a multiple of the devices
+        num_identities=0,              # classifier rows; 0 = the data's count (MS1MV3: 93431), padded up to a
+                                       # multiple of the devices (extra rows are negatives only)
         margins=(1.0, 0.5, 0.0),       # insightface margin_list: ArcFace (CosFace: (1.0, 0.0, 0.4))
         scale=64.0,
         sample_rate=1.0,               # Partial FC: score this fraction of each device's classes
         init_std=0.01,                 # classifier init (insightface: normal(0, 0.01))
     ))
     config.data = ml_collections.ConfigDict(dict(
-        dir="",                        # insightface RecordIO pack (train.rec/.idx); "" = synthetic identities
+        dir="",                        # an f2d_identities dataset (python -m f2d_jax.data.identities) or an
+                                       # insightface RecordIO pack (train.rec/.idx); "" = synthetic identities
         verification=(),               # insightface .bin pair sets (lfw.bin, cfp_fp.bin, agedb_30.bin, ...)
         flip=True,                     # random horizontal flips
         synthetic_identities=1000, synthetic_examples=100_000, synthetic_pairs=600,  # synthetic data only

@@ -1,5 +1,5 @@
 """Identity-labelled face datasets (f2d_jax.data.identities): building from a folder per identity and
-from an insightface RecordIO pack, reading back without TensorFlow, deterministic flips, errors."""
+from an insightface RecordIO pack, reading back without TensorFlow, errors."""
 import json
 import subprocess
 import sys
@@ -13,15 +13,16 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from f2d_jax.data import identities as identities_module
-from f2d_jax.data.identities import (IdentitiesError, IdentityBatchLoader, build_identities, detect_source,
-                                     encoded_image_info, flip_decisions, identity_batch, main, open_identities)
+from f2d_jax.data.identities import (IdentitiesError, build_identities, detect_source, encoded_image_info, main,
+                                     open_identities)
+from f2d_jax.data.loader import BatchLoader, batch_indices
 from f2d_jax.data.recordio import FaceRecordIO, decode_image, encode_image, write_face_recordio
 
 NAMES = ["amy", "bob", "zed"]   # folder names, in label order
 
 
 def face(seed: int, size: int = 112) -> np.ndarray:
-    """A smooth synthetic RGB image, asymmetric left-right (so a flip shows)."""
+    """A smooth synthetic RGB image."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[:size, :size] / size
     channels = [np.sin(x * rng.uniform(2, 6) + y * rng.uniform(1, 3) + rng.uniform(0, 6)) * 100 + 127 + 20 * x
@@ -111,43 +112,24 @@ def test_pack_dataset_keeps_the_jpeg_bytes(built, pack):
 
 
 def test_reading_needs_no_tensorflow(built):
-    code = ("import sys, json; from f2d_jax.data.identities import open_identities, identity_batch; "
-            f"d = open_identities({str(built[1])!r}); b = identity_batch(d, 3, 4, seed=7); "
+    code = ("import sys, json; from f2d_jax.data.identities import open_identities; "
+            f"d = open_identities({str(built[1])!r}); b = d.get([3, 0, 5]); "
             "print(json.dumps([len(d), d.num_identities, b['label'].tolist(), int(b['image'].sum()), "
             "'tensorflow' in sys.modules]))")
     printed = subprocess.check_output([sys.executable, "-c", code], text=True, timeout=300)   # stderr: pytest's
-    batch = identity_batch(open_identities(built[1]), 3, 4, seed=7)
+    batch = open_identities(built[1]).get([3, 0, 5])
     assert json.loads(printed.splitlines()[-1]) == [6, 4, batch["label"].tolist(), int(batch["image"].sum()), False]
-
-
-def test_flips_are_deterministic(built):
-    data = open_identities(built[0])
-    batch_size, seed = 4, 3
-    flips = np.stack([flip_decisions(seed, step, batch_size) for step in range(10)])
-    assert flips.any() and not flips.all()
-    np.testing.assert_array_equal(flip_decisions(seed, 2, batch_size), flips[2])
-    for step in range(3):
-        plain = identity_batch(data, step, batch_size, seed, flip=False)
-        flipped = identity_batch(data, step, batch_size, seed)
-        np.testing.assert_array_equal(flipped["label"], plain["label"])
-        expected = np.where(flips[step][:, None, None, None], plain["image"][:, :, ::-1], plain["image"])
-        np.testing.assert_array_equal(flipped["image"], expected)
-        # Two hosts holding half the rows each see the same rows.
-        halves = [identity_batch(data, step, batch_size, seed, rows=rows) for rows in (slice(0, 2), slice(2, 4))]
-        np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), flipped["image"])
-    assert (identity_batch(data, 0, batch_size, seed)["image"] != identity_batch(data, 0, batch_size, seed + 1)
-            ["image"]).any()
 
 
 def test_batch_loader(built):
     data = open_identities(built[0])
     sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec("data"))
-    loader = IdentityBatchLoader(data, 4, seed=5, sharding=sharding, start_step=2)
+    loader = BatchLoader(data, 4, seed=5, sharding=sharding, start_step=2)
     try:
         for expected_step in (2, 3):
             step, batch = next(loader)
             assert step == expected_step
-            want = identity_batch(data, step, 4, 5)
+            want = data.get(batch_indices(step, 4, len(data), 5))
             assert batch["image"].shape == (4, 112, 112, 3) and batch["label"].dtype == np.int32
             np.testing.assert_array_equal(np.asarray(batch["image"]), want["image"])
             np.testing.assert_array_equal(np.asarray(batch["label"]), want["label"])

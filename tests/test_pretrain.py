@@ -10,12 +10,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from f2d_jax.config import load_config
 from f2d_jax.convert import load
 from f2d_jax.convert.__main__ import main as convert_main
 from f2d_jax.models.msid import MSIDEncoder
 from f2d_jax.pretrain.data import SyntheticIdentities
+from f2d_jax.pretrain.verify import main as verify_main
 from f2d_jax.train.checkpoint import load_trained
 from f2d_jax.train.launch import run
 from f2d_jax.train.state import learning_rate
@@ -110,3 +112,99 @@ def test_classifier_split_over_8_devices_matches_one_device(tmp_path):
             np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=f"{name} at step {a['step']}")
     # (Parameters are not compared: Adam's first steps turn float32 noise in near-zero gradients into
     # updates of size lr; the step-3 loss, a function of the step-2 update (the first with lr > 0), is compared above.)
+
+
+# ------------------------------------------------------------------ real data formats and the verify command
+
+@pytest.fixture(scope="module")
+def identity_data(tmp_path_factory):
+    """16 synthetic identities x 16 images as (a folder per identity -> f2d_identities dataset, the
+    same images as an insightface pack, a .bin of 200 held-out pairs)."""
+    from f2d_jax.data.identities import build_identities
+    from f2d_jax.data.recordio import encode_image, write_face_recordio
+    from f2d_jax.data.verification import write_bin
+
+    root = tmp_path_factory.mktemp("identities")
+    synthetic = SyntheticIdentities(16, 256, seed=0)
+    batch = synthetic.get(range(256))
+    for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
+        path = root / "faces" / f"id{label:02d}" / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_image(image, ".png"))
+    build_identities(root / "faces", root / "dataset", progress=False)
+    write_face_recordio(root / "pack", batch["image"], batch["label"])   # grouped by label, as the folders
+    write_bin(root / "pairs.bin", *synthetic.verification_pairs(200))
+    return root
+
+
+def _data_config(data_dir, pairs, *overrides):
+    return load_config(MSID_TINY, [f"data.dir={data_dir}", f"data.verification=('{pairs}',)",
+                                   "arcface.num_identities=0", "log.every=1", *overrides])
+
+
+def test_trains_on_an_identity_dataset_with_partial_fc_and_a_pack_alike(identity_data, tmp_path, capsys):
+    """The tiny MSID learns 16 identities from an f2d_identities dataset with Partial FC (half the
+    classes scored per step), verified on a .bin; the same images as a RecordIO pack train identically."""
+    pairs = identity_data / "pairs.bin"
+    config = _data_config(identity_data / "dataset", pairs, "arcface.sample_rate=0.5", "train.steps=30",
+                          "log.verify_every=30", "checkpoint.every=30")
+    workdir = tmp_path / "dataset"
+    assert run(config, workdir) == 0
+    metrics = _metrics(workdir)
+    accuracy = [m["verification/pairs"] for m in metrics if "verification/pairs" in m]
+    train = [m for m in metrics if "loss" in m]
+    with capsys.disabled():
+        print("\nlosses", [round(m["loss"], 3) for m in train[::5]], "verification", accuracy)
+    assert len(accuracy) == 1 and accuracy[0] > 0.8  # chance: 0.5
+    saved, params, _ = load_trained(workdir)
+    assert saved["arcface"]["num_identities"] == 16 and params["classifier"].shape == (16, 128)
+
+    pack = _data_config(identity_data / "pack", pairs, "arcface.sample_rate=0.5", "train.steps=3",
+                        "log.verify_every=0")
+    assert run(pack, tmp_path / "pack") == 0
+    for a, b in zip(train[:3], _metrics(tmp_path / "pack")):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-6)
+
+    # The verify command gives the accuracy training logged, from the workdir and from msid.pt.
+    capsys.readouterr()
+    out = tmp_path / "verify.json"
+    assert verify_main(["--msid", str(workdir), str(pairs), "--json", str(out)]) == 0
+    assert "pairs    200" in capsys.readouterr().out
+    result = json.loads(out.read_text())["sets"]["pairs"]
+    assert result["pairs"] == 200 and result["accuracy"] == pytest.approx(accuracy[0], abs=1e-9)
+    assert convert_main(["export", str(workdir), "--out", str(tmp_path / "export")]) == 0
+    assert verify_main(["--msid", str(tmp_path / "export" / "msid.pt"), "--config", MSID_TINY, str(pairs),
+                        "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["sets"]["pairs"]["accuracy"] == pytest.approx(accuracy[0], abs=1e-9)
+
+    # Its errors.
+    capsys.readouterr()
+    not_bin = tmp_path / "notes.bin"
+    not_bin.write_text("not a pickle")
+    for argv, message in [
+        (["--msid", str(workdir), str(tmp_path / "lfw.bin")], f"no verification file at {tmp_path / 'lfw.bin'}"),
+        (["--msid", str(tmp_path / "nothing"), str(pairs)], f"--msid {tmp_path / 'nothing'} does not exist"),
+        (["--msid", str(workdir), str(not_bin)], "not an insightface verification .bin"),
+        (["--msid", str(tmp_path / "export" / "msid.pt"), str(pairs)],   # (then the mismatched keys)
+         f"--msid {tmp_path / 'export' / 'msid.pt'} does not fit MSID of the sizes of the official "
+         "msid_base_patch8_112 (other sizes: pass their config with --config): msid weights"),
+        (["--msid", str(workdir), "--folds", "300", str(pairs)], "has 200 pairs, fewer than --folds 300"),
+    ]:
+        assert verify_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err.splitlines()[0], err
+
+
+def test_data_dir_errors(identity_data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    pairs = identity_data / "pairs.bin"
+    for data_dir, overrides, message in [
+        (tmp_path / "empty", (), f"data.dir {tmp_path / 'empty'} is not an identity dataset: give an f2d_identities "
+                                 "dataset (built with `python -m f2d_jax.data.identities"),
+        (tmp_path / "missing", (), f"data.dir {tmp_path / 'missing'} is missing"),
+        (identity_data / "dataset", ("arcface.num_identities=10",),
+         f"{identity_data / 'dataset'} has 16 identities but arcface.num_identities=10; raise it"),
+    ]:
+        assert run(_data_config(data_dir, pairs, *overrides), tmp_path / "run") == 1
+        err = capsys.readouterr().err
+        assert f"error: {message}" in err, err

@@ -67,8 +67,9 @@ def _export(args) -> None:
     from f2d_jax.convert import save
     from f2d_jax.convert.weights_dir import load_weights_dir
 
-    if (Path(args.weights) / "checkpoints").is_dir():
-        from f2d_jax.train.checkpoint import load_trained_models
+    from f2d_jax.train.checkpoint import is_workdir, load_trained_models
+
+    if is_workdir(args.weights):
         models = {k: v for k, v in load_trained_models(args.weights).items() if not args.only or k in args.only}
     else:
         models = load_weights_dir(args.weights, names=args.only)

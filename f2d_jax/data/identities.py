@@ -5,7 +5,10 @@
     data = open_identities("data/ms1mv2")
     len(data), data.num_identities
     data[0]                              # {"image": uint8 (112, 112, 3) RGB, "label": int}
-    data.get([3, 17], flip=[True, False])  # {"image": (2, 112, 112, 3) uint8, "label": (2,) int32}
+    data.get([3, 17])                    # {"image": (2, 112, 112, 3) uint8, "label": (2,) int32}
+
+MSID pretraining reads it with --config.data.dir=DATA_DIR (configs/msid_arcface.py); the train
+step does the horizontal flips.
 
 The source is either
 - a folder per identity, ROOT/<identity>/**.jpg|png: identities sorted by folder name get the
@@ -19,9 +22,7 @@ them). PNG and JPEG bytes are stored as they are (a JPEG from a pack is not re-e
 formats, and PNG/JPEG files OpenCV would not read back as 8-bit RGB, are stored as PNG.
 The dataset is finished when DATA_DIR/f2d_identities.json exists (written last).
 
-Reading (`open_identities`, `identity_batch`, `IdentityBatchLoader`) needs no TensorFlow. Horizontal
-flips are decided by (seed, step, row of the global batch), so a resumed run sees the same data
-whatever the number of hosts.
+Reading (`open_identities`) needs no TensorFlow.
 """
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ from etils import epath
 import f2d_jax
 from f2d_jax.data import builder as builder_lib
 from f2d_jax.data.examples import find_images
-from f2d_jax.data.loader import BatchLoader, Source, batch_indices
 from f2d_jax.data.read import read_records
 from f2d_jax.data.recordio import IDX_NAME, REC_NAME, FaceRecordIO, decode_image, encode_image
 
@@ -55,7 +55,6 @@ INFO_FILE = "f2d_identities.json"
 NAMES_FILE = "identities.txt"
 WORK_DIR = ".work"
 FOLDER, RECORDIO = "folder", "recordio"
-_FLIP_STREAM = 0x666C6970          # "flip": keeps the flip draws apart from the loader's permutations
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COMMAND = "python -m f2d_jax.data.identities"
 
@@ -314,7 +313,7 @@ def read_identities_info(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 class IdentityData:
-    """One split of an `f2d_identities` dataset: `len()`, `data[i]`, `get(indices, flip)`,
+    """One split of an `f2d_identities` dataset: `len()`, `data[i]`, `get(indices)`,
     `num_identities` and (folder sources) `identity_names`. A `loader.Source`."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str = "train"):
@@ -350,19 +349,13 @@ class IdentityData:
         return (f"IdentityData({os.fspath(self.data_dir)!r}, split={self.split!r}, {len(self)} images of "
                 f"{self.num_identities} identities)")
 
-    def get(self, indices, flip=None) -> dict[str, np.ndarray]:
-        """{"image": (B, 112, 112, 3) uint8 RGB, "label": (B,) int32} for `indices`; rows where the
-        boolean `flip` is true are mirrored left-right."""
+    def get(self, indices) -> dict[str, np.ndarray]:
+        """{"image": (B, 112, 112, 3) uint8 RGB, "label": (B,) int32} for `indices`."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         records = read_records(self._source, indices, self.split)
         images = np.zeros((len(indices), SIZE, SIZE, 3), np.uint8)
         for row, (i, record) in enumerate(zip(indices, records)):
             images[row] = decode_image(record["image"], where=f"{self.data_dir} {self.split} example {int(i)}")
-        if flip is not None:
-            flip = np.asarray(flip, dtype=bool).reshape(-1)
-            if flip.shape != (len(indices),):
-                raise ValueError(f"flip has {flip.size} entries for {len(indices)} indices")
-            images[flip] = images[flip, :, ::-1]
         labels = np.array([int(r["label"]) for r in records], np.int32)
         return {"image": images, "label": labels}
 
@@ -378,33 +371,6 @@ class IdentityData:
 def open_identities(data_dir: str | os.PathLike, split: str = "train") -> IdentityData:
     """A split of the identity dataset built in `data_dir` (see `IdentityData`)."""
     return IdentityData(data_dir, split)
-
-
-def flip_decisions(seed: int, step: int, batch_size: int) -> np.ndarray:
-    """(batch_size,) bool: which rows of the global batch of `step` are mirrored (probability 1/2)."""
-    return np.random.default_rng([int(seed), int(step), _FLIP_STREAM]).random(batch_size) < 0.5
-
-
-def identity_batch(source: Source, step: int, batch_size: int, seed: int, rows: slice = slice(None),
-                   flip: bool = True) -> dict[str, np.ndarray]:
-    """Rows `rows` of the global batch of `step`: the examples `loader.batch_indices` picks, each
-    mirrored where `flip_decisions` says so (with `flip`). The same for any host layout or resumption."""
-    indices = batch_indices(step, batch_size, len(source), seed)[rows]
-    flips = flip_decisions(seed, step, batch_size)[rows] if flip else None
-    return source.get(indices, flip=flips)
-
-
-class IdentityBatchLoader(BatchLoader):
-    """BatchLoader over an IdentityData whose batches are mirrored row by row as `identity_batch` says
-    (with `flip`); `transform` is applied after the flips."""
-
-    def __init__(self, source: IdentityData, batch_size: int, seed: int, sharding, start_step: int = 0,
-                 transform: Callable[[dict], dict] | None = None, prefetch: int = 2, *, flip: bool = True):
-        self.flip = bool(flip)     # before super().__init__, which starts the loading thread
-        super().__init__(source, batch_size, seed, sharding, start_step, transform, prefetch)
-
-    def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        return self.transform(identity_batch(self.source, step, self.batch_size, self.seed, self.rows, self.flip))
 
 
 # --------------------------------------------------------------------------- command line

@@ -3,7 +3,10 @@
 Training sources follow `f2d_jax.data.loader.Source` (`len`, `get(indices)`) and yield
 {"image": (B, 112, 112, 3) uint8 RGB, "label": (B,) int32 identity}:
 
-* `RecordIOSource`: an insightface pack (train.rec / train.idx, e.g. MS1MV3) in config.data.dir.
+* `f2d_jax.data.identities.IdentityData`: an `f2d_identities` tfds dataset in config.data.dir, built
+  from a folder per identity or a RecordIO pack by `python -m f2d_jax.data.identities`.
+* `RecordIOSource`: an insightface pack (train.rec / train.idx, e.g. MS1MV3) in config.data.dir,
+  read in place.
 * `SyntheticIdentities` (config.data.dir = ""): every identity is a fixed random smooth
   pattern; an example is its pattern shifted by a few pixels, with its own brightness and
   pixel noise, so that identities are separable but no two examples are alike.
@@ -82,19 +85,36 @@ class RecordIOSource:
                 "label": np.array([label for _, label in items], np.int32)}
 
 
+def open_source(path):
+    """The identity-labelled faces at `path`: an `f2d_identities` dataset or an insightface pack."""
+    from f2d_jax.data import identities
+    from f2d_jax.data.recordio import IDX_NAME, REC_NAME
+
+    path = Path(path)
+    if (path / identities.INFO_FILE).is_file():
+        return identities.open_identities(path)
+    if (path / REC_NAME).is_file() or (path.suffix == ".rec" and path.is_file()):
+        return RecordIOSource(path)
+    raise FileNotFoundError(
+        f"data.dir {path} is {'missing' if not path.exists() else 'not an identity dataset'}: give an "
+        f"f2d_identities dataset (built with `python -m f2d_jax.data.identities --source SRC --out DIR`, so "
+        f"that DIR/{identities.INFO_FILE} exists) or an insightface pack folder ({REC_NAME} + {IDX_NAME})")
+
+
 def training_source(config):
-    """The training `Source` config.data says, and the number of identities it has."""
-    dc = config.data
-    if dc.dir:
-        source = RecordIOSource(dc.dir)
-        if source.num_identities > config.arcface.num_identities:
-            raise ValueError(f"{dc.dir} has {source.num_identities} identities but arcface.num_identities="
-                             f"{config.arcface.num_identities}; raise it")
-        return source
-    if dc.synthetic_identities > config.arcface.num_identities:
-        raise ValueError(f"data.synthetic_identities={dc.synthetic_identities} > arcface.num_identities="
-                         f"{config.arcface.num_identities}")
-    return SyntheticIdentities(dc.synthetic_identities, dc.synthetic_examples, config.seed)
+    """(source, config): the training `Source` config.data says, and `config` with
+    arcface.num_identities resolved (0 = the source's number of identities)."""
+    dc, ac = config.data, config.arcface
+    source = open_source(dc.dir) if dc.dir else \
+        SyntheticIdentities(dc.synthetic_identities, dc.synthetic_examples, config.seed)
+    what = dc.dir or f"data.synthetic_identities={dc.synthetic_identities}"
+    if not ac.num_identities:
+        config = config.copy_and_resolve_references()
+        config.arcface.num_identities = source.num_identities
+    elif source.num_identities > ac.num_identities:
+        raise ValueError(f"{what} has {source.num_identities} identities but arcface.num_identities="
+                         f"{ac.num_identities}; raise it (or set 0 to take the data's count)")
+    return source, config
 
 
 def verification_sets(config, source) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -91,22 +91,25 @@ def program(config, mesh) -> Program:
                    lambda: jax.jit(make_state, out_shardings=shardings)())
 
 
+def embeddings(embed_fn, variables, images: np.ndarray, batch_size: int, sharding) -> np.ndarray:
+    """embed_fn(variables, batch) over `images` in batches of `batch_size` (the last one padded) laid
+    out by `sharding`; (N, D) numpy."""
+    out = []
+    for lo in range(0, len(images), batch_size):
+        chunk = images[lo:lo + batch_size]
+        full = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+        full[:len(chunk)] = chunk
+        array = jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
+        out.append(np.asarray(jax.device_get(embed_fn(variables, array)))[:len(chunk)])
+    return np.concatenate(out)
+
+
 def verifier(sets: dict, embed_fn, batch_size: int, sharding) -> Callable[[Any], dict[str, float]]:
     """msid variables -> {"verification/<name>": 10-fold accuracy, ".../<name>_std": its std}."""
-    def embeddings(variables, images):
-        out = []
-        for lo in range(0, len(images), batch_size):
-            chunk = images[lo:lo + batch_size]
-            full = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
-            full[:len(chunk)] = chunk
-            array = jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
-            out.append(np.asarray(jax.device_get(embed_fn(variables, array)))[:len(chunk)])
-        return np.concatenate(out)
-
     def run(variables):
         scalars = {}
         for name, (images, issame) in sets.items():
-            e = embeddings(variables, images)
+            e = embeddings(embed_fn, variables, images, batch_size, sharding)
             result = verification_accuracy(e[0::2], e[1::2], issame)
             scalars[f"verification/{name}"] = result["accuracy_mean"]
             scalars[f"verification/{name}_std"] = result["accuracy_std"]
@@ -130,7 +133,7 @@ def train_msid(config, workdir) -> int:
                          f"must be multiples of the {mesh.size} devices")
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{jax.process_count()} process(es)")
-    source = training_source(config)
+    source, config = training_source(config)
     prog = program(config, mesh)
     batch_sh = batch_sharding(mesh)
     verify = verifier(verification_sets(config, source), prog.embed, lc.verify_batch_size, batch_sh)

@@ -101,7 +101,9 @@ class F2DPipeline:
         official .pt / .safetensors, our .msgpack or an `f2d_jax.convert import` directory; `mapping`
         may also be a training workdir (its latest checkpoint). `expression`: Deep3DFaceRecon's
         checkpoint, needed only for `expression_image`. `config`: model sizes (default: the paper's)."""
-        if mapping is not None and _is_workdir(mapping):
+        from f2d_jax.train.checkpoint import is_workdir
+
+        if mapping is not None and is_workdir(mapping):
             return cls.from_checkpoint(mapping, dtype=dtype, sd=sd, msid=msid, expression=expression)
         config = (load_config(config) if isinstance(config, (str, os.PathLike)) else config) if config is not None \
             else load_config(OFFICIAL_CONFIG)
@@ -259,10 +261,6 @@ def _advance(i) -> None:
     if _BARS:
         bar = _BARS[-1]
         bar.update(max(int(i) + 1 - bar.n, 0))  # every device reports; count each step once
-
-
-def _is_workdir(path) -> bool:
-    return Path(os.fspath(path)).is_dir() and (Path(os.fspath(path)) / "checkpoints").is_dir()
 
 
 def _tuples(tree):

@@ -92,6 +92,11 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def is_workdir(path) -> bool:
+    """Whether `path` is a train.py workdir (it has a checkpoints folder)."""
+    return (Path(path) / "checkpoints").is_dir()
+
+
 def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
     """(config dict, trainable params as numpy, step) of a run's checkpoint (default: the latest),
     on any machine: arrays are restored to the host, whatever mesh wrote them."""
