@@ -36,12 +36,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import (ROOT, SD14_CLIP, SD14_SCHEDULER, SD14_UNET, SD14_VAE, fmt, fmt_bytes, log, max_rss_bytes,
-                    print_table, reduced, result_line, run_child, timed)
+from common import (ROOT, SD14_CLIP, SD14_SCHEDULER, SD14_UNET, SD14_VAE, TORCH_DTYPES, add_comparison_arguments,
+                    apply_preset, check_comparison_arguments, fmt, fmt_bytes, log, max_rss_bytes, per_device,
+                    print_table, reduced, result_line, run_torch_variants, run_worker, timed, torch_timed,
+                    torch_train_step, xla_step_memory)
 
 PRESETS = {
     # The paper's set-up: SD v1.4 at 512 px (64x64x4 latents), the official mapping network 1536 -> 768.
@@ -167,23 +168,7 @@ def jax_worker(args) -> dict:
         versions=f"jax {jax.__version__}, flax {__import__('flax').__version__}")
 
 
-def xla_step_memory(compiled) -> dict | None:
-    """XLA's buffer assignment for one step, per device: arguments, outputs (less donated aliases)
-    and temporaries (activations and workspace)."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if m is None:
-        return None
-    return dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
-                temporaries=m.temp_size_in_bytes)
-
-
 # ============================================================================ PyTorch
-
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 def torch_worker(args) -> dict:
     import contextlib
@@ -289,35 +274,11 @@ def torch_worker(args) -> dict:
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
     forward = torch.compile(loss_fn) if args.torch_compiled else loss_fn
 
-    def clip():
-        if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(mapping.parameters(), optim.grad_clip)
-
-    def step():
-        loss = forward(batch)
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            clip()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            clip()
-            scaler.step(opt)
-            scaler.update()
-        lr_schedule.step()
-        return loss
-
-    def sync(loss):
-        if cuda:
-            torch.cuda.synchronize()
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    step = torch_train_step(lambda: forward(batch), opt, list(mapping.parameters()), optim.grad_clip, scaler,
+                            lr_schedule)
     log(f"[{name}] timing {args.warmup} warm-up + {args.steps} steps"
         + (" (torch.compile happens in the first)" if args.torch_compiled else "") + " ...")
-    first, times = timed(step, sync, args.warmup, args.steps)
+    first, times = torch_timed(step, args.warmup, args.steps)
     loss = float(step().detach())
     flops = None
     if not args.torch_compiled:  # an independent count (matmuls, convolutions, attention), one more step
@@ -346,19 +307,9 @@ def torch_worker(args) -> dict:
 
 # ============================================================================ driver
 
-def run_worker(kind: str, args, extra: list[str], env: dict | None = None) -> dict:
-    """Run one measurement in a child process; its last RESULT line is the answer."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--preset", args.preset,
-               "--dtype", args.dtype, "--remat-unet", args.remat_unet, *extra]
-    for flag in ("batch", "steps", "warmup"):
-        if getattr(args, flag) is not None:
-            command += [f"--{flag}", str(getattr(args, flag))]
-    return run_child(command, args.timeout, env)
-
-
-def per_device(r: dict) -> float:
-    """Images/s per device."""
-    return r["batch"] / r["seconds"] / r["devices"]
+def measure(kind: str, args, extra: list[str], env: dict | None = None) -> dict:
+    """One measurement in a child process."""
+    return run_worker(__file__, kind, args, ["--remat-unet", args.remat_unet, *extra], env)
 
 
 def describe(r: dict) -> str:
@@ -396,54 +347,18 @@ def main(argv=None) -> int:
                         help="model sizes: sd14 (SD v1.4, 512 px, batch 8) or cpu (same structure, reduced "
                              "widths: UNet (64, 128, 256, 256), CLIP 12 x 256, 256 px, batch 2); auto: sd14 "
                              "when JAX sees an accelerator, else cpu")
-    parser.add_argument("--batch", type=int, help="per-device batch (default: the preset's, 8 or 2)")
-    parser.add_argument("--steps", type=int, help="timed steps, median reported (default: 20 sd14, 5 cpu)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 sd14, 2 cpu)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="our compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
-    parser.add_argument("--torch-dtypes", default="auto",
-                        help="comma list of PyTorch autocast dtypes among fp32, bf16, fp16 (auto: bf16,fp16 on "
-                             "CUDA, fp32 on CPU)")
-    parser.add_argument("--torch-compile", choices=("both", "off", "only"), default="both",
-                        help="PyTorch eager and torch.compile (both; a compile failure is reported, not fatal), "
-                             "eager only, or compiled only")
-    parser.add_argument("--warm-torch-cache", action="store_true",
-                        help="let torch.compile use its on-disk caches (default: a fresh cache per run, so its "
-                             "compile time is a cold compile like ours)")
+    add_comparison_arguments(parser, batch_help="per-device batch (default: the preset's, 8 or 2)",
+                             steps_help="timed steps, median reported (default: 20 sd14, 5 cpu)",
+                             warmup_help="untimed steps first (default: 5 sd14, 2 cpu)")
     parser.add_argument("--remat-unet", choices=("config", "on", "off"), default="config",
                         help="recompute UNet activations in the backward pass, both sides (config: "
                              "configs/f2d_sd14.py's train.remat_unet, which is on)")
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="seconds one measurement may take before it is reported as not measured "
-                             "(default: %(default)s)")
-    parser.add_argument("--skip-torch", action="store_true", help="measure ours only")
-    parser.add_argument("--skip-jax", action="store_true", help="measure PyTorch only")
-    parser.add_argument("--json", metavar="FILE", help="also write all results to FILE")
-    # Internal: one measurement in this process.
-    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-    parser.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help=argparse.SUPPRESS)
-    parser.add_argument("--torch-compiled", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--jax-platform", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if (args.batch is not None and args.batch < 1) or (args.steps is not None and args.steps < 1) or \
-            (args.warmup is not None and args.warmup < 0):
-        parser.error("--batch and --steps must be at least 1, --warmup at least 0")
-    if args.torch_dtypes != "auto" and not set(args.torch_dtypes.split(",")) <= set(TORCH_DTYPES):
-        parser.error(f"--torch-dtypes: a comma list of {', '.join(TORCH_DTYPES)}, got {args.torch_dtypes!r}")
+    check_comparison_arguments(parser, args)
 
     if args.worker:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if args.preset == "auto":
-            if args.worker == "jax":
-                import jax
-                args.preset = "cpu" if jax.default_backend() == "cpu" else "sd14"
-            else:
-                import torch
-                args.preset = "sd14" if torch.cuda.is_available() else "cpu"
-        spec = PRESETS[args.preset]
-        args.batch = args.batch or spec["batch"]
-        args.steps = args.steps or spec["steps"]
-        args.warmup = spec["warmup"] if args.warmup is None else args.warmup
+        apply_preset(args, PRESETS, "sd14", args.worker)
         result = jax_worker(args) if args.worker == "jax" else torch_worker(args)
         result.update(preset=args.preset)
         print(result_line(result), flush=True)
@@ -451,7 +366,7 @@ def main(argv=None) -> int:
 
     results, platform, skipped = [], None, []
     if not args.skip_jax:
-        ours = run_worker("jax", args, [])
+        ours = measure("jax", args, [])
         if "failed" in ours:
             skipped.append(f"ours: {ours['failed']}")
             log(f"ours failed: {ours['failed']}")
@@ -459,35 +374,18 @@ def main(argv=None) -> int:
             results.append(ours)
             platform, args.preset = ours["platform"], ours["preset"]
             log(describe(ours))
-    if args.preset == "auto":
-        import torch  # only to choose the preset
-        args.preset = "sd14" if torch.cuda.is_available() else "cpu"
-    spec = PRESETS[args.preset]
-    args.batch = args.batch or spec["batch"]
-    args.steps = args.steps or spec["steps"]
-    args.warmup = spec["warmup"] if args.warmup is None else args.warmup
+    apply_preset(args, PRESETS, "sd14", "torch")   # (already resolved when ours ran)
 
     if not args.skip_torch:
         accelerated = platform not in (None, "cpu") or (platform is None and args.preset == "sd14")
-        dtypes = args.torch_dtypes.split(",") if args.torch_dtypes != "auto" else \
-            (["bf16", "fp16"] if accelerated else ["fp32"])
-        modes = {"both": [False, True], "off": [False], "only": [True]}[args.torch_compile]
-        for torch_dtype in dtypes:
-            for compiled in modes:
-                extra = ["--torch-dtype", torch_dtype] + (["--torch-compiled"] if compiled else []) + \
-                    (["--jax-platform", platform] if platform else [])
-                with tempfile.TemporaryDirectory(prefix="f2d_bench_inductor_") as cache:
-                    # A fresh Inductor/Triton cache: torch.compile's time is a cold compile, as ours is.
-                    env = {} if args.warm_torch_cache or not compiled else \
-                        {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": str(Path(cache) / "triton")}
-                    r = run_worker("torch", args, extra, env)
-                label = f"PyTorch {'torch.compile' if compiled else 'eager'} {torch_dtype}"
-                if "failed" in r or "skipped" in r:
-                    skipped.append(f"{label}: {r.get('failed') or r.get('skipped')}")
-                    log(skipped[-1])
-                    continue
-                results.append(r)
-                log(describe(r))
+        for label, r in run_torch_variants(args, accelerated, platform,
+                                           lambda extra, env: measure("torch", args, extra, env)):
+            if "failed" in r or "skipped" in r:
+                skipped.append(f"{label}: {r.get('failed') or r.get('skipped')}")
+                log(skipped[-1])
+                continue
+            results.append(r)
+            log(describe(r))
 
     # ---- summary
     ours = next((r for r in results if r["framework"] == "jax"), None)

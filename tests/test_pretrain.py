@@ -208,3 +208,66 @@ def test_data_dir_errors(identity_data, tmp_path, capsys):
         assert run(_data_config(data_dir, pairs, *overrides), tmp_path / "run") == 1
         err = capsys.readouterr().err
         assert f"error: {message}" in err, err
+
+
+# ------------------------------------------------------------------ parity of the training loss with PyTorch
+
+def test_msid_arcface_loss_and_gradients_match_pytorch(tmp_path, parity):
+    """The pretraining objective (MSID in train mode -> ArcFace s=64 m=0.5 over the classifier ->
+    cross-entropy) against the official MSID in plain torch with insightface's CombinedMarginLoss
+    (cos clamped, the margin under no_grad): loss, every gradient, and the updated running statistics."""
+    import torch
+    import torch.nn.functional as F
+
+    import torch_reference as ref
+    from f2d_jax import convert
+    from f2d_jax.arcface import sharded_margin_loss
+    from f2d_jax.pretrain.step import to_unit_range
+    from f2d_jax.sharding import AXES
+
+    sizes = dict(width=48, depth=4, num_heads=4, tap_layers=(1, 3))
+    torch_msid = ref.randomize(ref.MSID(width=48, depth=4, heads=4, taps=(1, 3)), seed=3).train()
+    torch.save(torch_msid.state_dict(), tmp_path / "msid.pt")
+    model = MSIDEncoder(**sizes)
+    variables = convert.load_msid(tmp_path / "msid.pt", model)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    labels = np.array([0, 3, 3, 7, 1, 9, 0, 5], np.int32)
+    weight = rng.normal(0, 0.05, (10, model.features)).astype(np.float32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), AXES)
+
+    def loss_fn(params, batch_stats, classifier):
+        embeddings, updates = model.apply({"params": params, "batch_stats": batch_stats}, to_unit_range(images),
+                                          train=True, mutable=["batch_stats"])
+        loss = sharded_margin_loss(embeddings, jnp.asarray(labels), classifier, mesh, (1.0, 0.5, 0.0), 64.0,
+                                   class_axis=AXES, batch_axis=AXES)
+        return loss, updates["batch_stats"]
+
+    (loss, stats), (grads, grad_w) = jax.jit(jax.value_and_grad(loss_fn, (0, 2), has_aux=True))(
+        variables["params"], variables["batch_stats"], jnp.asarray(weight))
+
+    w = torch.nn.Parameter(torch.from_numpy(weight))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    cos = F.linear(F.normalize(torch_msid(x)), F.normalize(w)).clamp(-1, 1)
+    target = torch.from_numpy(labels).long()
+    with torch.no_grad():   # insightface CombinedMarginLoss, m1 = 1, m3 = 0: arccos, + m2, cos, in place
+        chosen = cos.gather(1, target[:, None])
+        delta = torch.cos(torch.acos(chosen) + 0.5) - chosen
+    theirs = F.cross_entropy(64.0 * cos.scatter_add(1, target[:, None], delta), target)
+    theirs.backward()
+
+    # Our gradients and running statistics in the official layout, key by key.
+    ours = convert.torch_state_dict("msid", {"params": grads, "batch_stats": stats}, model)
+    # (Relative to the largest gradient of the model: some are 0 up to rounding, e.g. the last block's fc2 bias,
+    # a constant shift of the tapped CLS token that the train-mode BatchNorm subtracts again.)
+    named = [(k, p.grad.numpy()) for k, p in torch_msid.named_parameters() if not k.startswith("norm.")]
+    scale = max(np.max(np.abs(g)) for _, g in named)
+    grad_errors = [float(np.max(np.abs(ours[k] - g))) / scale for k, g in named]
+    stat_errors = [float(np.max(np.abs(ours[k] - b.numpy()))) for k, b in torch_msid.named_buffers()
+                   if k.endswith(("running_mean", "running_var"))]
+    assert len(grad_errors) == len(list(torch_msid.parameters())) - 2 and len(stat_errors) == 4  # all but norm.*
+    parity("MSID pretraining ArcFace loss (train-mode MSID)", abs(float(loss) - theirs.item()), 1e-4)
+    parity("MSID pretraining gradients, MSID (worst, relative to the largest)", max(grad_errors), 1e-4)
+    parity("MSID pretraining gradient, classifier (relative to max)",
+           float(np.max(np.abs(grad_w - w.grad.numpy())) / np.max(np.abs(w.grad.numpy()))), 1e-4)
+    parity("MSID pretraining running statistics after the step", max(stat_errors), 1e-4)

@@ -13,6 +13,40 @@ import jax.numpy as jnp
 LayerNorm = functools.partial(nn.LayerNorm, use_fast_variance=False)
 BatchNorm = functools.partial(nn.BatchNorm, use_fast_variance=False)
 
+
+class BatchNorm1d(nn.Module):
+    """torch.nn.BatchNorm1d over the last axis of (B, C): in training the batch's mean and biased
+    variance normalize, and the running variance takes the unbiased one (x n / (n - 1)), as
+    PyTorch does (Flax's BatchNorm keeps the biased one); otherwise the running statistics. The
+    variables are nn.BatchNorm's ("scale", "bias"; batch_stats "mean", "var"). Statistics are
+    computed in float32 over the whole (global) batch."""
+
+    momentum: float = 0.1      # PyTorch's convention: new = (1 - momentum) old + momentum batch
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if train:
+            mean = x32.mean(axis=0)
+            var = jnp.square(x32 - mean).mean(axis=0)
+            if not self.is_initializing():
+                n = x.shape[0]
+                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+                running_var.value = (1 - self.momentum) * running_var.value + \
+                    self.momentum * var * (n / max(n - 1, 1))
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype)
+
+
 # torch.nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from f2d_jax.models.layers import BatchNorm, LayerNorm, Mlp, multi_head_attention
+from f2d_jax.models.layers import BatchNorm1d, LayerNorm, Mlp, multi_head_attention
 
 _init = nn.initializers.truncated_normal(0.02)
 
@@ -53,8 +53,7 @@ class TapNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                      name="batch_norm")(x)
+        x = BatchNorm1d(epsilon=1e-5, dtype=self.dtype, name="batch_norm")(x, train)
         return LayerNorm(epsilon=1e-5, dtype=self.dtype, name="layer_norm")(x)
 
 

@@ -9,7 +9,6 @@ Randomness (the flips, Partial FC's class sample) comes from fold_in(key(seed), 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -20,7 +19,7 @@ from jax.sharding import Mesh
 
 from f2d_jax.arcface import sharded_margin_loss
 from f2d_jax.sharding import AXES
-from f2d_jax.train.state import TrainState
+from f2d_jax.train.state import TrainState, apply_if_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +67,9 @@ def train_step(state: TrainState, batch, *, model, mesh: Mesh, tx: optax.Gradien
 
     (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params = {**params, "msid": {**params["msid"], "batch_stats": batch_stats}}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
-                           opt_state=keep_if_finite(opt_state, state.opt_state))
+    new_state = apply_if_finite(state, grads, finite, tx, lambda params: {
+        **params, "msid": {**params["msid"], "batch_stats": batch_stats}})   # the running statistics
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "lr": schedule(state.step),
                "finite": finite}
     return new_state, metrics

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -62,6 +62,20 @@ def optimizer(optim: Mapping[str, Any], steps: int) -> tuple[optax.GradientTrans
     adamw = optax.adamw(schedule, b1=optim["b1"], b2=optim["b2"], weight_decay=optim["weight_decay"])
     clip = [optax.clip_by_global_norm(optim["grad_clip"])] if optim["grad_clip"] > 0 else []
     return optax.chain(*clip, adamw), schedule
+
+
+def apply_if_finite(state: TrainState, grads, finite, tx: optax.GradientTransformation,
+                    finish: Callable[[Any], Any] = lambda params: params) -> TrainState:
+    """The next state: `tx`'s update from `grads` (then `finish` on the new params) when `finite`,
+    else the same params and optimizer state; the step counts either way. A branch, not a select
+    of old and new, so that the update writes the donated state in place instead of holding a
+    second copy of it (for MSID pretraining: of the classifier and its moments)."""
+    def update(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return finish(optax.apply_updates(state.params, updates)), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:

@@ -13,7 +13,6 @@ All randomness comes from fold_in(key(seed), step), so a step is a function of (
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +23,7 @@ import optax
 
 from f2d_jax.models.bundle import Models
 from f2d_jax.objectives import cgdr_loss
-from f2d_jax.train.state import TrainState, merge
+from f2d_jax.train.state import TrainState, apply_if_finite, merge
 
 BATCH_FIELDS = ("identity", "expression", "latent_moments", "mask")
 
@@ -98,11 +97,7 @@ def train_step(state: TrainState, frozen: Mapping[str, Any], batch: Mapping[str,
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    new_state = TrainState(step=state.step + 1,
-                           params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
-                           opt_state=keep_if_finite(opt_state, state.opt_state))
+    new_state = apply_if_finite(state, grads, finite, tx)
     metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
     return new_state, metrics
