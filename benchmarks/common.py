@@ -100,6 +100,14 @@ def timed(step, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
     return first, times
 
 
+def jax_peak_bytes() -> int | None:
+    """The largest peak_bytes_in_use of JAX's local devices; None where the backend reports none (CPU)."""
+    import jax
+
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    return max(s["peak_bytes_in_use"] for s in stats) if all("peak_bytes_in_use" in s for s in stats) else None
+
+
 def torch_train_step(forward, opt, params, grad_clip: float, scaler=None, schedule=None):
     """A PyTorch training step as a callable returning the loss: forward() -> loss, backward
     (scaled by `scaler`, a GradScaler, when given), global-norm clipping of `params` at `grad_clip`

@@ -48,8 +48,8 @@ import time
 from pathlib import Path
 
 from common import (ROOT, TORCH_DTYPES, add_comparison_arguments, apply_preset, available_host_bytes,
-                    check_comparison_arguments, fmt, fmt_bytes, log, max_rss_bytes, per_device, print_table,
-                    result_line, run_torch_variants, run_worker, timed, torch_timed, torch_train_step,
+                    check_comparison_arguments, fmt, fmt_bytes, jax_peak_bytes, log, max_rss_bytes, per_device,
+                    print_table, result_line, run_torch_variants, run_worker, timed, torch_timed, torch_train_step,
                     xla_step_memory)
 
 PRESETS = {
@@ -142,14 +142,12 @@ def jax_worker(args) -> dict:
 
     first, times = timed(step, jax.block_until_ready, args.warmup, args.steps)
     metrics = jax.device_get(step())
-    stats = [d.memory_stats() or {} for d in jax.local_devices()]
     seconds = statistics.median(times)
     flops = compiled_flops(compiled)
     result.update(
         seconds=seconds, times=times, first_step_s=first, flops=flops, peak_flops=peak_flops(device),
         mfu=mfu(flops, seconds, device), loss=float(metrics["loss"]), accuracy=float(metrics["accuracy"]),
-        peak_bytes=max(s["peak_bytes_in_use"] for s in stats) if all("peak_bytes_in_use" in s for s in stats)
-        else None, max_rss=max_rss_bytes())
+        peak_bytes=jax_peak_bytes(), max_rss=max_rss_bytes())
     return result
 
 
@@ -157,11 +155,13 @@ def state_bytes_per_device(abstract_state) -> tuple[int, int]:
     """(the whole train state, the classifier with its optimizer moments) in bytes on one device."""
     import jax
 
+    from f2d_jax.pretrain.loop import in_classifier
+
     total = classifier = 0
     for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
         size = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         total += size
-        if any(getattr(k, "key", None) == "classifier" for k in path):
+        if in_classifier(path):
             classifier += size
     return total, classifier
 

@@ -20,8 +20,8 @@ import statistics
 import sys
 import time
 
-from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, fmt, fmt_bytes, log,
-                    max_rss_bytes, print_table, reduced, result_line, run_child, timed)
+from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, fmt, fmt_bytes, jax_peak_bytes,
+                    log, max_rss_bytes, print_table, reduced, result_line, run_child, timed, torch_timed)
 
 PRESETS = {
     "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8),
@@ -62,8 +62,7 @@ def jax_worker(args) -> dict:
     first, times = timed(call, lambda x: x, 1, args.repeats)
     seconds = statistics.median(times)
     device = jax.local_devices()[0]
-    stats = [d.memory_stats() or {} for d in jax.local_devices()]
-    peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) or max_rss_bytes()
+    peak = jax_peak_bytes() or max_rss_bytes()
     return dict(name="ours: F2DPipeline (JAX)", dtype=jnp.dtype(dtype).name, seconds=seconds, times=times,
                 compile_s=first - seconds, memory=peak, device=f"{jax.local_device_count()} x {device.device_kind}",
                 versions=f"jax {jax.__version__}")
@@ -103,9 +102,7 @@ def torch_worker(args) -> dict:
                         generator=torch.Generator(device).manual_seed(seed)).images
 
     log(f"[PyTorch] {args.preset}, {dtype}, {device}: first call ...")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    first, times = timed(call, lambda x: torch.cuda.synchronize() if cuda else None, 1, args.repeats)
+    first, times = torch_timed(call, 1, args.repeats)
     return dict(name="diffusers StableDiffusionPipeline (PyTorch)", dtype=str(dtype).removeprefix("torch."),
                 seconds=statistics.median(times), times=times, compile_s=None,
                 memory=torch.cuda.max_memory_allocated() if cuda else max_rss_bytes(),

@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 from common import (ROOT, SD14_CLIP, SD14_SCHEDULER, SD14_UNET, SD14_VAE, TORCH_DTYPES, add_comparison_arguments,
-                    apply_preset, check_comparison_arguments, fmt, fmt_bytes, log, max_rss_bytes, per_device,
-                    print_table, reduced, result_line, run_torch_variants, run_worker, timed, torch_timed,
+                    apply_preset, check_comparison_arguments, fmt, fmt_bytes, jax_peak_bytes, log, max_rss_bytes,
+                    per_device, print_table, reduced, result_line, run_torch_variants, run_worker, timed, torch_timed,
                     torch_train_step, xla_step_memory)
 
 PRESETS = {
@@ -150,10 +150,8 @@ def jax_worker(args) -> dict:
     metrics = jax.device_get(metrics)
 
     device = jax.local_devices()[0]
-    stats = [d.memory_stats() or {} for d in jax.local_devices()]
-    if all("peak_bytes_in_use" in s for s in stats):
-        memory, memory_kind = max(s["peak_bytes_in_use"] for s in stats), "device peak_bytes_in_use"
-    else:
+    memory, memory_kind = jax_peak_bytes(), "device peak_bytes_in_use"
+    if memory is None:
         memory, memory_kind = max_rss_bytes(), "process max RSS"
     seconds = statistics.median(times)
     return dict(

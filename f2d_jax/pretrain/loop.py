@@ -45,6 +45,11 @@ def padded_classes(num_identities: int, shards: int) -> int:
     return shards * math.ceil(num_identities / shards)
 
 
+def in_classifier(path) -> bool:
+    """Whether a state leaf's key path is the classifier or one of its optimizer moments."""
+    return any(getattr(k, "key", None) == "classifier" for k in path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     """The jitted step and embedding function over a mesh, with the state's abstract shapes."""
@@ -79,7 +84,7 @@ def program(config, mesh) -> Program:
     abstract = jax.eval_shape(make_state)
     rows = weight_sharding(mesh, AXES)
     shardings = jax.tree_util.tree_map_with_path(
-        lambda path, x, s: rows if any(getattr(k, "key", None) == "classifier" for k in path) and x.ndim == 2 else s,
+        lambda path, x, s: rows if in_classifier(path) and x.ndim == 2 else s,
         abstract, param_shardings(abstract, mesh, config.mesh.params))
     rep, batch_sh = replicated(mesh), batch_sharding(mesh)
     cfg = ArcFaceConfig(config.seed, tuple(ac.margins), ac.scale, ac.sample_rate, config.data.flip)
