@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test clean
 
-$(VENV)/.installed-%: setup.py
+$(VENV)/.installed-%: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$*]"

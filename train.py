@@ -1,31 +1,8 @@
-"""Train Face2Diffusion's mapping network (CGDR + expression guidance) on a device mesh.
-
-    python train.py --config configs/tiny.py --workdir /tmp/f2d            # CPU, ~1 minute
-    python train.py --config configs/f2d_sd14.py --workdir gs://.../run1 \\
-        --config.data.dir=/data/ffhq_prepared --config.weights.msid=msid.pt --config.train.batch_size=64
-
-Resumes from the workdir's latest checkpoint. Several processes (one per host) run the same
-command; they join through jax.distributed when JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES,
-JAX_PROCESS_ID) or a cluster scheduler (SLURM, Open MPI, Cloud TPU pods) says so.
-"""
-import argparse
+"""Train Face2Diffusion (or pretrain MSID) as a config says: `f2d-train` from a checkout.
+Run `python train.py --help` for the options (f2d_jax/cli/train.py)."""
 import sys
 
-from f2d_jax.config import add_config_arguments, config_from_args
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard and sample images")
-    try:
-        args, config = config_from_args(parser, argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from f2d_jax.train.launch import run
-    return run(config, args.workdir)
-
+from f2d_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
 """The offline demo: a face photo + a prompt -> "f l" tokens -> Stable Diffusion text conditioning.
 
-    python -m f2d_jax.demo --config configs/tiny.py [--image face.jpg] [--prompt "a photo of f l"]
+    f2d-demo [--config tiny] [--image face.jpg] [--prompt "a photo of f l"]
 
-With configs/tiny.py every model is a tiny random-init one (no weights, no downloads), so the
+With the `tiny` config (the default) every model is a tiny random-init one (no weights, no downloads), so the
 numbers mean nothing; the shapes and the path through the code are the real ones.
 """
 from __future__ import annotations
@@ -15,28 +15,26 @@ from importlib import resources
 import jax
 import jax.numpy as jnp
 
-from f2d_jax.config import load_config
+from f2d_jax import cli
+from f2d_jax.config import add_config_arguments, config_from_args
 from f2d_jax.encoders import Encoders
 from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
 from f2d_jax.text import PromptError, identifier_prompts
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m f2d_jax.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="f2d-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny.py", help="config file (default: %(default)s)")
+    add_config_arguments(parser, default="tiny")
     parser.add_argument("--image", help="face photo (default: the portrait shipped with the package)")
     parser.add_argument("--prompt", default="f l eating bread in front of the Eiffel Tower",
                         help="prompt containing the identifier 'f l' (default: %(default)r)")
-    args = parser.parse_args(argv)
-
     try:
-        config = load_config(args.config)
+        args, config = config_from_args(parser, argv)
         input_ids, positions = identifier_prompts(args.prompt)
         face = align_face(args.image or str(resources.files("f2d_jax").joinpath("assets/face.jpg")))
     except (NoFaceError, PromptError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.error(str(e))
     if any(config.weights[name] for name in ("sd", "msid", "mapping", "expression")):
         print("note: the demo runs random-init models of the config's sizes; weights are not loaded",
               file=sys.stderr)

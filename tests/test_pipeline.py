@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sample
+from f2d_jax.cli import sample
 from f2d_jax.config import load_config
 from f2d_jax.convert import save_mapping, save_msid
 from f2d_jax.encoders import Encoders

@@ -1,6 +1,6 @@
 """A folder of face photos -> a tfds dataset for Face2Diffusion training.
 
-    python -m f2d_jax.data.prepare --images photos/ --out data/faces [--config configs/f2d_sd14.py]
+    f2d-prepare --images photos/ --out data/faces [--config f2d_sd14]
         [--config.data.mask_source=files --config.data.mask_dir=masks/] [--cache-features]
         [--batch-size 32] [--workers 8] [--overwrite]
 
@@ -510,12 +510,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log lines would bury the report
     from f2d_jax.config import add_config_arguments, config_from_args
 
-    parser = argparse.ArgumentParser(prog="python -m f2d_jax.data.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="f2d-prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of face photos (searched recursively)")
     parser.add_argument("--out", required=True, metavar="DATA_DIR",
                         help="dataset folder (the trainer's config.data.dir)")
-    add_config_arguments(parser, default="configs/f2d_sd14.py")
+    add_config_arguments(parser, default="f2d_sd14")
     parser.add_argument("--cache-features", action="store_true",
                         help="also store MSID identity features, expression codes and VAE latent moments")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N",

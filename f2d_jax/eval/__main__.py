@@ -10,7 +10,7 @@ a manifest. score: any folder with such a manifest (f2d_jax/eval/manifest.py; ot
 too): identity similarity with dlib's face descriptor (independent of the generator), our MSID and
 optionally an ArcFace IResNet; the CLIP score of the prompt with "f l" -> "a person"; their harmonic
 and geometric means; the landmark spread over seeds. report: a JSON, a markdown table, the trade-off
-scatter plot and contact sheets. `--config configs/tiny.py` and `score --clip tiny` run offline.
+scatter plot and contact sheets. `--config tiny` and `score --clip tiny` run offline.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ COMMANDS = ("generate", "score", "report")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m f2d_jax.eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="f2d-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                             description="Generate every reference face x prompt x seed with the JAX pipeline; "
                             "a rerun skips the images already made.")
     g.add_argument("--config", required=True, metavar="CONFIG_OR_WORKDIR",
-                   help="a config file (e.g. configs/tiny.py, configs/f2d_sd14.py) or a train.py workdir")
+                   help="a named config (e.g. tiny, f2d_sd14), a config file or a train.py workdir")
     g.add_argument("--faces", required=True, metavar="DIR", help="reference face photos, one person per file")
     g.add_argument("--prompts", metavar="FILE", help="prompts with 'f l', one per line (default: the 40 shipped)")
     g.add_argument("--seeds", type=int, default=4, metavar="N", help="seeds 0..N-1 per face and prompt "
@@ -131,8 +131,7 @@ def _recognizers(args, settings) -> dict:
         else:
             config = _generator_config(settings)
             if config is None:
-                from f2d_jax.config import load_config
-                from f2d_jax.sampling.pipeline import OFFICIAL_CONFIG
+                from f2d_jax.config import OFFICIAL_CONFIG, load_config
 
                 if not args.msid:
                     raise ValueError("the msid recognizer needs --msid (the official msid.pt) for images that "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
-from f2d_jax.config import load_config
+from f2d_jax.config import OFFICIAL_CONFIG, load_config
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.models.bundle import Models, compute_dtype, load_models
 from f2d_jax.sampling.loop import decode_images, denoise
@@ -35,7 +34,6 @@ from f2d_jax.sampling.schedulers import make_scheduler
 from f2d_jax.text import identifier_prompts, token_ids
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
-OFFICIAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "f2d_sd14.py"
 ENCODERS = ("msid", "mapping", "expression")
 FaceInput = str | os.PathLike | np.ndarray | Image.Image | AlignedFace
 
@@ -88,7 +86,7 @@ class F2DPipeline:
     @classmethod
     def from_config(cls, config, dtype: str = "auto", log: Callable[[str], None] | None = None) -> F2DPipeline:
         """From a config file or ConfigDict: model sizes in `model`, weights in `weights` (empty: random
-        init, as configs/tiny.py uses; an empty weights.sd is the tiny random Stable Diffusion)."""
+        init, as the `tiny` config uses; an empty weights.sd is the tiny random Stable Diffusion)."""
         config = load_config(config) if isinstance(config, (str, os.PathLike)) else config
         log = log or (lambda msg: print(msg, file=sys.stderr))
         models, variables = load_models(config, compute_dtype(dtype), ENCODERS, log=log)

@@ -1,0 +1,38 @@
+"""The command lines, and what they share: a user's mistake is one `error:` line (details may follow
+on the next lines) and exit status 2, never a traceback; Ctrl-C is one line and status 130.
+
+Each command module keeps its imports of JAX and the models inside `main`, after the arguments are
+checked, so that `--help` and a mistyped argument answer at once.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+USER_ERROR = 2
+INTERRUPTED = 130
+USER_ERRORS = (ValueError, OSError)  # the package's user errors derive from these
+
+
+def error(message: str) -> int:
+    """Print `error: message` on stderr; returns the exit status of a user error."""
+    print(f"error: {message}", file=sys.stderr)
+    return USER_ERROR
+
+
+def describe(e: BaseException) -> str:
+    """The message of an exception, whole (a key list after its first line stays), or its type's name."""
+    return str(e).strip() or type(e).__name__
+
+
+def run(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = USER_ERRORS,
+        interrupted: str = "interrupted") -> int:
+    """`body()`'s exit status (None: 0); `errors` become one `error:` line and status 2, Ctrl-C the
+    line `interrupted` and status 130."""
+    try:
+        return body() or 0
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return INTERRUPTED
+    except errors as e:
+        return error(describe(e))

@@ -1,0 +1,119 @@
+"""Generate images of the person in a face photo from a prompt containing "f l".
+
+    f2d-sample --image face.jpg --prompt "f l eating bread in front of the Eiffel Tower" \\
+        --msid msid.pt --mapping mapping.pt --out out.png -n 8 --seed 0
+    f2d-sample --image face.jpg --prompt "a photo of f l" --checkpoint runs/demo --out out.png
+    f2d-sample --config tiny --image face.jpg --prompt "a photo of f l" --out out.png
+
+Weights: --checkpoint (a train.py workdir: its config and trained mapping network) or
+--msid/--mapping (the official .pt, .safetensors, our .msgpack or a `convert import` directory)
+with --sd (a local diffusers directory or hub id; default CompVis/stable-diffusion-v1-4).
+--config tiny runs the embedded tiny random-init models (offline; the picture means
+nothing). Writes a grid PNG with the settings in its metadata, and each image with --out-dir.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from f2d_jax import cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="f2d-sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", required=True, nargs="+", metavar="PHOTO",
+                        help="photo(s) of the person; several photos of one person are averaged")
+    parser.add_argument("--prompt", required=True, action="append",
+                        help='prompt containing the identifier "f l" (repeat for several prompts)')
+    parser.add_argument("--out", required=True, help="output grid PNG (rows: prompts)")
+    parser.add_argument("--out-dir", help="also write every image here")
+    parser.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale "
+                        "(default: %(default)s)")
+    parser.add_argument("--scheduler", default="euler_a", help="euler_a (official), euler, ddim or dpm++2m "
+                        "(default: %(default)s)")
+    parser.add_argument("--negative-prompt", default="", help="(default: empty)")
+    parser.add_argument("--expression-image", help="photo whose facial expression to use (needs --expression)")
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: 512, "
+                        "or the tiny config's training resolution)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: as --height)")
+    weights = parser.add_argument_group("weights")
+    weights.add_argument("--checkpoint", metavar="WORKDIR", help="a train.py workdir (latest checkpoint)")
+    weights.add_argument("--config", metavar="NAME_OR_FILE",
+                         help="a named config (e.g. tiny) or config file giving the models and weights")
+    weights.add_argument("--sd", help="Stable Diffusion: local diffusers directory or hub id "
+                         "(default: CompVis/stable-diffusion-v1-4, or the checkpoint's)")
+    weights.add_argument("--msid", help="MSID weights (msid.pt, .safetensors, .msgpack)")
+    weights.add_argument("--mapping", help="mapping-network weights (mapping.pt, .safetensors, .msgpack)")
+    weights.add_argument("--expression", help="Deep3DFaceRecon weights (epoch_20.pth), for --expression-image")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="SD compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
+    args = parser.parse_args(argv)
+    if args.checkpoint and args.config:
+        parser.error("give --checkpoint or --config, not both")
+    if args.num_images < 1:
+        parser.error("-n must be at least 1")
+    return args
+
+
+def save(images, args, pipe, out: Path) -> None:
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    from f2d_jax.train.metrics import grid
+
+    settings = dict(prompts=args.prompt, images=[str(p) for p in args.image], num_images=args.num_images,
+                    seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                    negative_prompt=args.negative_prompt, expression_image=args.expression_image,
+                    height=images.shape[1], width=images.shape[2], checkpoint=args.checkpoint, config=args.config,
+                    weights=dict(pipe.config.weights) if pipe.config is not None else None)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("f2d_jax", json.dumps(settings))
+    info.add_text("parameters", f"{' | '.join(args.prompt)}\nNegative prompt: {args.negative_prompt}\n"
+                                f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, "
+                                f"Seed: {args.seed}, Size: {images.shape[2]}x{images.shape[1]}")
+    rows = len(args.prompt) if len(args.prompt) > 1 else max(1, int(math.sqrt(len(images))))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid(np.asarray(images), rows=rows)).save(out, pnginfo=info)
+    if args.out_dir:
+        directory = Path(args.out_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            prompt, index = divmod(i, args.num_images)
+            Image.fromarray(image).save(directory / f"p{prompt:02d}_{index:03d}.png", pnginfo=info)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        return cli.error(f"--out must be a .png file, got {out}")
+    return cli.run(lambda: _sample(args, out))
+
+
+def _sample(args, out: Path) -> int:
+    from f2d_jax.faces import align_face
+    from f2d_jax.sampling import check_size
+    from f2d_jax.text import identifier_prompts
+
+    # the cheap checks first, before any weights load
+    identifier_prompts(args.prompt)
+    check_size(args.height or 8, args.width or 8, 8)
+    faces = [align_face(image) for image in args.image]
+    expression = align_face(args.expression_image) if args.expression_image else None
+    from f2d_jax.sampling import F2DPipeline
+
+    pipe = F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
+                            mapping=args.mapping, expression=args.expression)
+    height = args.height or (pipe.config.data.resolution if args.config or args.checkpoint else 512)
+    images = pipe.generate(faces, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
+                           guidance_scale=args.guidance, scheduler=args.scheduler,
+                           negative_prompt=args.negative_prompt, expression_image=expression,
+                           height=height, width=args.width or height)
+    save(images, args, pipe, out)
+    print(f"wrote {out}" + (f" and {len(images)} images in {args.out_dir}" if args.out_dir else ""), file=sys.stderr)
+    return 0

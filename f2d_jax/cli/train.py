@@ -1,0 +1,27 @@
+"""Train Face2Diffusion's mapping network (CGDR + expression guidance) on a device mesh.
+
+    f2d-train --config tiny --workdir /tmp/f2d            # CPU, ~1 minute
+    f2d-train --config f2d_sd14 --workdir gs://.../run1 \\
+        --config.data.dir=/data/ffhq_prepared --config.weights.msid=msid.pt --config.train.batch_size=64
+
+Resumes from the workdir's latest checkpoint. Several processes (one per host) run the same
+command; they join through jax.distributed when JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) or a cluster scheduler (SLURM, Open MPI, Cloud TPU pods) says so.
+"""
+import argparse
+
+from f2d_jax import cli
+from f2d_jax.config import add_config_arguments, config_from_args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="f2d-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard and sample images")
+    try:
+        args, config = config_from_args(parser, argv)
+    except (FileNotFoundError, ValueError) as e:
+        return cli.error(str(e))
+    from f2d_jax.train.launch import run
+    return run(config, args.workdir)
+
