@@ -17,7 +17,7 @@ import pytest
 
 from f2d_jax.config import load_config
 from f2d_jax.models.stable_diffusion import save_stable_diffusion, tiny_stable_diffusion
-from f2d_jax.train.checkpoint import load_trained
+from f2d_jax.workdir import load_trained
 from f2d_jax.train.launch import run
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")

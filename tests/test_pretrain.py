@@ -18,7 +18,7 @@ from f2d_jax.convert.__main__ import main as convert_main
 from f2d_jax.models.msid import MSIDEncoder
 from f2d_jax.pretrain.data import SyntheticIdentities
 from f2d_jax.pretrain.verify import main as verify_main
-from f2d_jax.train.checkpoint import load_trained
+from f2d_jax.workdir import load_trained
 from f2d_jax.train.launch import run
 from f2d_jax.train.state import learning_rate
 

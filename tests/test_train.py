@@ -18,7 +18,7 @@ import torch
 import torch_reference as ref
 from f2d_jax.config import load_config
 from f2d_jax.convert.__main__ import main as convert_main
-from f2d_jax.train.checkpoint import load_trained
+from f2d_jax.workdir import load_trained
 from f2d_jax.train.launch import run
 
 ROOT = Path(__file__).resolve().parent.parent

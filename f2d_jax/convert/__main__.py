@@ -66,8 +66,7 @@ def _import(args) -> None:
 def _export(args) -> None:
     from f2d_jax.convert import save
     from f2d_jax.convert.weights_dir import load_weights_dir
-
-    from f2d_jax.train.checkpoint import is_workdir, load_trained_models
+    from f2d_jax.workdir import is_workdir, load_trained_models
 
     if is_workdir(args.weights):
         models = {k: v for k, v in load_trained_models(args.weights).items() if not args.only or k in args.only}

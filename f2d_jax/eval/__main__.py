@@ -103,7 +103,7 @@ def _generator_config(settings) -> dict | None:
     if not settings.get("config"):
         return None
     if settings.get("checkpoint"):
-        from f2d_jax.train.checkpoint import load_trained
+        from f2d_jax.workdir import load_trained
 
         return load_trained(settings["config"])[0]
     from f2d_jax.config import load_config

@@ -33,7 +33,7 @@ def load_msid(msid: str, config: str | None = None):
     """(MSIDEncoder, variables) from a training workdir or a weights file/directory."""
     from f2d_jax.convert import CheckpointMismatchError, load
     from f2d_jax.models.msid import MSIDEncoder
-    from f2d_jax.train.checkpoint import CheckpointError, is_workdir, load_trained_models
+    from f2d_jax.workdir import CheckpointError, is_workdir, load_trained_models
 
     path = Path(msid)
     if not path.exists():

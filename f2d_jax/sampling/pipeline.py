@@ -27,11 +27,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from f2d_jax.config import OFFICIAL_CONFIG, load_config
+from f2d_jax.convert.checkpoints import cast_like
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.models.bundle import Models, compute_dtype, load_models
+from f2d_jax.params import merge
 from f2d_jax.sampling.loop import decode_images, denoise
 from f2d_jax.sampling.schedulers import make_scheduler
 from f2d_jax.text import identifier_prompts, token_ids
+from f2d_jax.workdir import is_workdir, load_trained
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
 ENCODERS = ("msid", "mapping", "expression")
@@ -99,8 +102,6 @@ class F2DPipeline:
         official .pt / .safetensors, our .msgpack or an `f2d_jax.convert import` directory; `mapping`
         may also be a training workdir (its latest checkpoint). `expression`: Deep3DFaceRecon's
         checkpoint, needed only for `expression_image`. `config`: model sizes (default: the paper's)."""
-        from f2d_jax.train.checkpoint import is_workdir
-
         if mapping is not None and is_workdir(mapping):
             return cls.from_checkpoint(mapping, dtype=dtype, sd=sd, msid=msid, expression=expression)
         config = (load_config(config) if isinstance(config, (str, os.PathLike)) else config) if config is not None \
@@ -117,10 +118,6 @@ class F2DPipeline:
     def from_checkpoint(cls, workdir, step: int | None = None, dtype: str = "auto", **weights) -> F2DPipeline:
         """A training run's config and its trained parameters (latest checkpoint or `step`); `weights`
         (sd=, msid=, expression=) replace the paths its config names."""
-        from f2d_jax.convert.checkpoints import cast_like
-        from f2d_jax.train.checkpoint import load_trained
-        from f2d_jax.train.state import merge
-
         config, params, _ = load_trained(workdir, step)
         config = ml_collections.ConfigDict(_tuples(config))  # JSON gave lists; module fields must hash
         config.weights.update({k: str(v) for k, v in weights.items() if v is not None})

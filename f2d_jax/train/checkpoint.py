@@ -4,7 +4,7 @@ A checkpoint holds only what trains (the TrainState: trainable params, optimizer
 and a JSON item with the data-iterator state and the config. The step's randomness and the
 example order are functions of (seed, step), so this is the whole state of the run.
 A checkpoint that cannot be restored stops the run with `CheckpointError`: never a silent
-fresh start.
+fresh start. Reading a finished run is f2d_jax/workdir.py's job.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from f2d_jax.workdir import CheckpointError, unreadable
+
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs routine events as warnings
 
 # Config fields a resumed run must share with the checkpoint (the model, what trains, and
@@ -25,14 +27,27 @@ RESUME_KEYS = ("model", "train.trainable", "train.batch_size", "train.prompts", 
                "data.synthetic_identities", "data.synthetic_examples")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: corrupt, or from an incompatible config."""
-
-
 def _get(config: Mapping[str, Any], dotted: str):
     for name in dotted.split("."):
         config = config.get(name) if isinstance(config, Mapping) else None
     return config
+
+
+def _leaves(value, prefix: str) -> dict[str, Any]:
+    """{dotted key: value} of the leaves of nested dicts."""
+    if not isinstance(value, Mapping):
+        return {prefix: value}
+    return {k: v for name, child in value.items() for k, v in _leaves(child, f"{prefix}.{name}").items()}
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], keys=RESUME_KEYS) -> list[str]:
+    """`key: before -> now` for each leaf under `keys` where the two configs differ."""
+    changes = []
+    for key in keys:
+        before, now = _leaves(_get(saved, key), key), _leaves(_get(current, key), key)
+        changes += [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+                    for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+    return changes
 
 
 def _jsonable(value):
@@ -61,22 +76,17 @@ class Checkpoints:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
-            raise CheckpointError(f"checkpoint {where} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
-                                  "incomplete: move it away to resume from an earlier one") from e
-        saved = meta.get("config", {})
+            raise CheckpointError(unreadable(where, e)) from None
         current = _jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config))
-        changed = [k for k in RESUME_KEYS if _get(saved, k) != _get(current, k)]
-        if changed:
-            details = "; ".join(f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in changed)
-            raise CheckpointError(f"checkpoint {where} was written with a different config ({details}); "
-                                  "resume with the same values or start in a new --workdir")
+        changes = config_changes(meta.get("config", {}), current)
+        if changes:
+            raise CheckpointError(f"checkpoint {where} was written with a different config ("
+                                  f"{'; '.join(changes)}); resume with the same values or start in a new --workdir")
         try:
             state = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state))).state
         except Exception as e:
-            raise CheckpointError(f"checkpoint {where} cannot be restored ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:500]}); move it away to resume from an earlier one "
-                                  "or start in a new --workdir") from e
+            raise CheckpointError(unreadable(where, e)) from None
         return state, meta
 
     def wait(self) -> None:
@@ -90,42 +100,3 @@ class Checkpoints:
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs with shardings: what `restore` places a checkpoint onto."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def is_workdir(path) -> bool:
-    """Whether `path` is a train.py workdir (it has a checkpoints folder)."""
-    return (Path(path) / "checkpoints").is_dir()
-
-
-def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
-    """(config dict, trainable params as numpy, step) of a run's checkpoint (default: the latest),
-    on any machine: arrays are restored to the host, whatever mesh wrote them."""
-    checkpoints = Checkpoints(workdir, keep=None)
-    try:
-        step = checkpoints.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
-        meta = checkpoints.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        metadata = ocp.StandardCheckpointer().metadata(checkpoints.directory / str(step) / "state").item_metadata
-        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-        state = checkpoints.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract))).state
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {checkpoints.directory / str(step)} cannot be read "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
-    finally:
-        checkpoints.close()
-    return meta["config"], jax.device_get(state["params"]), step
-
-
-def load_trained_models(workdir, step: int | None = None) -> dict[str, tuple[Any, Any]]:
-    """{name: (Flax module, variables)} for the Face2Diffusion models a run trained (the mapping
-    network; the others it may train are not Face2Diffusion checkpoints), ready for `convert.save`."""
-    from f2d_jax.convert.weights_dir import module_from_config
-
-    config, params, _ = load_trained(workdir, step)
-    return {name: (module_from_config(name, config["model"][name]), variables)
-            for name, variables in params.items() if name in ("msid", "mapping", "expression")}

@@ -10,7 +10,7 @@ import jax
 from f2d_jax.convert import CheckpointMismatchError
 from f2d_jax.models.stable_diffusion import UnsupportedConfigError
 from f2d_jax.text import PromptError
-from f2d_jax.train.checkpoint import CheckpointError
+from f2d_jax.workdir import CheckpointError
 from f2d_jax.train.loop import TrainingError, train
 
 USER_ERRORS = (TrainingError, CheckpointError, CheckpointMismatchError, UnsupportedConfigError, PromptError,

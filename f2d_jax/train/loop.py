@@ -33,7 +33,8 @@ from f2d_jax.train.checkpoint import Checkpoints, abstract_like
 from f2d_jax.data.loader import BatchLoader
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
 from f2d_jax.train.metrics import MetricWriter, compiled_flops, grid, is_primary, mfu
-from f2d_jax.train.state import TrainState, init_state, merge, optimizer, partition
+from f2d_jax.params import merge, partition
+from f2d_jax.train.state import TrainState, init_state, optimizer
 from f2d_jax.train.step import Constants, StepConfig, train_step
 
 log = logging.getLogger("f2d_jax.train")

@@ -1,7 +1,6 @@
-"""The train state (only what trains), the trainable/frozen split, and the optimizer."""
+"""The train state (only what trains) and the optimizer."""
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -9,7 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
+
 
 
 @flax.struct.dataclass
@@ -17,26 +16,6 @@ class TrainState:
     step: jax.Array     # int32 scalar: the number of updates applied
     params: Any         # the trainable parameters, as a sub-tree of the full parameter tree
     opt_state: Any
-
-
-def partition(params: Mapping[str, Any], pattern: str) -> tuple[dict, dict]:
-    """(trainable, frozen) sub-trees: leaves whose "a/b/c" path matches `pattern` train."""
-    regex = re.compile(pattern)
-    flat = traverse_util.flatten_dict(dict(params), sep="/")
-    trainable = {k: v for k, v in flat.items() if regex.search(k)}
-    if not trainable:
-        raise ValueError(f"train.trainable={pattern!r} matches no parameter; paths look like "
-                         f"{', '.join(sorted(flat)[:3])}")
-    frozen = {k: v for k, v in flat.items() if k not in trainable}
-    return (traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/"))
-
-
-def merge(*trees: Mapping[str, Any]) -> dict:
-    """The union of disjoint sub-trees (the inverse of `partition`)."""
-    flat = {}
-    for tree in trees:
-        flat.update(traverse_util.flatten_dict(dict(tree), sep="/"))
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def learning_rate(optim: Mapping[str, Any], steps: int) -> optax.Schedule:

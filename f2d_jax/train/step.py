@@ -23,7 +23,8 @@ import optax
 
 from f2d_jax.models.bundle import Models
 from f2d_jax.objectives import cgdr_loss
-from f2d_jax.train.state import TrainState, apply_if_finite, merge
+from f2d_jax.params import merge
+from f2d_jax.train.state import TrainState, apply_if_finite
 
 BATCH_FIELDS = ("identity", "expression", "latent_moments", "mask")
 

@@ -1,0 +1,166 @@
+"""A training run's folder (a train.py workdir): reading what it trained, on any machine and without
+writing there, and the lock a running train.py holds on it.
+
+    WORKDIR/checkpoints/<step>/{state,meta}   orbax checkpoints (f2d_jax/train/checkpoint.py writes them)
+    WORKDIR/metrics.jsonl, tensorboard/, samples/
+    WORKDIR/run.lock                          held by the train.py that runs in WORKDIR
+
+Sampling, evaluation and conversion read runs through this module; none of them imports the
+training package.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+LOCK_FILE = "run.lock"
+TASKS = {"f2d": "Face2Diffusion training", "msid_arcface": "MSID pretraining"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, or from an incompatible config."""
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used as asked: not a run, a file, or in use by another run."""
+
+
+def is_workdir(path) -> bool:
+    """Whether `path` is a train.py workdir (it has a checkpoints folder)."""
+    return (Path(path) / "checkpoints").is_dir()
+
+
+def task(config: dict) -> str:
+    """What a run trains: "f2d" (the mapping network) or "msid_arcface" (MSID pretraining)."""
+    return config.get("task", "f2d")
+
+
+def _manager(workdir):
+    import orbax.checkpoint as ocp
+
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{workdir} is not a train.py workdir (no checkpoints folder in it)")
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+
+
+def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
+    """(config dict, trainable params as numpy, step) of a run's checkpoint (default: the latest).
+    Arrays come to the host whatever mesh wrote them; nothing is written."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    manager = _manager(workdir)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'} yet")
+        where = Path(workdir) / "checkpoints" / str(step)
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            metadata = ocp.StandardCheckpointer().metadata(where / "state").item_metadata
+            device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        except Exception as e:
+            raise CheckpointError(unreadable(where, e)) from None
+    finally:
+        manager.close()
+    return meta["config"], jax.device_get(state["params"]), step
+
+
+def unreadable(where: Path, e: BaseException) -> str:
+    """The message for a checkpoint that orbax cannot read."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return (f"checkpoint {where} cannot be read ({type(e).__name__}: {first}); it is corrupt or incomplete: "
+            f"move it out of {where.parent} to use an earlier one")
+
+
+def load_trained_models(workdir, step: int | None = None) -> dict[str, tuple[Any, Any]]:
+    """{name: (Flax module, variables)} for the Face2Diffusion models a run trained (the mapping
+    network, or MSID in pretraining), ready for `convert.save`."""
+    from f2d_jax.convert.weights_dir import module_from_config
+
+    config, params, _ = load_trained(workdir, step)
+    return {name: (module_from_config(name, config["model"][name]), variables)
+            for name, variables in params.items() if name in ("msid", "mapping", "expression")}
+
+
+def check_for_training(workdir) -> Path:
+    """`workdir` as a Path, if a run can write there (it may not exist yet)."""
+    workdir = Path(workdir)
+    for parent in (workdir, *workdir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise WorkdirError(f"--workdir {workdir}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise WorkdirError(f"--workdir {workdir}: {parent} is not writable")
+            return workdir
+    return workdir
+
+
+class RunLock:
+    """An exclusive lock on a workdir for the life of a run (`with RunLock(workdir):`).
+
+    An flock on WORKDIR/run.lock: the operating system releases it whenever the process ends, a
+    crash included. The file names the holder; a file left by a run that is gone is taken over
+    and reported through `say`."""
+
+    def __init__(self, workdir, say=lambda msg: None):
+        self.path = Path(workdir) / LOCK_FILE
+        self.say = say
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            file = open(self.path, "a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = _holder(file.read())
+                file.close()
+                raise WorkdirError(f"{self.path.parent} is in use by another training run ({holder}); wait for "
+                                   "it to end, or use another --workdir") from None
+            if _same_file(file, self.path):  # not unlinked by a run that ended meanwhile
+                break
+            file.close()
+        file.seek(0)
+        left = file.read()
+        if left.strip():
+            self.say(f"note: {self.path} was left by a run that is no longer running ({_holder(left)}): it crashed "
+                     "or was killed; resuming from the latest checkpoint")
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "started": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
+        file.flush()
+        self._file = file
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+        self._file.close()  # releases the flock
+        self._file = None
+
+
+def _same_file(file, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"process {info['pid']} on {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
