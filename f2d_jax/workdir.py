@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -42,6 +43,8 @@ def task(config: dict) -> str:
 
 def _manager(workdir):
     import orbax.checkpoint as ocp
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs routine events as warnings
 
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
@@ -77,7 +80,7 @@ def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
 
 def unreadable(where: Path, e: BaseException) -> str:
     """The message for a checkpoint that orbax cannot read."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See ")[0][:200]
     return (f"checkpoint {where} cannot be read ({type(e).__name__}: {first}); it is corrupt or incomplete: "
             f"move it out of {where.parent} to use an earlier one")
 

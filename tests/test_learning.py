@@ -17,8 +17,8 @@ import pytest
 
 from f2d_jax.config import load_config
 from f2d_jax.models.stable_diffusion import save_stable_diffusion, tiny_stable_diffusion
-from f2d_jax.workdir import load_trained
 from f2d_jax.train.launch import run
+from f2d_jax.workdir import load_trained
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 SYNTHETIC = ["data.resolution=16", "data.synthetic_identities=16", "train.batch_size=16", "log.sample_every=0"]

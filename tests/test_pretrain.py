@@ -12,15 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from f2d_jax.cli.sample import main as sample_main
 from f2d_jax.config import load_config
 from f2d_jax.convert import load
 from f2d_jax.convert.__main__ import main as convert_main
 from f2d_jax.models.msid import MSIDEncoder
 from f2d_jax.pretrain.data import SyntheticIdentities
 from f2d_jax.pretrain.verify import main as verify_main
-from f2d_jax.workdir import load_trained
 from f2d_jax.train.launch import run
 from f2d_jax.train.state import learning_rate
+from f2d_jax.workdir import load_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 MSID_TINY = str(ROOT / "configs" / "msid_tiny.py")
@@ -90,6 +91,16 @@ def test_msid_tiny_trains_resumes_and_exports(tmp_path, capsys):
     np.testing.assert_allclose(model.apply(variables, faces), model.apply(trained["msid"], faces), atol=1e-5)
     # The running statistics trained (they start at mean 0, variance 1).
     assert np.abs(np.asarray(trained["msid"]["batch_stats"]["tap_0"]["batch_norm"]["mean"])).max() > 1e-3
+
+    # Sampling from it is refused with what the run holds and what to do with it.
+    face = str(ROOT / "f2d_jax" / "assets" / "face.jpg")
+    assert sample_main(["--checkpoint", str(full), "--image", face, "--prompt", "a photo of f l",
+                        "--out", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {full} is an MSID pretraining run (task msid_arcface): it holds MSID weights, "
+                          f"not a mapping network. Export them with `f2d-convert export {full} --out DIR` and give "
+                          "DIR/msid.pt as --msid"), err
+    assert not (tmp_path / "out.png").exists()
 
 
 def _train(workdir, *overrides, devices=1):
@@ -205,7 +216,7 @@ def test_data_dir_errors(identity_data, tmp_path, capsys):
         (identity_data / "dataset", ("arcface.num_identities=10",),
          f"{identity_data / 'dataset'} has 16 identities but arcface.num_identities=10; raise it"),
     ]:
-        assert run(_data_config(data_dir, pairs, *overrides), tmp_path / "run") == 1
+        assert run(_data_config(data_dir, pairs, *overrides), tmp_path / "run") == 2
         err = capsys.readouterr().err
         assert f"error: {message}" in err, err
 

@@ -18,8 +18,8 @@ import torch
 import torch_reference as ref
 from f2d_jax.config import load_config
 from f2d_jax.convert.__main__ import main as convert_main
-from f2d_jax.workdir import load_trained
 from f2d_jax.train.launch import run
+from f2d_jax.workdir import load_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -88,7 +88,9 @@ def test_tiny_config_end_to_end_and_export(tmp_path, capsys):
     # The sampling pipeline picks up the run's config and trained weights.
     from f2d_jax.sampling import F2DPipeline
 
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     pipe = F2DPipeline.from_checkpoint(tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files  # reading a run writes nothing
     np.testing.assert_array_equal(np.asarray(pipe.variables["mapping"]["params"]["null_exp"]), trained["null_exp"])
     latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     images = pipe.generate(FACE, "a photo of f l", num_images=1, steps=2, height=64, width=64, latents=latents,
@@ -162,6 +164,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert steps_before and steps_before[-1] < 40, "the run was not interrupted"
     _train(tmp_path / "killed", *common, cache=cache)
     _assert_close(_params(tmp_path / "killed"), _params(tmp_path / "straight"), atol=0)
+    # The steps logged after the checkpoint the run resumed from are logged once, by the resumed run.
+    assert [m["step"] for m in _metrics(tmp_path / "killed")] == list(range(5, 45, 5))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
@@ -169,9 +173,14 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
                                      "--config.checkpoint.every=100000"),
                             env=_env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text().strip())
+    # A second train.py on the same workdir meanwhile is refused, naming the run that holds it.
+    second = _train(tmp_path, "--config.train.steps=100000", check=False)
+    assert second.returncode == 2
+    assert f"error: {tmp_path} is in use by another training run (process {proc.pid} on " in second.stderr
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
+    assert not (tmp_path / "run.lock").exists()  # released at exit
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 1
     assert f"SIGTERM: saved checkpoint {tmp_path / 'checkpoints' / str(saved[0])}" in err
@@ -183,17 +192,23 @@ def test_corrupt_or_mismatched_checkpoint_is_an_error(tmp_path, capsys):
     assert run(config, tmp_path) == 0
     # A different model cannot resume this run.
     bigger = load_config(TINY, ["train.steps=4", "model.mapping.hidden_dim=96", "log.sample_every=0"])
-    assert run(bigger, tmp_path) == 1
+    assert run(bigger, tmp_path) == 2
     err = capsys.readouterr().err
-    assert "checkpoint" in err and "different config (model:" in err and "new --workdir" in err
+    assert f"error: checkpoint {tmp_path / 'checkpoints' / '2'} was written with a different config " \
+           "(model.mapping.hidden_dim: 64 -> 96); resume with the same values or start in a new --workdir" in err
+    assert "identity_dim" not in err  # the changed field alone, not the whole model section
     # A damaged checkpoint stops the run; it is never replaced by a fresh start.
     for file in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
         if file.is_file() and file.parent.name == "d":
             file.write_bytes(b"garbage")
-    longer = load_config(TINY, ["train.steps=4", "log.sample_every=0"])
-    assert run(longer, tmp_path) == 1
-    err = capsys.readouterr().err
-    assert "error: checkpoint" in err and "cannot be restored" in err and "move it away" in err
+    longer = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", str(tmp_path),
+              "--config.train.steps=4", "--config.log.sample_every=0"]
+    result = subprocess.run(longer, env=_env(1), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 2
+    assert f"error: checkpoint {tmp_path / 'checkpoints' / '2'} cannot be read (" in result.stderr
+    assert f"it is corrupt or incomplete: move it out of {tmp_path / 'checkpoints'} to use an earlier one" \
+        in result.stderr
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
@@ -236,5 +251,5 @@ def test_a_prepared_real_photo_dataset_trains(tmp_path, photos, cached, capsys):
     assert (tmp_path / "run" / "samples" / "samples_0000004.png").is_file()
     # A dataset made for other settings is refused with the reason.
     other = load_config(TINY, [f"data.dir={data}", "data.resolution=128", "train.steps=2"])
-    assert run(other, tmp_path / "other") == 1
+    assert run(other, tmp_path / "other") == 2
     assert "does not fit the config: resolution: dataset 64, config.data.resolution 128" in capsys.readouterr().err

@@ -47,7 +47,7 @@ EXPRESSION_RESCALE = 102.0
 
 
 class NoFaceError(ValueError):
-    """No face was found in the image."""
+    """No face was found in the image (from Python, `align_face(image, landmarks=...)` skips detection)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,8 +191,7 @@ def align_face(
         faces = [_check_landmarks(f, "detector output") for f in detect(rgb)]
         if not faces:
             raise NoFaceError(
-                f"no face found in {source}; use a photo with a clear, roughly frontal face "
-                "or pass landmarks= explicitly"
+                f"no face found in {source}; use a photo with a clear, roughly frontal face"
             )
         lm = max(faces, key=_bbox_area)
         if len(faces) > 1:

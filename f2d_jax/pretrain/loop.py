@@ -152,7 +152,7 @@ def train_msid(config, workdir) -> int:
     compiled = prog.compile(tc.batch_size, batch_sh)
     say(f"compiled the train step in {time.perf_counter() - started:.1f} s")
 
-    writer = MetricWriter(workdir, enabled=is_primary())
+    writer = MetricWriter(workdir, enabled=is_primary(), start_step=start)
     def check(done, state):
         results = verify(state.params["msid"])
         writer.scalars(done, results)

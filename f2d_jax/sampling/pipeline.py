@@ -34,7 +34,7 @@ from f2d_jax.params import merge
 from f2d_jax.sampling.loop import decode_images, denoise
 from f2d_jax.sampling.schedulers import make_scheduler
 from f2d_jax.text import identifier_prompts, token_ids
-from f2d_jax.workdir import is_workdir, load_trained
+from f2d_jax.workdir import is_workdir, load_trained, task
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
 ENCODERS = ("msid", "mapping", "expression")
@@ -119,6 +119,10 @@ class F2DPipeline:
         """A training run's config and its trained parameters (latest checkpoint or `step`); `weights`
         (sd=, msid=, expression=) replace the paths its config names."""
         config, params, _ = load_trained(workdir, step)
+        if task(config) != "f2d":
+            raise WeightsError(f"{workdir} is an MSID pretraining run (task {task(config)}): it holds MSID weights, not a "
+                               f"mapping network. Export them with `f2d-convert export {workdir} --out DIR` and give "
+                               "DIR/msid.pt as --msid (msid=) with the mapping network's weights")
         config = ml_collections.ConfigDict(_tuples(config))  # JSON gave lists; module fields must hash
         config.weights.update({k: str(v) for k, v in weights.items() if v is not None})
         pipe = cls.from_config(config, dtype, log=lambda msg: None if msg.startswith("mapping:") else

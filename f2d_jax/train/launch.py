@@ -1,20 +1,15 @@
-"""Process set-up around the training loop: joining a multi-host job, and one-line errors."""
+"""Process set-up around the training loop: the cheap checks, joining a multi-host job, the workdir's
+lock, and one-line errors (exit status 2 for a user's mistake, 1 for a run that failed)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
 
-import jax
+from f2d_jax import cli
+from f2d_jax.workdir import RunLock, check_for_training
 
-from f2d_jax.convert import CheckpointMismatchError
-from f2d_jax.models.stable_diffusion import UnsupportedConfigError
-from f2d_jax.text import PromptError
-from f2d_jax.workdir import CheckpointError
-from f2d_jax.train.loop import TrainingError, train
-
-USER_ERRORS = (TrainingError, CheckpointError, CheckpointMismatchError, UnsupportedConfigError, PromptError,
-               FileNotFoundError, ValueError)
+FAILED = 1
 
 
 def _cluster_size() -> int:
@@ -28,6 +23,8 @@ def _cluster_size() -> int:
 
 def initialize_distributed() -> None:
     """jax.distributed.initialize() when this process is one of several; call before using JAX."""
+    import jax
+
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env or _cluster_size() > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only jobs; no effect otherwise
@@ -39,15 +36,40 @@ def initialize_distributed() -> None:
             jax.distributed.initialize()  # the scheduler's environment says the rest
 
 
+def check_config(config) -> None:
+    """The config values a run cannot start with, found before anything loads."""
+    tc = config.train
+    for key in ("steps", "batch_size"):
+        if tc[key] < 1:
+            raise ValueError(f"train.{key}={tc[key]}: it must be at least 1")
+    if config.checkpoint.every < 1 or config.log.every < 1:
+        raise ValueError(f"checkpoint.every={config.checkpoint.every} and log.every={config.log.every} must be at "
+                         "least 1")
+
+
 def run(config, workdir) -> int:
-    """train() (or config.task's trainer) with logging set up; user errors become one line on stderr and exit status 1."""
+    """Train as `config` says (its `task`: Face2Diffusion or MSID pretraining) in `workdir`, holding the
+    workdir's lock for the run's life (the primary process holds it). Returns the exit status: 0 when
+    done (or already done), 143 after a SIGTERM checkpoint, 2 for a user error, 1 for a failed run."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    initialize_distributed()
-    try:
+
+    def body() -> int:
+        check_config(config)
+        path = check_for_training(workdir)
+        initialize_distributed()
+        import jax
+
+        from f2d_jax.train.loop import TrainingError, train
         if config.get("task", "f2d") == "msid_arcface":
-            from f2d_jax.pretrain import train_msid
-            return train_msid(config, workdir)
-        return train(config, workdir)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            from f2d_jax.pretrain import train_msid as train
+        say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        try:
+            if jax.process_index() != 0:
+                return train(config, path)
+            with RunLock(path, say):
+                return train(config, path)
+        except TrainingError as e:
+            print(f"error: {cli.describe(e)}", file=sys.stderr)
+            return FAILED
+
+    return cli.run(body, interrupted="interrupted: the latest checkpoint is kept; run the same command to resume")

@@ -124,7 +124,7 @@ def train(config, workdir) -> int:
         if path:
             say(f"step {done}: sample images {path}")
 
-    writer = MetricWriter(workdir, enabled=is_primary())
+    writer = MetricWriter(workdir, enabled=is_primary(), start_step=start)
     loader = BatchLoader(data.source, tc.batch_size, config.seed, batch_sh, start_step=start, transform=data.transform)
     status = run_loop(config, state, start, loader, step_fn, checkpoints, writer, flops=flops, say=say,
                       hooks=[(config.log.sample_every if sampler is not None else 0, sample)],
@@ -141,7 +141,11 @@ def resume_or_init(checkpoints: Checkpoints, abstract_state, init: Callable[[], 
     init(); (None, step) when that checkpoint already completes config.train.steps (then closed)."""
     start = checkpoints.latest_step() or 0
     if start:
-        state, _ = checkpoints.restore(start, abstract_state, config)
+        try:
+            state, _ = checkpoints.restore(start, abstract_state, config)
+        except BaseException:
+            checkpoints.close()
+            raise
         say(f"resumed from {checkpoints.directory / str(start)}")
     else:
         state = init()

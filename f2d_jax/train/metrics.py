@@ -39,13 +39,19 @@ def compiled_flops(compiled) -> float | None:
 
 
 class MetricWriter:
-    def __init__(self, workdir, enabled: bool = True):
+    """Appends to workdir/metrics.jsonl, first dropping the lines past `start_step` (a run resumed
+    from that checkpoint logs those steps again), and to TensorBoard."""
+
+    def __init__(self, workdir, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.workdir = Path(workdir)
         self._tensorboard = None
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+            path = self.workdir / "metrics.jsonl"
+            if path.is_file():
+                _keep_until(path, start_step)
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
             self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
 
@@ -73,6 +79,23 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _keep_until(path: Path, step: int) -> None:
+    """Rewrite the JSON-lines file `path` without its records of steps after `step` (and without a
+    line cut short by a crash)."""
+    def logged(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (n := logged(line)) is not None and n <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def grid(images: np.ndarray, rows: int) -> np.ndarray:
