@@ -118,6 +118,45 @@ def test_file_errors(tmp_path):
         convert.load_expression(tmp_path / "no_tensors.pt")
 
 
+def _broken_safetensors(tmp_path, how: str):
+    """An empty .safetensors file, or a real mapping checkpoint cut in half."""
+    path = tmp_path / f"{how}.safetensors"
+    if how == "empty":
+        path.write_bytes(b"")
+    else:
+        module, _ = TINY["mapping"]
+        whole = convert.save("mapping", _random_variables("mapping", module), tmp_path / "whole.safetensors", module)
+        path.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_broken_safetensors_is_a_value_error(tmp_path, how):
+    path = _broken_safetensors(tmp_path, how)
+    with pytest.raises(ValueError, match=f"{path.name} could not be read as safetensors .empty, truncated"):
+        convert.load("mapping", path)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_cli_broken_safetensors_is_one_error_line(tmp_path, capsys, how):
+    path = _broken_safetensors(tmp_path, how)
+    for argv in (["inspect", str(path)], ["import", "--msid", str(path), "--out", str(tmp_path / "w")],
+                 ["import", "--mapping", str(path), "--out", str(tmp_path / "w")]):
+        assert convert_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} could not be read as safetensors") and len(err.splitlines()) == 1
+    assert not (tmp_path / "w" / "f2d_weights.json").exists()
+
+
+def test_bfloat16_safetensors_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16)}, tmp_path / "bf16.safetensors")
+    state = convert.read_state_dict(tmp_path / "bf16.safetensors")
+    assert state["w"].dtype == np.float32
+    np.testing.assert_array_equal(state["w"], [1.5, -2.0, 3.25])
+
+
 def test_weights_directory_round_trip_and_incomplete_directory(tmp_path):
     models = {name: (module, _random_variables(name, module)) for name, (module, _) in TINY.items()}
     save_weights_dir(tmp_path / "w", models)

@@ -59,8 +59,7 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
     path = _existing(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.numpy import load_file
-        return dict(_unwrap(load_file(str(path)), path, key))
+        return dict(_unwrap(_read_safetensors(path), path, key))
     if suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown weight format {suffix!r}; expected one of "
                          f"{', '.join(STATE_DICT_SUFFIXES + FLAX_SUFFIXES)}")
@@ -71,6 +70,18 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {e}") from e
     state = _unwrap(obj, path, key)
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy() for k, v in state.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    import ml_dtypes  # numpy learns bfloat16, which safetensors.numpy cannot read otherwise
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} could not be read as safetensors (empty, truncated or another format): {e}") from e
+    return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in state.items()}
 
 
 def write_state_dict(state: Mapping[str, np.ndarray], path) -> Path:
