@@ -1,4 +1,7 @@
 """Weight interop: Flax <-> official PyTorch layouts, strict errors, the weights directory and CLI."""
+import ast
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,3 +207,21 @@ def test_cli_import_with_config_sizes(tmp_path):
     module, variables = load_weights_dir(tmp_path / "w")["msid"]
     assert module == MSIDEncoder(width=32, depth=4, num_heads=2, tap_layers=(0, 1, 2, 3))
     assert module.apply(variables, jnp.zeros((1, 112, 112, 3))).shape == (1, 128)
+
+
+def _convert_imports(path: Path) -> set[str]:
+    """The f2d_jax.convert modules that the file imports, at the top or inside a function."""
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            targets |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+    return {t.split(".")[2] for t in targets if t.startswith("f2d_jax.convert.")}
+
+
+def test_convert_modules_import_one_way():
+    modules = {p.stem: _convert_imports(p) for p in Path(convert.__file__).parent.glob("*.py")
+               if not p.stem.startswith("__")}
+    assert modules["weights_dir"] >= {"checkpoints"}
+    assert [(a, b) for a in modules for b in modules[a] if a in modules.get(b, ())] == []

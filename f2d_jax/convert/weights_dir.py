@@ -5,6 +5,7 @@
 
 What `python -m f2d_jax.convert import` writes and the rest of the package reads. The manifest
 is written last, so a directory without one is incomplete, never mistaken for a finished one.
+`load` and `load_*` take either such a directory or a single weight file (checkpoints.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from f2d_jax.convert import io
-from f2d_jax.convert.checkpoints import SPECS, load
+from f2d_jax.convert.checkpoints import SPECS, load_file
+from f2d_jax.models import ExpressionEncoder, MappingNetwork, MSIDEncoder
 
 MANIFEST = "f2d_weights.json"
 FORMAT = "f2d-jax weights"
@@ -85,5 +87,31 @@ def load_weights_dir(directory, names=None) -> dict[str, tuple[nn.Module, Any]]:
         if names is not None and name not in names:
             continue
         module = module_from_config(name, entry["config"])
-        models[name] = (module, load(name, directory / entry["file"], module))
+        models[name] = (module, load_file(name, directory / entry["file"], module))
     return models
+
+
+def load(name: str, path, model: nn.Module | None = None) -> dict[str, Any]:
+    """Flax variables for model `name` from .pt/.pth/.safetensors (official layout), .msgpack, or a
+    weights directory written by `python -m f2d_jax.convert import` (f2d_weights.json)."""
+    if not Path(path).is_dir():
+        return load_file(name, path, model)
+    stored, variables = load_weights_dir(path, [name])[name]
+    if model is not None and model != stored:
+        raise ValueError(f"{name} in {path} has the configuration {stored}, not the expected {model}")
+    return variables
+
+
+def load_msid(path, model: MSIDEncoder | None = None) -> dict[str, Any]:
+    """MSIDEncoder variables ({"params", "batch_stats"}) from msid.pt / .safetensors / .msgpack."""
+    return load("msid", path, model)
+
+
+def load_mapping(path, model: MappingNetwork | None = None) -> dict[str, Any]:
+    """MappingNetwork variables from mapping.pt / .safetensors / .msgpack."""
+    return load("mapping", path, model)
+
+
+def load_expression(path, model: ExpressionEncoder | None = None) -> dict[str, Any]:
+    """ExpressionEncoder variables from Deep3DFaceRecon's checkpoint (its "net_recon" entry) or a bare state dict."""
+    return load("expression", path, model)
