@@ -225,3 +225,34 @@ def test_convert_modules_import_one_way():
                if not p.stem.startswith("__")}
     assert modules["weights_dir"] >= {"checkpoints"}
     assert [(a, b) for a in modules for b in modules[a] if a in modules.get(b, ())] == []
+
+
+def test_cli_import_adds_to_a_weights_directory(tmp_path, capsys):
+    torch.save(ref.randomize(ref.MSID(width=32, depth=4, heads=2, taps=(0, 1, 2, 3))).state_dict(),
+               tmp_path / "msid.pt")
+    for seed in (1, 2):
+        torch.save(ref.randomize(ref.Mapping(identity=128, hidden=64, out=32), seed=seed).state_dict(),
+                   tmp_path / f"mapping{seed}.pt")
+    out = tmp_path / "w"
+
+    def run(*argv):
+        return convert_main(["import", *argv, "--config", "configs/tiny.py", "--out", str(out)])
+
+    assert run("--msid", str(tmp_path / "msid.pt")) == 0
+    assert run("--mapping", str(tmp_path / "mapping1.pt")) == 0
+    loaded = load_weights_dir(out)
+    assert sorted(loaded) == ["mapping", "msid"]
+    _assert_same_tree(loaded["mapping"][1], convert.load_mapping(tmp_path / "mapping1.pt", loaded["mapping"][0]))
+    _assert_same_tree(loaded["msid"][1], convert.load_msid(tmp_path / "msid.pt", loaded["msid"][0]))
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert run("--mapping", str(tmp_path / "mapping2.pt")) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} already holds mapping; pass --overwrite to replace it\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert run("--mapping", str(tmp_path / "mapping2.pt"), "--overwrite") == 0
+    loaded = load_weights_dir(out)
+    assert sorted(loaded) == ["mapping", "msid"]
+    _assert_same_tree(loaded["mapping"][1], convert.load_mapping(tmp_path / "mapping2.pt", loaded["mapping"][0]))

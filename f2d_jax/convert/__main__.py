@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         imp.add_argument(f"--{name}", metavar="PATH", help=help_text)
     imp.add_argument("--config", metavar="FILE", help="model sizes from this config's `model` section "
                                                       "(default: the official sizes)")
-    imp.add_argument("--out", required=True, metavar="DIR", help="weights directory to write")
+    imp.add_argument("--out", required=True, metavar="DIR", help="weights directory to write (or add to: "
+                                                                 "the models already there are kept)")
+    imp.add_argument("--overwrite", action="store_true", help="replace models the directory already holds")
 
     exp = sub.add_parser("export", help="an f2d-jax weights directory -> official PyTorch layouts",
                          description="Write each model of a weights directory in its official key layout "
@@ -48,11 +50,15 @@ def _import(args) -> None:
 
     from f2d_jax.config import load_config
     from f2d_jax.convert import load
-    from f2d_jax.convert.weights_dir import module_from_config, save_weights_dir
+    from f2d_jax.convert.weights_dir import module_from_config, save_weights_dir, stored_models
 
     chosen = {name: getattr(args, name) for name in IMPORTABLE if getattr(args, name)}
     if not chosen:
         raise ValueError("nothing to import: give at least one of " + ", ".join(f"--{n}" for n in IMPORTABLE))
+    replaced = sorted(chosen.keys() & stored_models(args.out).keys())
+    if replaced and not args.overwrite:
+        raise ValueError(f"{args.out} already holds {', '.join(replaced)}; pass --overwrite to replace "
+                         f"{'it' if len(replaced) == 1 else 'them'}")
     sizes = load_config(args.config).model if args.config else {}
     models = {}
     for name, path in chosen.items():

@@ -47,21 +47,29 @@ def module_from_config(name: str, config: Mapping[str, Any]) -> nn.Module:
 
 def save_weights_dir(directory, models: Mapping[str, tuple[nn.Module, Any]],
                      sources: Mapping[str, str] | None = None) -> Path:
-    """Write {name: (module, variables)} (names as in `f2d_jax.convert.SPECS`) to `directory`."""
+    """Write {name: (module, variables)} (names as in `f2d_jax.convert.SPECS`) to `directory`, keeping
+    the models already there; one of the same name is replaced."""
     directory = Path(os.fspath(directory))
+    unknown = sorted(models.keys() - SPECS.keys())
+    if unknown:
+        raise ValueError(f"unknown model {', '.join(unknown)}; expected one of {', '.join(SPECS)}")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST).unlink(missing_ok=True)
-    manifest = {"format": FORMAT, "version": 1, "models": {}}
+    stored = stored_models(directory)
+    entries = {name: entry for name, entry in stored.items() if name not in models}
+    if entries != stored:  # the replaced models leave the manifest before their files change
+        _write_manifest(directory, entries)
     for name, (module, variables) in models.items():
-        if name not in SPECS:
-            raise ValueError(f"unknown model {name!r}; expected one of {', '.join(SPECS)}")
         file = io.write_flax(variables, directory / f"{name}.msgpack")
-        manifest["models"][name] = {"class": type(module).__name__, "config": module_config(module),
-                                    "file": file.name, "source": (sources or {}).get(name, "")}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(directory / MANIFEST)
+        entries[name] = {"class": type(module).__name__, "config": module_config(module),
+                         "file": file.name, "source": (sources or {}).get(name, "")}
+    _write_manifest(directory, entries)
     return directory
+
+
+def _write_manifest(directory: Path, entries: Mapping[str, Any]) -> None:
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "models": dict(entries)}, indent=2) + "\n")
+    tmp.replace(directory / MANIFEST)
 
 
 def read_manifest(directory) -> dict[str, Any]:
@@ -69,10 +77,18 @@ def read_manifest(directory) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an f2d-jax weights directory (no {MANIFEST}); "
                                 f"create one with `python -m f2d_jax.convert import`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not an f2d-jax weights manifest")
     return manifest
+
+
+def stored_models(directory) -> dict[str, Any]:
+    """The manifest entry of each model in `directory`; none where it has no manifest (yet)."""
+    return read_manifest(directory)["models"] if (Path(os.fspath(directory)) / MANIFEST).is_file() else {}
 
 
 def load_weights_dir(directory, names=None) -> dict[str, tuple[nn.Module, Any]]:
