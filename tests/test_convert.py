@@ -1,5 +1,8 @@
 """Weight interop: Flax <-> official PyTorch layouts, strict errors, the weights directory and CLI."""
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -256,3 +259,13 @@ def test_cli_import_adds_to_a_weights_directory(tmp_path, capsys):
     loaded = load_weights_dir(out)
     assert sorted(loaded) == ["mapping", "msid"]
     _assert_same_tree(loaded["mapping"][1], convert.load_mapping(tmp_path / "mapping2.pt", loaded["mapping"][0]))
+
+
+def test_io_imports_neither_jax_nor_flax():
+    script = ("import sys; from f2d_jax.convert import io; "
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', 'flax'}))")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
