@@ -269,3 +269,41 @@ def test_io_imports_neither_jax_nor_flax():
                             cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_cli_prints_a_mismatch_whole(tmp_path, capsys):
+    torch.save(ref.Mapping(hidden=8).state_dict(), tmp_path / "small.pt")
+    with pytest.raises(convert.CheckpointMismatchError) as info:
+        convert.load_mapping(tmp_path / "small.pt")
+    assert convert_main(["import", "--mapping", str(tmp_path / "small.pt"), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {info.value}\n" and len(err.splitlines()) > 1
+
+
+def test_cli_name_os_errors_missing_torch_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    import f2d_jax.convert.__main__ as convert_cli
+    from f2d_jax.convert import io
+
+    with pytest.raises(SystemExit):
+        convert_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: f2d-convert ")
+
+    torch.save(ref.Mapping(identity=128, hidden=64, out=32).state_dict(), tmp_path / "mapping.pt")
+    (tmp_path / "taken").write_text("")
+    assert convert_main(["import", "--mapping", str(tmp_path / "mapping.pt"), "--config", "configs/tiny.py",
+                         "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 17] File exists: '{tmp_path / 'taken'}'\n"
+
+    def no_torch():
+        raise ImportError("reading or writing PyTorch .pt files needs torch")
+
+    monkeypatch.setattr(io, "_torch", no_torch)
+    assert convert_main(["inspect", str(tmp_path / "mapping.pt")]) == 2
+    assert capsys.readouterr().err == "error: reading or writing PyTorch .pt files needs torch\n"
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_cli, "_inspect", interrupted)
+    assert convert_main(["inspect", str(tmp_path / "mapping.pt")]) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"

@@ -1,4 +1,4 @@
-"""python -m f2d_jax.convert: import official checkpoints into a weights directory, export back."""
+"""f2d-convert (python -m f2d_jax.convert): import official checkpoints into a weights directory, export back."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from f2d_jax import cli
 
 IMPORTABLE = {
     "msid": "MSID encoder: official msid.pt (or .safetensors / .msgpack)",
@@ -16,7 +18,7 @@ EXPORT_NAMES = {"msid": "msid", "mapping": "mapping", "expression": "net_recon",
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m f2d_jax.convert", description=__doc__)
+    parser = argparse.ArgumentParser(prog="f2d-convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser("import", help="official PyTorch checkpoints -> an f2d-jax weights directory",
@@ -105,13 +107,8 @@ def _inspect(args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from f2d_jax.convert import CheckpointMismatchError
-    try:
-        {"import": _import, "export": _export, "inspect": _inspect}[args.command](args)
-    except (CheckpointMismatchError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    command = {"import": _import, "export": _export, "inspect": _inspect}[args.command]
+    return cli.run(lambda: command(args), errors=(*cli.USER_ERRORS, ImportError))  # a missing torch included
 
 
 if __name__ == "__main__":
