@@ -20,15 +20,14 @@ Needs only torch (the `torch` extra), transformers and the face aligner; jax is 
 """
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from f2d_jax.convert import io
 from f2d_jax.faces import align_face, msid_input
 from f2d_jax.text import identifier_prompts, token_ids
 
@@ -162,18 +161,7 @@ class WeightsMismatchError(ValueError):
 
 def read_weights(path) -> dict[str, torch.Tensor]:
     """The state dict in an official .pt/.pth file (loaded with weights_only=True) or a .safetensors one."""
-    path = Path(os.fspath(path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no weight file at {path}")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    if path.suffix.lower() not in (".pt", ".pth"):
-        raise ValueError(f"{path}: expected a .pt, .pth or .safetensors state dict, not {path.suffix!r}")
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (save model.state_dict())")
-    return state
+    return {k: torch.from_numpy(v) for k, v in io.read_state_dict(path).items()}
 
 
 def _shape(state, key: str, what: str) -> tuple[int, ...]:

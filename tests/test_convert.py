@@ -1,4 +1,10 @@
 """Weight interop: Flax <-> official PyTorch layouts, strict errors, the weights directory and CLI."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +124,45 @@ def test_file_errors(tmp_path):
         convert.load_expression(tmp_path / "no_tensors.pt")
 
 
+def _broken_safetensors(tmp_path, how: str):
+    """An empty .safetensors file, or a real mapping checkpoint cut in half."""
+    path = tmp_path / f"{how}.safetensors"
+    if how == "empty":
+        path.write_bytes(b"")
+    else:
+        module, _ = TINY["mapping"]
+        whole = convert.save("mapping", _random_variables("mapping", module), tmp_path / "whole.safetensors", module)
+        path.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_broken_safetensors_is_a_value_error(tmp_path, how):
+    path = _broken_safetensors(tmp_path, how)
+    with pytest.raises(ValueError, match=f"{path.name} could not be read as safetensors .empty, truncated"):
+        convert.load("mapping", path)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_cli_broken_safetensors_is_one_error_line(tmp_path, capsys, how):
+    path = _broken_safetensors(tmp_path, how)
+    for argv in (["inspect", str(path)], ["import", "--msid", str(path), "--out", str(tmp_path / "w")],
+                 ["import", "--mapping", str(path), "--out", str(tmp_path / "w")]):
+        assert convert_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} could not be read as safetensors") and len(err.splitlines()) == 1
+    assert not (tmp_path / "w" / "f2d_weights.json").exists()
+
+
+def test_bfloat16_safetensors_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16)}, tmp_path / "bf16.safetensors")
+    state = convert.read_state_dict(tmp_path / "bf16.safetensors")
+    assert state["w"].dtype == np.float32
+    np.testing.assert_array_equal(state["w"], [1.5, -2.0, 3.25])
+
+
 def test_weights_directory_round_trip_and_incomplete_directory(tmp_path):
     models = {name: (module, _random_variables(name, module)) for name, (module, _) in TINY.items()}
     save_weights_dir(tmp_path / "w", models)
@@ -165,3 +210,100 @@ def test_cli_import_with_config_sizes(tmp_path):
     module, variables = load_weights_dir(tmp_path / "w")["msid"]
     assert module == MSIDEncoder(width=32, depth=4, num_heads=2, tap_layers=(0, 1, 2, 3))
     assert module.apply(variables, jnp.zeros((1, 112, 112, 3))).shape == (1, 128)
+
+
+def _convert_imports(path: Path) -> set[str]:
+    """The f2d_jax.convert modules that the file imports, at the top or inside a function."""
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            targets |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+    return {t.split(".")[2] for t in targets if t.startswith("f2d_jax.convert.")}
+
+
+def test_convert_modules_import_one_way():
+    modules = {p.stem: _convert_imports(p) for p in Path(convert.__file__).parent.glob("*.py")
+               if not p.stem.startswith("__")}
+    assert modules["weights_dir"] >= {"checkpoints"}
+    assert [(a, b) for a in modules for b in modules[a] if a in modules.get(b, ())] == []
+
+
+def test_cli_import_adds_to_a_weights_directory(tmp_path, capsys):
+    torch.save(ref.randomize(ref.MSID(width=32, depth=4, heads=2, taps=(0, 1, 2, 3))).state_dict(),
+               tmp_path / "msid.pt")
+    for seed in (1, 2):
+        torch.save(ref.randomize(ref.Mapping(identity=128, hidden=64, out=32), seed=seed).state_dict(),
+                   tmp_path / f"mapping{seed}.pt")
+    out = tmp_path / "w"
+
+    def run(*argv):
+        return convert_main(["import", *argv, "--config", "configs/tiny.py", "--out", str(out)])
+
+    assert run("--msid", str(tmp_path / "msid.pt")) == 0
+    assert run("--mapping", str(tmp_path / "mapping1.pt")) == 0
+    loaded = load_weights_dir(out)
+    assert sorted(loaded) == ["mapping", "msid"]
+    _assert_same_tree(loaded["mapping"][1], convert.load_mapping(tmp_path / "mapping1.pt", loaded["mapping"][0]))
+    _assert_same_tree(loaded["msid"][1], convert.load_msid(tmp_path / "msid.pt", loaded["msid"][0]))
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert run("--mapping", str(tmp_path / "mapping2.pt")) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} already holds mapping; pass --overwrite to replace it\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert run("--mapping", str(tmp_path / "mapping2.pt"), "--overwrite") == 0
+    loaded = load_weights_dir(out)
+    assert sorted(loaded) == ["mapping", "msid"]
+    _assert_same_tree(loaded["mapping"][1], convert.load_mapping(tmp_path / "mapping2.pt", loaded["mapping"][0]))
+
+
+def test_io_imports_neither_jax_nor_flax():
+    script = ("import sys; from f2d_jax.convert import io; "
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', 'flax'}))")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_cli_prints_a_mismatch_whole(tmp_path, capsys):
+    torch.save(ref.Mapping(hidden=8).state_dict(), tmp_path / "small.pt")
+    with pytest.raises(convert.CheckpointMismatchError) as info:
+        convert.load_mapping(tmp_path / "small.pt")
+    assert convert_main(["import", "--mapping", str(tmp_path / "small.pt"), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {info.value}\n" and len(err.splitlines()) > 1
+
+
+def test_cli_name_os_errors_missing_torch_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    import f2d_jax.convert.__main__ as convert_cli
+    from f2d_jax.convert import io
+
+    with pytest.raises(SystemExit):
+        convert_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: f2d-convert ")
+
+    torch.save(ref.Mapping(identity=128, hidden=64, out=32).state_dict(), tmp_path / "mapping.pt")
+    (tmp_path / "taken").write_text("")
+    assert convert_main(["import", "--mapping", str(tmp_path / "mapping.pt"), "--config", "configs/tiny.py",
+                         "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 17] File exists: '{tmp_path / 'taken'}'\n"
+
+    def no_torch():
+        raise ImportError("reading or writing PyTorch .pt files needs torch")
+
+    monkeypatch.setattr(io, "_torch", no_torch)
+    assert convert_main(["inspect", str(tmp_path / "mapping.pt")]) == 2
+    assert capsys.readouterr().err == "error: reading or writing PyTorch .pt files needs torch\n"
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_cli, "_inspect", interrupted)
+    assert convert_main(["inspect", str(tmp_path / "mapping.pt")]) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"

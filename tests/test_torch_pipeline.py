@@ -217,11 +217,14 @@ def test_weight_file_errors(jax_side, tmp_path):
     with pytest.raises(FileNotFoundError, match="no weight file at .*nothing.pt"):
         _load(directory, msid=tmp_path / "nothing.pt")
     (tmp_path / "weights.h5").write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"expected a \.pt, \.pth or \.safetensors state dict, not '\.h5'"):
+    with pytest.raises(ValueError, match=r"unknown weight format '\.h5'; expected a state dict \(\.pt, \.pth, "):
         _load(directory, msid=tmp_path / "weights.h5")
     torch.save({"epoch": 3}, tmp_path / "no_tensors.pt")
-    with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(save model.state_dict\(\)\)"):
+    with pytest.raises(ValueError, match=r"does not hold a state dict of tensors; top-level entries: \['epoch'\]"):
         _load(directory, msid=tmp_path / "no_tensors.pt")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.safetensors could not be read as safetensors \(empty, truncated"):
+        _load(directory, msid=tmp_path / "empty.safetensors")
     torch.save(MSID(width=96, depth=4, heads=3, taps=(0, 1, 2, 3)).state_dict(), tmp_path / "wide_msid.pt")
     with pytest.raises(ValueError, match="take 192 inputs, fewer than the 384 identity features .* do not belong"):
         _load(directory, msid=tmp_path / "wide_msid.pt", msid_heads=3)

@@ -1,4 +1,4 @@
-"""python -m f2d_jax.convert: import official checkpoints into a weights directory, export back."""
+"""f2d-convert (python -m f2d_jax.convert): import official checkpoints into a weights directory, export back."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from f2d_jax import cli
 
 IMPORTABLE = {
     "msid": "MSID encoder: official msid.pt (or .safetensors / .msgpack)",
@@ -16,7 +18,7 @@ EXPORT_NAMES = {"msid": "msid", "mapping": "mapping", "expression": "net_recon",
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m f2d_jax.convert", description=__doc__)
+    parser = argparse.ArgumentParser(prog="f2d-convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser("import", help="official PyTorch checkpoints -> an f2d-jax weights directory",
@@ -26,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         imp.add_argument(f"--{name}", metavar="PATH", help=help_text)
     imp.add_argument("--config", metavar="FILE", help="model sizes from this config's `model` section "
                                                       "(default: the official sizes)")
-    imp.add_argument("--out", required=True, metavar="DIR", help="weights directory to write")
+    imp.add_argument("--out", required=True, metavar="DIR", help="weights directory to write (or add to: "
+                                                                 "the models already there are kept)")
+    imp.add_argument("--overwrite", action="store_true", help="replace models the directory already holds")
 
     exp = sub.add_parser("export", help="an f2d-jax weights directory -> official PyTorch layouts",
                          description="Write each model of a weights directory in its official key layout "
@@ -48,11 +52,15 @@ def _import(args) -> None:
 
     from f2d_jax.config import load_config
     from f2d_jax.convert import load
-    from f2d_jax.convert.weights_dir import module_from_config, save_weights_dir
+    from f2d_jax.convert.weights_dir import module_from_config, save_weights_dir, stored_models
 
     chosen = {name: getattr(args, name) for name in IMPORTABLE if getattr(args, name)}
     if not chosen:
         raise ValueError("nothing to import: give at least one of " + ", ".join(f"--{n}" for n in IMPORTABLE))
+    replaced = sorted(chosen.keys() & stored_models(args.out).keys())
+    if replaced and not args.overwrite:
+        raise ValueError(f"{args.out} already holds {', '.join(replaced)}; pass --overwrite to replace "
+                         f"{'it' if len(replaced) == 1 else 'them'}")
     sizes = load_config(args.config).model if args.config else {}
     models = {}
     for name, path in chosen.items():
@@ -98,13 +106,8 @@ def _inspect(args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from f2d_jax.convert import CheckpointMismatchError
-    try:
-        {"import": _import, "export": _export, "inspect": _inspect}[args.command](args)
-    except (CheckpointMismatchError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    command = {"import": _import, "export": _export, "inspect": _inspect}[args.command]
+    return cli.run(lambda: command(args), errors=(*cli.USER_ERRORS, ImportError))  # a missing torch included
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 Deep3DFaceRecon (epoch_20.pth, its `net_recon`) and Hugging Face CLIP text encoders
 (model.safetensors / pytorch_model.bin, model name "text_encoder").
 
-`load_*` read .pt/.pth (torch), .safetensors or our .msgpack and return the Flax variables the
-module takes; `save_*` write exactly the official key layout and shapes (.pt or .safetensors by
-suffix), so that a strict `load_state_dict` into the official PyTorch module succeeds.
+`load_file` reads .pt/.pth (torch), .safetensors or our .msgpack and returns the Flax variables the
+module takes; `save*` write exactly the official key layout and shapes (.pt or .safetensors by
+suffix), so that a strict `load_state_dict` into the official PyTorch module succeeds. Loading from
+a weights directory as well is `f2d_jax.convert.load` (weights_dir.py).
 """
 from __future__ import annotations
 
@@ -75,16 +76,8 @@ def cast_like(variables: Any, target: Any) -> Any:
     return jax.tree.map(lambda v, t: jnp.asarray(v, dtype=t.dtype), variables, target)
 
 
-def load(name: str, path, model: nn.Module | None = None) -> dict[str, Any]:
-    """Flax variables for model `name` from .pt/.pth/.safetensors (official layout), .msgpack, or a
-    weights directory written by `python -m f2d_jax.convert import` (f2d_weights.json)."""
-    if Path(path).is_dir():
-        from f2d_jax.convert.weights_dir import load_weights_dir
-
-        stored, variables = load_weights_dir(path, [name])[name]
-        if model is not None and model != stored:
-            raise ValueError(f"{name} in {path} has the configuration {stored}, not the expected {model}")
-        return variables
+def load_file(name: str, path, model: nn.Module | None = None) -> dict[str, Any]:
+    """Flax variables for model `name` from .pt/.pth/.safetensors (official layout) or .msgpack."""
     model = model if model is not None else SPECS[name].model()
     target = abstract_variables(model, name)
     what = f"{name} weights {path}"
@@ -117,21 +110,6 @@ def _model_for(name: str, variables: Mapping[str, Any]) -> nn.Module:
     if name == "mapping":
         return MappingNetwork(num_layers=sum(k.startswith("layers_") for k in params["i2t_first"]))
     return SPECS[name].model()
-
-
-def load_msid(path, model: MSIDEncoder | None = None) -> dict[str, Any]:
-    """MSIDEncoder variables ({"params", "batch_stats"}) from msid.pt / .safetensors / .msgpack."""
-    return load("msid", path, model)
-
-
-def load_mapping(path, model: MappingNetwork | None = None) -> dict[str, Any]:
-    """MappingNetwork variables from mapping.pt / .safetensors / .msgpack."""
-    return load("mapping", path, model)
-
-
-def load_expression(path, model: ExpressionEncoder | None = None) -> dict[str, Any]:
-    """ExpressionEncoder variables from Deep3DFaceRecon's checkpoint (its "net_recon" entry) or a bare state dict."""
-    return load("expression", path, model)
 
 
 def save_msid(variables: Mapping[str, Any], path) -> Path:

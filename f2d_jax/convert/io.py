@@ -1,7 +1,8 @@
 """Reading and writing weight files: PyTorch .pt/.pth/.bin, .safetensors and Flax .msgpack.
 
 State dicts travel as ``{key: numpy array}``. Only the .pt family needs torch (the `torch`
-extra); it is imported on first use, so the JAX path never loads it.
+extra) and only .msgpack needs Flax; each is imported on first use, so the JAX path never loads
+torch and the PyTorch side (f2d_jax.torch) never loads JAX.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import serialization
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -59,11 +59,10 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
     path = _existing(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.numpy import load_file
-        return dict(_unwrap(load_file(str(path)), path, key))
+        return dict(_unwrap(_read_safetensors(path), path, key))
     if suffix not in TORCH_SUFFIXES:
-        raise ValueError(f"{path}: unknown weight format {suffix!r}; expected one of "
-                         f"{', '.join(STATE_DICT_SUFFIXES + FLAX_SUFFIXES)}")
+        raise ValueError(f"{path}: unknown weight format {suffix!r}; expected a state dict "
+                         f"({', '.join(STATE_DICT_SUFFIXES)})")
     torch = _torch()
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -71,6 +70,18 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {e}") from e
     state = _unwrap(obj, path, key)
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy() for k, v in state.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    import ml_dtypes  # numpy learns bfloat16, which safetensors.numpy cannot read otherwise
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} could not be read as safetensors (empty, truncated or another format): {e}") from e
+    return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in state.items()}
 
 
 def write_state_dict(state: Mapping[str, np.ndarray], path) -> Path:
@@ -92,6 +103,8 @@ def write_state_dict(state: Mapping[str, np.ndarray], path) -> Path:
 
 def read_flax(path, target: Any = None) -> Any:
     """Variables from a Flax .msgpack file (restored onto `target`'s structure when given)."""
+    from flax import serialization
+
     data = _existing(path).read_bytes()
     try:
         return serialization.from_bytes(target, data) if target is not None else serialization.msgpack_restore(data)
@@ -100,6 +113,8 @@ def read_flax(path, target: Any = None) -> Any:
 
 
 def write_flax(variables: Any, path) -> Path:
+    from flax import serialization
+
     path = Path(os.fspath(path)).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
