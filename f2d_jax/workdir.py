@@ -78,6 +78,24 @@ def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
     return meta["config"], jax.device_get(state["params"]), step
 
 
+def trained_config(workdir) -> tuple[dict, int]:
+    """(config dict, step) of a run's latest checkpoint, reading its metadata only (not its arrays)."""
+    import orbax.checkpoint as ocp
+
+    manager = _manager(workdir)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'} yet")
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:
+            raise CheckpointError(unreadable(Path(workdir) / "checkpoints" / str(step), e)) from None
+    finally:
+        manager.close()
+    return meta["config"], step
+
+
 def unreadable(where: Path, e: BaseException) -> str:
     """The message for a checkpoint that orbax cannot read."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See ")[0][:200]

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from f2d_jax.eval.manifest import Entry, append_entries, read_manifest
 from f2d_jax.eval.recognizers import DlibRecognizer, cosine, msid_recognizer
 from f2d_jax.eval.score import hmean, gmean, landmark_spread
 from f2d_jax.faces import align_face, load_image
+from f2d_jax.sampling import F2DPipeline
 from f2d_jax.text import PromptError
 
 FACES = Path(__file__).parent / "data" / "faces"
@@ -149,7 +151,7 @@ def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys)
     prompts.write_text("a photo of f l\nf l looking shocked\n")
     gen, common = tmp_path / "gen", ["--steps", "2", "--batch-size", "3"]
     args = ["generate", "--config", "configs/tiny.py", "--faces", str(faces), "--prompts", str(prompts),
-            "--seeds", "2", "--out", str(gen), *common]
+            "--seeds", "2", "--out", str(gen), *common]  # run from the checkout
     assert main(args) == 0
     settings, entries = read_manifest(gen)
     assert len(entries) == 8 and settings["system"] == "tiny" and settings["height"] == 64
@@ -165,6 +167,22 @@ def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys)
     assert np.abs(again.astype(int) - first).max() <= 1
     assert main([*args[:-4], "--steps", "3", "--batch-size", "3"]) == 2
     assert "holds images generated with other settings (steps: 2 -> 3)" in capsys.readouterr().err
+    # Another generator is refused too, before any weights load: another config (of the same system name),
+    # the named config, other weights.
+    tiny, other = str(Path("configs/tiny.py").resolve()), tmp_path / "variant" / "tiny.py"
+    other.parent.mkdir()
+    other.write_text("from f2d_jax.configs import tiny\n\n\ndef get_config():\n    config = tiny.get_config()\n"
+                     "    config.seed = 1\n    return config\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F2DPipeline, "from_config", classmethod(lambda *a, **k: pytest.fail("weights loaded")))
+        for change, message in [(["--config", str(other)], f"config: {tiny!r} -> {str(other)!r}"),
+                                (["--config", "tiny"], f"config: {tiny!r} -> 'tiny'"),
+                                (["--msid", "msid.pt"], "weights.msid: '' -> 'msid.pt')")]:
+            flags = dict(zip(args[1::2], args[2::2])) | dict(zip(change[::2], change[1::2]))
+            assert main(["generate", *[x for item in flags.items() for x in item]]) == 2
+            err = capsys.readouterr().err
+            assert "holds images generated with other settings (" + message in err, err
+    assert json.loads((gen / "settings.json").read_text())["config"] == tiny
 
     assert main(["score", "--generated", str(gen), "--out", str(tmp_path / "tiny.json"), "--clip", "tiny"]) == 0
     report = json.loads((tmp_path / "tiny.json").read_text())
@@ -185,6 +203,67 @@ def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys)
     assert [r["system"] for r in json.loads((out / "report.json").read_text())] == ["tiny", "tiny again"]
 
 
+def test_generate_from_a_workdir_records_its_checkpoint_step_and_refuses_another(tmp_path, capsys):
+    from f2d_jax.config import load_config
+    from f2d_jax.train.launch import run
+
+    workdir, gen, faces, prompts = tmp_path / "run", tmp_path / "gen", tmp_path / "faces", tmp_path / "prompts.txt"
+    assert run(load_config("tiny", ["train.steps=2", "checkpoint.every=1", "log.sample_every=0"]), workdir) == 0
+    faces.mkdir()
+    shutil.copy(OBAMA[0], faces)
+    prompts.write_text("a photo of f l\n")
+    args = ["generate", "--config", str(workdir), "--faces", str(faces), "--prompts", str(prompts), "--seeds", "1",
+            "--steps", "1", "--out", str(gen)]
+    assert main(args) == 0
+    settings = read_manifest(gen)[0]
+    assert settings["config"] == str(workdir.resolve()) and settings["checkpoint"] and settings["step"] == 2
+    shutil.rmtree(workdir / "checkpoints" / "2")  # the latest checkpoint set aside: step 1 is the latest now
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "holds images generated with other settings (step: 2 -> 1)" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_generate_is_one_line_and_keeps_the_finished_images(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def sample(context, seeds, **kwargs):
+        calls.append(seeds)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return np.zeros((len(seeds), 64, 64, 3), np.uint8)
+
+    pipe = SimpleNamespace(encode_prompt=lambda face, prompts: np.zeros((len(prompts), 77, 32)), sample=sample)
+    monkeypatch.setattr(F2DPipeline, "from_config", classmethod(lambda *a, **k: pipe))
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    shutil.copy(OBAMA[0], faces)
+    args = ["generate", "--config", "tiny", "--faces", str(faces), "--batch-size", "2", "--out", str(tmp_path / "g")]
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "interrupted: the images finished so far are kept; rerun the same command to resume")
+    assert len(read_manifest(tmp_path / "g")[1]) == 2
+
+
+def test_a_weights_mismatch_shows_its_key_list(tmp_path, capsys):
+    import jax
+
+    from f2d_jax.config import load_config
+    from f2d_jax.convert import save_mapping
+    from f2d_jax.encoders import Encoders
+
+    wrong = tmp_path / "mapping.safetensors"  # given as MSID weights
+    save_mapping(Encoders.from_config(load_config("tiny").model).init(jax.random.key(0), ("mapping",))["mapping"],
+                 wrong)
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    shutil.copy(OBAMA[0], faces)
+    assert main(["generate", "--config", "tiny", "--faces", str(faces), "--msid", str(wrong), "--out",
+                 str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    first = next(i for i, line in enumerate(err) if line.startswith("error: "))
+    assert err[first] == f"error: msid weights {wrong} does not match the model:" and "missing keys: " in err[first + 1]
+
+
 @pytest.mark.parametrize("command, message", [
     (["score", "--generated", "{tmp}", "--out", "{tmp}/r.json"], "has no manifest.jsonl"),
     (["score", "--generated", "{other}", "--out", "{tmp}/r.json", "--clip", "tiny"],
@@ -199,22 +278,39 @@ def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys)
       "{tmp}/g"], "prompt 1 has no identifier"),
     (["generate", "--config", "configs/tiny.py", "--faces", "{faces}", "--seeds", "0", "--out", "{tmp}/g"],
      "--seeds must be at least 1"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--steps", "0", "--out", "{tmp}/g"],
+     "steps must be between 1 and 1000, got 0"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--scheduler", "heun", "--out", "{tmp}/g"],
+     "unknown scheduler 'heun': choose one of euler_a, euler, ddim, dpm\\+\\+2m"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--guidance", "nan", "--out", "{tmp}/g"],
+     "the guidance scale must be a finite number, got nan"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--batch-size", "0", "--out", "{tmp}/g"],
+     "the batch size must be at least 1, got 0"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--out", "{tmp}/p.txt/g"],
+     "--out .*/p.txt/g cannot be written: .*/p.txt is a file, not a directory"),
+    (["generate", "--config", "{tmp}/nothing", "--faces", "{obama}", "--out", "{tmp}/g"],
+     "no config file at .*/nothing, and no named config"),
     (["report", "--inputs", "{tmp}/p.txt", "--out", "{tmp}/r"], "is not JSON"),
     (["report", "--inputs", "{tmp}/plain.json", "--out", "{tmp}/r"], "is not a score report"),
 ])
-def test_bad_input_is_one_error_line(tmp_path, blank, capsys, command, message):
-    faces, other = tmp_path / "faces", tmp_path / "other"
+def test_bad_input_is_one_error_line(tmp_path, blank, capsys, monkeypatch, command, message):
+    """Each mistake is one line and status 2; generate's are found before any weights load."""
+    for load in ("from_config", "from_checkpoint"):
+        monkeypatch.setattr(F2DPipeline, load, classmethod(lambda *a, **k: pytest.fail("weights loaded")))
+    faces, other, obama = tmp_path / "faces", tmp_path / "other", tmp_path / "obama"
     faces.mkdir()
+    obama.mkdir()
     shutil.copy(OBAMA[0], faces)
+    shutil.copy(OBAMA[0], obama)
     shutil.copy(blank, faces)
     other.mkdir()
     append_entries(other, [Entry(str(OBAMA[1]), str(OBAMA[0]), "a photo of f l")])
     (tmp_path / "p.txt").write_text("a photo of a dog\n")
     (tmp_path / "plain.json").write_text("[1, 2]")
-    args = [a.format(tmp=tmp_path, faces=faces, other=other) for a in command]
+    args = [a.format(tmp=tmp_path, faces=faces, other=other, obama=obama) for a in command]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ")
+    assert err[-1].startswith("error: ") and sum(line.startswith("error") for line in err) == 1, err
     assert re.search(message, err[-1]), err[-1]
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,11 @@ def face():
     return align_face(FACE)
 
 
+def assert_same_pictures(a, b):
+    """The same pictures up to float32 rounding of other batch shapes (1/255)."""
+    np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)
+
+
 def test_generates_images_and_reuses_the_compiled_program(pipe, face):
     images = pipe(face, "a photo of f l", num_images=2, steps=3, height=64, width=64, scheduler="ddim",
                   progress=False)
@@ -48,6 +54,9 @@ def test_generates_images_and_reuses_the_compiled_program(pipe, face):
 def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
     prompts = ["a photo of f l", "f l eating bread in front of the Eiffel Tower"]
     embeddings = pipe.encode_prompt(face, prompts)
+    tiny = pipe  # its expression encoder given explicitly (from_config loads one only with weights)
+    random_expression = pipe.models.encoders.init(jax.random.key(2), ("expression",))
+    pipe = F2DPipeline(pipe.models, {**pipe.variables, **random_expression}, pipe.config)
     assert embeddings.shape == (2, 77, 32)
     # Several photos of one person: their identity features are averaged.
     flipped = align_face(np.ascontiguousarray(np.asarray(Image.open(FACE).convert("RGB"))[:, ::-1]))
@@ -65,8 +74,15 @@ def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
         np.testing.assert_allclose(pipe.encode_prompt(face, prompts, expression_image=flipped),
                                    encoders.prompt_embeddings(variables, ids, positions, tokens), atol=1e-5)
     assert not np.allclose(pipe.encode_prompt(face, prompts, expression_image=flipped), embeddings, atol=1e-3)
-    images = pipe.generate([face, flipped], prompts, num_images=3, steps=2, height=64, width=64, progress=False)
+    images = tiny.generate([face, flipped], prompts, num_images=3, steps=2, height=64, width=64, progress=False)
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_an_expression_photo_needs_expression_weights(pipe, face):
+    """A random-init expression encoder's code means nothing: without weights.expression there is none."""
+    assert "expression" not in pipe.variables
+    with pytest.raises(WeightsError, match="expression_image needs the expression encoder's weights"):
+        pipe.encode_prompt(face, "a photo of f l", expression_image=face)
 
 
 def test_an_image_depends_on_its_seed_not_on_its_batch(pipe, face):
@@ -75,13 +91,25 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(pipe, face):
     args = dict(steps=2, height=64, width=64, progress=False)
     batch = pipe.generate(face, ["a photo of f l", "f l surfing"], num_images=3, seed=5, **args)
     alone = pipe.generate(face, "f l surfing", num_images=1, seed=7, **args)
-    same = lambda a, b: np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)  # noqa: E731
-    same(batch[5], alone[0])
+    assert_same_pictures(batch[5], alone[0])
     context = pipe.encode_prompt(face, ["f l surfing", "a photo of f l"])
-    same(pipe.sample(context, [7, 6], **args), batch[[5, 1]])
+    assert_same_pictures(pipe.sample(context, [7, 6], **args), batch[[5, 1]])
     assert not np.allclose(batch[5], batch[4], atol=8)
     with pytest.raises(ValueError, match="2 conditionings but 3 seeds"):
         pipe.sample(context, [1, 2, 3], **args)
+    with pytest.raises(ValueError, match=r"seeds must be between 0 and 4294967295 \(2\^32 - 1\), got 1099511627776"):
+        pipe.sample(context, [7, 2 ** 40], **args)  # not wrapped onto seed 0
+
+
+def test_the_batch_size_changes_neither_seeds_nor_pictures(pipe, face):
+    """5 images in batches of 1, 3 (the last one padded) and 5; the batches of a call share one program."""
+    args = dict(num_images=5, seed=11, steps=3, height=64, width=64, progress=False)
+    whole = pipe.generate(face, "f l surfing", batch_size=5, **args)
+    compiled = pipe._generate._cache_size()
+    assert_same_pictures(pipe.generate(face, "f l surfing", batch_size=3, **args), whole)
+    assert pipe._generate._cache_size() == compiled + 1
+    assert_same_pictures(pipe.generate(face, "f l surfing", batch_size=1, **args), whole)
+    assert_same_pictures(pipe.generate(face, "f l surfing", batch_size=100, **args), whole)  # one batch of 5
 
 
 def test_given_latents_make_the_seed_irrelevant(pipe, face):
@@ -98,6 +126,13 @@ def test_given_latents_make_the_seed_irrelevant(pipe, face):
     (dict(prompt="a photo of " + "very " * 80 + "f l"), PromptError, "the identifier 'f l' is cut off"),
     (dict(scheduler="heun"), ValueError, "unknown scheduler 'heun'"),
     (dict(num_images=0), ValueError, "num_images must be at least 1"),
+    (dict(steps=0), ValueError, "steps must be between 1 and 1000, got 0"),
+    (dict(guidance_scale=float("nan")), ValueError, "the guidance scale must be a finite number, got nan"),
+    (dict(guidance_scale=float("inf")), ValueError, "the guidance scale must be a finite number, got inf"),
+    (dict(batch_size=0), ValueError, "the batch size must be at least 1, got 0"),
+    (dict(seed=-1), ValueError, r"seeds must be between 0 and 4294967295 \(2\^32 - 1\), got -1"),
+    (dict(seed=2 ** 40), ValueError, "seeds must be between 0 and 4294967295 .*, got 1099511627776"),
+    (dict(seed=2 ** 32 - 1, num_images=2), ValueError, r"got 4294967295 to 4294967296 \(image j uses seed \+ j"),
     (dict(latents=np.zeros((2, 4, 8, 8))), ValueError, r"latents must have shape \(1, 4, 8, 8\)"),
 ])
 def test_bad_input_is_a_clear_error(pipe, face, kwargs, error, message):
@@ -127,8 +162,8 @@ def run_sample(*argv) -> subprocess.CompletedProcess:
 def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
     out = tmp_path / "grid.png"
     result = run_sample("--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--prompt",
-                        "f l on the moon", "-n", "2", "--steps", "2", "--out", str(out), "--out-dir",
-                        str(tmp_path / "single"))
+                        "f l on the moon", "-n", "2", "--steps", "2", "--batch-size", "3", "--out", str(out),
+                        "--out-dir", str(tmp_path / "single"))
     assert result.returncode == 0, result.stderr
     grid = Image.open(out)
     assert grid.size == (2 * 64, 2 * 64)  # rows: prompts, columns: images
@@ -139,28 +174,75 @@ def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
         "p00_000.png", "p00_001.png", "p01_000.png", "p01_001.png"]
 
 
+def sample_errors(capsys, argv) -> list[str]:
+    """sample.py's stderr lines for a run that must end with a user error (status 2, one `error:` line)."""
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sum(line.startswith("error") for line in err) == 1 and not any("Traceback" in line for line in err), err
+    return err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", "a photo of a person"], "error: the prompt has no identifier 'f l'"),
     (["--height", "100"], "error: height=100 is not possible"),
     (["--width", "100"], "error: width=100 is not possible"),
-    (["--height", "72"], "error: height=72 is not possible: height and width must be positive multiples of 16"),
-    (["--image", "WALL"], "error: no face found in "),
-    (["--config", "", "--msid", "missing/msid.pt", "--mapping", "missing/mapping.pt", "--sd", "./missing/sd"],
-     "error: no Stable Diffusion directory at missing/sd"),
+    (["--image", "{wall}"], "error: no face found in "),
     (["--out", "grid.jpg"], "error: --out must be a .png file"),
+    (["--out", "{file}/o.png"], "error: --out {file}/o.png cannot be written: {file} is a file, not a directory"),
+    (["--out-dir", "{file}/single"], "error: --out-dir {file}/single cannot be written: {file} is a file"),
+    (["--out", "{folder}"], "error: --out {folder} is a directory, not a file"),
+    (["--guidance", "nan"], "error: the guidance scale must be a finite number, got nan"),
+    (["--guidance", "inf"], "error: the guidance scale must be a finite number, got inf"),
+    (["--steps", "0"], "error: steps must be between 1 and 1000, got 0"),
+    (["--steps", "100000"], "error: steps must be between 1 and 1000, got 100000"),
+    (["--scheduler", "heun"], "error: unknown scheduler 'heun': choose one of euler_a, euler, ddim, dpm++2m"),
+    (["--batch-size", "0"], "error: the batch size must be at least 1, got 0"),
+    (["-n", "0"], "error: num_images must be at least 1, got 0"),
+    (["--seed", "-1"], "error: seeds must be between 0 and 4294967295 (2^32 - 1), got -1"),
+    (["--seed", str(2 ** 40)], "error: seeds must be between 0 and 4294967295 (2^32 - 1), got 1099511627776"),
+    (["--seed", "4294967295", "-n", "2"], "error: seeds must be between 0 and 4294967295 (2^32 - 1), got "
+     "4294967295 to 4294967296 (image j uses seed + j, for 2 images)"),
+    (["--expression-image", FACE], "error: --expression-image needs the expression encoder's weights: give "
+     "--expression"),
 ])
-def test_sample_py_errors_are_one_line(tmp_path, capsys, argv, message):
-    wall = tmp_path / "wall.png"
-    Image.new("RGB", (120, 120), (200, 200, 200)).save(wall)
+def test_sample_py_checks_everything_before_loading_weights(tmp_path, capsys, monkeypatch, argv, message):
+    """Each mistake is one line and status 2, found before any weights load: nothing is computed and lost."""
+    monkeypatch.setattr(F2DPipeline, "load", classmethod(lambda *args, **kwargs: pytest.fail("weights loaded")))
+    places = dict(wall=tmp_path / "wall.png", file=tmp_path / "file", folder=tmp_path / "d.png")
+    Image.new("RGB", (120, 120), (200, 200, 200)).save(places["wall"])
+    places["file"].write_text("a file")
+    places["folder"].mkdir()
     base = {"--config": TINY, "--image": FACE, "--prompt": "a photo of f l", "--out": str(tmp_path / "o.png"),
             "--steps": "1", "-n": "1"}
-    extra = dict(zip(argv[::2], argv[1::2]))
-    merged = {**base, **{k: (str(wall) if v == "WALL" else v) for k, v in extra.items()}}
-    args = [x for k, v in merged.items() if v != "" for x in (k, v)]
-    assert sample.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(message) and sum(line.startswith("error") for line in err) == 1, err
-    assert not any("Traceback" in line for line in err)
+    merged = {**base, **{k: v.format(**places) for k, v in zip(argv[::2], argv[1::2])}}
+    err = sample_errors(capsys, [x for item in merged.items() for x in item])
+    assert err[-1].startswith(message.format(**places)), err
+
+
+def test_sample_py_expression_weights_from_a_flag_or_the_config(tmp_path):
+    argv = ["--image", FACE, "--prompt", "a photo of f l", "--out", "o.png", "--expression-image", FACE]
+    sample.check(sample.parse_args([*argv, "--config", TINY, "--expression", "epoch_20.pth"]))
+    config = tmp_path / "with_expression.py"
+    config.write_text("from f2d_jax.configs import tiny\n\n\ndef get_config():\n    config = tiny.get_config()\n"
+                      "    config.weights.expression = 'epoch_20.pth'\n    return config\n")
+    sample.check(sample.parse_args([*argv, "--config", str(config)]))
+
+
+def test_sample_py_missing_sd_directory_is_one_line(tmp_path, capsys):
+    err = sample_errors(capsys, ["--msid", "missing/msid.pt", "--mapping", "missing/mapping.pt", "--sd",
+                                 "./missing/sd", "--image", FACE, "--prompt", "a photo of f l", "--out",
+                                 str(tmp_path / "o.png"), "--steps", "1", "-n", "1"])
+    assert err[-1].startswith("error: no Stable Diffusion directory at missing/sd"), err
+
+
+def test_sample_py_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    sampling = SimpleNamespace(config=load_config(TINY), generate=interrupt)
+    monkeypatch.setattr(F2DPipeline, "load", classmethod(lambda *args, **kwargs: sampling))
+    argv = ["--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--out", str(tmp_path / "o.png")]
+    assert sample.main(argv) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: nothing was written"
 
 
 # ----------------------------------------------------------------------------- against diffusers (PyTorch)
@@ -223,9 +305,8 @@ def test_sample_py_missing_or_wrong_weights(tiny_sd_pipelines, tmp_path, capsys,
     argv = ["--config", TINY, "--sd", str(path), "--msid", str(root / msid), "--mapping",
             str(root / "mapping.safetensors"), "--image", FACE, "--prompt", "a photo of f l", "--out",
             str(tmp_path / "o.png"), "--steps", "1", "-n", "1"]
-    assert sample.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(message) and msid in err[-1] and not any("Traceback" in line for line in err), err
+    error = next(line for line in sample_errors(capsys, argv) if line.startswith("error"))
+    assert error.startswith(message) and msid in error, error
 
 
 def test_euler_ancestral_steps_match_diffusers_with_the_same_noise(tiny_sd_pipelines, face, monkeypatch, parity):

@@ -6,8 +6,10 @@ checked, so that `--help` and a mistyped argument answer at once.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 USER_ERROR = 2
 INTERRUPTED = 130
@@ -23,6 +25,21 @@ def error(message: str) -> int:
 def describe(e: BaseException) -> str:
     """The message of an exception, whole (a key list after its first line stays), or its type's name."""
     return str(e).strip() or type(e).__name__
+
+
+def check_output(path, flag: str, folder: bool = False) -> None:
+    """A ValueError naming `flag` unless `path` can be written: a file (or with `folder`, a folder to
+    write files in) whose folder exists and is writable, or can be made."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory, not a file")
+    for parent in (path, *path.parents) if folder else path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path} cannot be written: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path} cannot be written: {parent} is not writable")
+            return
 
 
 def run(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = USER_ERRORS,

@@ -2,14 +2,15 @@
 
 Images land in OUT/images/<face>/<prompt slug>_s<seed>.png and are listed in OUT/manifest.jsonl only
 once written, so an interrupted run picks up where it stopped; OUT/settings.json holds the generation
-settings, and a second run with other settings is refused rather than mixed in.
+settings, and a second run with other settings (another generator: config, checkpoint step, weights;
+or other sampling settings) is refused rather than mixed in.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,14 @@ from tqdm import tqdm
 
 from f2d_jax.eval.manifest import MANIFEST, SETTINGS, Entry, append_entries, read_manifest
 from f2d_jax.eval.prompts import slug
-from f2d_jax.faces import NoFaceError, align_face
+from f2d_jax.faces import AlignedFace, NoFaceError, align_face
+from f2d_jax.sampling import check_sampling
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# The settings that make an image what it is; a resumed run must have the same ones.
-GENERATION_KEYS = ("system", "steps", "guidance_scale", "scheduler", "negative_prompt", "height", "width")
+# The settings that make an image what it is; a resumed run must have the same ones. The generator:
+GENERATOR_KEYS = ("system", "config", "checkpoint", "step", "weights")
+# and how it samples (`pipe.sample`'s arguments):
+SAMPLING_KEYS = ("steps", "guidance_scale", "scheduler", "negative_prompt", "height", "width")
 
 
 class GenerateError(ValueError):
@@ -50,18 +54,47 @@ def image_name(prompt: str, seed: int) -> str:
     return f"{slug(prompt)}-{hashlib.sha1(prompt.encode()).hexdigest()[:6]}_s{seed}.png"
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    path = out / SETTINGS
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = [f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in GENERATION_KEYS
-                   if before.get(k) != settings.get(k)]
-        if changed:
-            raise GenerateError(f"{out} holds images generated with other settings ({'; '.join(changed)}); use "
-                                "another --out, or the same settings to resume")
-    else:
+def align_references(directory, detector=None) -> dict[Path, AlignedFace]:
+    """{photo: its aligned face} for `reference_faces(directory)`; a GenerateError names every photo
+    without a face."""
+    aligned, missing = {}, []
+    for path in reference_faces(directory):
+        try:
+            aligned[path] = align_face(str(path), detector=detector)
+        except NoFaceError:
+            missing.append(str(path))
+    if missing:
+        raise GenerateError(f"no face found in {', '.join(missing)}: use photos with a clear, roughly frontal face")
+    return aligned
+
+
+def _compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resume compares, a dict's entries as `key.entry` (weights.msid)."""
+    compared = {}
+    for key in GENERATOR_KEYS + SAMPLING_KEYS:
+        value = settings.get(key)
+        compared.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return compared
+
+
+def check_resume(out, settings: dict[str, Any]) -> None:
+    """A GenerateError naming what changed if `out` holds images generated with other settings."""
+    path = Path(out) / SETTINGS
+    if not path.is_file():
+        return
+    before, now = _compared(json.loads(path.read_text())), _compared(settings)
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in dict.fromkeys([*before, *now])
+               if before.get(k) != now.get(k)]
+    if changed:
+        raise GenerateError(f"{out} holds images generated with other settings ({'; '.join(changed)}); use "
+                            "another --out, or the same settings to resume")
+
+
+def _write_settings(out: Path, settings: dict[str, Any]) -> None:
+    check_resume(out, settings)
+    if not (out / SETTINGS).is_file():
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _done(out: Path) -> set:
@@ -70,38 +103,31 @@ def _done(out: Path) -> set:
     return {e.key() for e in read_manifest(out)[1] if os.path.isfile(e.image)}
 
 
-def generate(pipe, faces: Sequence[Path], prompts: Sequence[str], seeds: Sequence[int], out, settings: dict[str, Any],
-             batch_size: int = 8, detector=None) -> int:
+def generate(pipe, faces: Mapping[Path, AlignedFace], prompts: Sequence[str], seeds: Sequence[int], out,
+             settings: dict[str, Any], batch_size: int = 8) -> int:
     """Generates the missing (face, prompt, seed) images into `out`; returns how many it made.
 
-    settings: steps, guidance_scale, scheduler, negative_prompt, height, width (passed to `pipe.sample`)
-    and system (the name reports use)."""
-    if batch_size < 1:
-        raise GenerateError(f"batch size must be at least 1, got {batch_size}")
+    faces: `align_references`'s. settings: steps, guidance_scale, scheduler, negative_prompt, height,
+    width (passed to `pipe.sample`), system (the name reports use) and what names the generator
+    (config, checkpoint, step, weights: compared on resuming, not used here)."""
+    check_sampling(settings["steps"], settings["guidance_scale"], settings["scheduler"], batch_size)
     out = Path(out)
-    aligned, missing = {}, []
-    for path in faces:  # every reference is checked before anything is generated
-        try:
-            aligned[path] = align_face(str(path), detector=detector)
-        except NoFaceError:
-            missing.append(str(path))
-    if missing:
-        raise GenerateError(f"no face found in {', '.join(missing)}: use photos with a clear, roughly frontal face")
-    _check_settings(out, settings)
+    _write_settings(out, settings)
     done = _done(out)
     todo = {path: [(i, s) for i, p in enumerate(prompts) for s in seeds if (path.stem, p, s) not in done]
             for path in faces}
     total = sum(map(len, todo.values()))
-    sample_args = {k: settings[k] for k in GENERATION_KEYS if k != "system"}
+    sample_args = {k: settings[k] for k in SAMPLING_KEYS}
     with tqdm(total=total, desc="generating", unit="image", dynamic_ncols=True) as bar:
         for path, pairs in todo.items():
             if not pairs:
                 continue
-            context = pipe.encode_prompt(aligned[path], list(prompts))
+            context = pipe.encode_prompt(faces[path], list(prompts))
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
                 rows, chunk_seeds = np.array([i for i, _ in chunk]), [s for _, s in chunk]
-                images = pipe.sample(context[rows], chunk_seeds, progress=False, **sample_args)
+                images = pipe.sample(context[rows], chunk_seeds, progress=False, batch_size=batch_size,
+                                     **sample_args)
                 entries = []
                 for (i, seed), image in zip(chunk, images):
                     file = out / "images" / path.stem / image_name(prompts[i], seed)

@@ -8,11 +8,15 @@
     prompt ids with the tokens at "f" -> CLIP -> conditioning;  negative prompt -> CLIP -> unconditional
     noise -> [UNet + classifier-free guidance + scheduler] x steps (one lax.fori_loop) -> VAE decode
 
-The denoising loop and the decode are one jitted program, the batch sharded over the local devices,
-cached per (scheduler, steps, batch, size): a second call with the same shapes does not recompile.
+Images are made `batch_size` at a time (the last batch padded, so one program serves every batch):
+the memory a call needs does not grow with the number of images. The denoising loop and the decode
+are one jitted program, the batch sharded over the local devices, cached per (scheduler, steps,
+batch, size): a second call with the same shapes does not recompile.
 """
 from __future__ import annotations
 
+import math
+import operator
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -37,7 +41,10 @@ from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.workdir import is_workdir, load_trained, task
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
-ENCODERS = ("msid", "mapping", "expression")
+# Fits SD v1.4 at 512 px on a 16 GB accelerator: 8 images are 16 UNet rows with classifier-free guidance,
+# about 5 GiB of bfloat16 activations (XLA assigns 10.2 GiB in float32) and 1.7 GiB of UNet and VAE weights.
+DEFAULT_BATCH_SIZE = 8
+MAX_SEED = 2 ** 32 - 1  # seeds are uint32: a larger one would wrap onto another seed's images
 FaceInput = str | os.PathLike | np.ndarray | Image.Image | AlignedFace
 
 
@@ -62,6 +69,46 @@ def check_size(height: int, width: int, multiple: int) -> None:
         if not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
             raise ValueError(f"{name}={value} is not possible: height and width must be positive multiples of "
                              f"{multiple} (for this model's VAE and UNet)")
+
+
+def check_sampling(steps: int, guidance_scale: float, scheduler: str, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    """The checks of the sampling settings that need no weights (`steps` against Stable Diffusion's 1000
+    training timesteps; the model's own scheduler config is checked again when sampling)."""
+    make_scheduler(scheduler, {}, steps)
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"the guidance scale must be a finite number, got {guidance_scale}")
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+
+
+def seed_range(seed: int, num_images: int) -> np.ndarray:
+    """(num_images,) uint32 seeds seed, seed + 1, ...: image j of a prompt uses seed + j."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    last = seed + num_images - 1
+    if not 0 <= seed <= last <= MAX_SEED:
+        uses = f"{seed}" if num_images == 1 else f"{seed} to {last} (image j uses seed + j, for {num_images} images)"
+        raise ValueError(f"seeds must be between 0 and {MAX_SEED} (2^32 - 1), got {uses}")
+    return np.arange(seed, last + 1, dtype=np.uint32)
+
+
+def as_seeds(seeds: Sequence[int]) -> np.ndarray:
+    """(N,) uint32 seeds; a seed outside 0..2^32 - 1 is a ValueError, not wrapped onto another."""
+    seeds = [operator.index(s) for s in np.ravel(np.asarray(seeds, dtype=object))]
+    outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if outside:
+        raise ValueError(f"seeds must be between 0 and {MAX_SEED} (2^32 - 1), got {outside[0]}")
+    return np.asarray(seeds, np.uint32)
+
+
+def with_weights(config, **weights) -> ml_collections.ConfigDict:
+    """A copy of `config` (a ConfigDict, or a dict as a checkpoint stores it) whose weights paths are the
+    non-empty ones of `weights` (sd=, msid=, mapping=, expression=) in place of its own."""
+    # a checkpoint's JSON gave lists: module fields must hash
+    plain = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else _tuples(config)
+    config = ml_collections.ConfigDict(plain)
+    config.weights.update({k: str(v) for k, v in weights.items() if v})
+    return config
 
 
 class F2DPipeline:
@@ -89,10 +136,12 @@ class F2DPipeline:
     @classmethod
     def from_config(cls, config, dtype: str = "auto", log: Callable[[str], None] | None = None) -> F2DPipeline:
         """From a config file or ConfigDict: model sizes in `model`, weights in `weights` (empty: random
-        init, as the `tiny` config uses; an empty weights.sd is the tiny random Stable Diffusion)."""
+        init, as the `tiny` config uses; an empty weights.sd is the tiny random Stable Diffusion). The
+        expression encoder loads only with weights.expression: a random one would give a meaningless code."""
         config = load_config(config) if isinstance(config, (str, os.PathLike)) else config
         log = log or (lambda msg: print(msg, file=sys.stderr))
-        models, variables = load_models(config, compute_dtype(dtype), ENCODERS, log=log)
+        names = ("msid", "mapping", "expression") if config.weights.expression else ("msid", "mapping")
+        models, variables = load_models(config, compute_dtype(dtype), names, log=log)
         return cls(models, variables, config)
 
     @classmethod
@@ -123,24 +172,23 @@ class F2DPipeline:
             raise WeightsError(f"{workdir} is an MSID pretraining run (task {task(config)}): it holds MSID weights, not a "
                                f"mapping network. Export them with `f2d-convert export {workdir} --out DIR` and give "
                                "DIR/msid.pt as --msid (msid=) with the mapping network's weights")
-        config = ml_collections.ConfigDict(_tuples(config))  # JSON gave lists; module fields must hash
-        config.weights.update({k: str(v) for k, v in weights.items() if v is not None})
-        pipe = cls.from_config(config, dtype, log=lambda msg: None if msg.startswith("mapping:") else
-                               print(msg, file=sys.stderr))
+        pipe = cls.from_config(with_weights(config, **weights), dtype,
+                               log=lambda msg: None if msg.startswith("mapping:") else print(msg, file=sys.stderr))
         trained = cast_like(params, {k: _subtree(pipe.variables[k], params[k]) for k in params})
         pipe.variables = jax.device_put(merge(pipe.variables, trained), pipe._replicated)
         return pipe
 
     @classmethod
     def load(cls, checkpoint=None, config=None, dtype: str = "auto", **weights) -> F2DPipeline:
-        """What the command lines give: a training workdir (`checkpoint`), a `config` file, or weight paths
-        (sd=, msid=, mapping=, expression=; empty ones are ignored) with an optional config for the sizes."""
+        """What the command lines give: a training workdir (`checkpoint`) or a `config` (name or file), whose
+        weights paths those given replace (sd=, msid=, mapping=, expression=; empty ones are ignored), or
+        weight paths alone (the paper's model sizes)."""
         weights = {k: v for k, v in weights.items() if v}
         if checkpoint:
             return cls.from_checkpoint(checkpoint, dtype=dtype, **weights)
-        if config and not weights:
-            return cls.from_config(config, dtype=dtype)
-        return cls.from_pretrained(**weights, config=config, dtype=dtype)
+        if config:
+            return cls.from_config(with_weights(load_config(config), **weights), dtype=dtype)
+        return cls.from_pretrained(**weights, dtype=dtype)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -153,8 +201,8 @@ class F2DPipeline:
     def expression(self, image: FaceInput) -> jax.Array:
         """(1, 64) Deep3DFaceRecon expression code of the face in `image`."""
         if "expression" not in self.variables:
-            raise WeightsError("expression_image needs the expression encoder: pass expression= (Deep3DFaceRecon's "
-                               "epoch_20.pth)")
+            raise WeightsError("expression_image needs the expression encoder's weights: pass expression= "
+                               "(Deep3DFaceRecon's epoch_20.pth) or set weights.expression in the config")
         crop = _align(image, self.detector).expression_crop[None]
         return self._expression(self.variables, jnp.asarray(expression_input(crop)))
 
@@ -189,52 +237,57 @@ class F2DPipeline:
     def generate(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str], num_images: int = 8,
                  seed: int = 0, steps: int = 30, guidance_scale: float = 7.0, scheduler: str = "euler_a",
                  negative_prompt: str = "", expression_image: FaceInput | None = None, latents=None,
-                 height: int = 512, width: int = 512, progress: bool = True) -> np.ndarray:
+                 height: int = 512, width: int = 512, progress: bool = True,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major; image j of every prompt
-        uses seed + j. `latents`: (that many, 4, height / 8, width / 8) initial noise (default: from the seeds)."""
-        if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        uses seed + j. `latents`: (that many, 4, height / 8, width / 8) initial noise (default: from the seeds).
+        `batch_size` images are made at a time; it changes neither the seeds nor the pictures."""
         check_size(height, width, self.size_multiple)
         prompts = _as_list(prompt)
-        seeds = np.tile(seed + np.arange(num_images), len(prompts))
+        seeds = np.tile(seed_range(seed, num_images), len(prompts))
         self._check_latents(latents, len(seeds), height, width)
-        context = jnp.repeat(self.encode_prompt(image, prompts, expression_image), num_images, axis=0)
+        context = np.repeat(np.asarray(self.encode_prompt(image, prompts, expression_image)), num_images, axis=0)
         return self.sample(context, seeds, steps, guidance_scale, scheduler, negative_prompt, latents, height,
-                           width, progress)
+                           width, progress, batch_size)
 
     def sample(self, context, seeds: Sequence[int], steps: int = 30, guidance_scale: float = 7.0,
                scheduler: str = "euler_a", negative_prompt: str = "", latents=None, height: int = 512,
-               width: int = 512, progress: bool = True) -> np.ndarray:
-        """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s (N, 77, D)) and N seeds.
+               width: int = 512, progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s (N, 77, D)) and N seeds
+        (each in 0..2^32 - 1), `batch_size` at a time.
 
         Image i depends only on its conditioning and seeds[i] (initial noise and the ancestral samplers'
-        noise), not on what else is in the batch."""
+        noise), not on what else is in the batch, nor on the batch size."""
         check_size(height, width, self.size_multiple)
-        seeds = np.asarray(seeds, np.uint32).reshape(-1)
+        check_sampling(steps, guidance_scale, scheduler, batch_size)
+        seeds = as_seeds(seeds)
         n = len(seeds)
         if context.shape[0] != n:
             raise ValueError(f"{context.shape[0]} conditionings but {n} seeds: give one seed per image")
         schedule = make_scheduler(scheduler, self.models.sd.scheduler_config, steps)
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
         shape = self._check_latents(latents, n, height, width)
-        if latents is None:
-            latents = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
         uncond = self._embed(self.variables, token_ids([negative_prompt], self.tokenizer))
-        # The batch over the local devices: pad to a multiple of their number, drop the padding after.
-        rows = np.arange(n + -n % self.mesh.size) % n
-        noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)  # the ancestral samplers' noise
-        batch = [x[rows] for x in
-                 (context, jnp.broadcast_to(uncond, context.shape), jnp.asarray(latents, jnp.float32), noise_keys)]
-        batch = jax.device_put(batch, self._batch)
-        bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
-        _BARS.append(bar)
-        try:
-            images = self._generate(self.variables, schedule, *batch, jnp.float32(guidance_scale), progress=progress)
-            images = np.asarray(jax.device_get(images))[:n]
-        finally:
-            _BARS.remove(bar)
-            bar.close()
-        return images
+        guidance, context = jnp.float32(guidance_scale), np.asarray(context)
+        latents = None if latents is None else np.asarray(latents, np.float32)
+        # Every batch has `size` rows, a multiple of the local devices: the last one is padded (with the
+        # first images, dropped after), so the program compiles once.
+        size = -(-min(batch_size, n) // self.mesh.size) * self.mesh.size
+        starts = range(0, n, size)
+        images = []
+        with _Progress(len(starts) * steps, f"sampling {n} image{'s' * (n > 1)}", progress) as bar:
+            for start in starts:
+                rows = np.arange(start, start + size) % n
+                keys = jax.vmap(jax.random.key)(jnp.asarray(seeds[rows]))
+                noise = (latents[rows] if latents is not None else
+                         jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys))
+                noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)  # the ancestral samplers' noise
+                batch = jax.device_put([context[rows],
+                                        jnp.broadcast_to(uncond, (size, *uncond.shape[1:])), noise, noise_keys],
+                                       self._batch)
+                out = self._generate(self.variables, schedule, *batch, guidance, progress=progress)
+                images.append(np.asarray(jax.device_get(out))[:n - start])
+                bar.finished(steps)
+        return np.concatenate(images)
 
     def _check_latents(self, latents, n: int, height: int, width: int) -> tuple[int, ...]:
         shape = (n, self.models.sd.unet.in_channels, height // 8, width // 8)
@@ -246,20 +299,44 @@ class F2DPipeline:
     def __call__(self, image, prompt, num_images: int = 8, seed: int = 0, steps: int = 30,
                  guidance_scale: float = 7.0, scheduler: str = "euler_a", negative_prompt: str = "",
                  expression_image=None, latents=None, height: int = 512, width: int = 512,
-                 progress: bool = True) -> list[Image.Image]:
+                 progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Image.Image]:
         """PIL images (see `generate`)."""
         images = self.generate(image, prompt, num_images, seed, steps, guidance_scale, scheduler, negative_prompt,
-                               expression_image, latents, height, width, progress)
+                               expression_image, latents, height, width, progress, batch_size)
         return [Image.fromarray(x) for x in images]
 
 
-_BARS: list = []  # the progress bars of calls in flight (the jitted loop reports to the newest)
+class _Progress:
+    """One progress bar over the steps of every batch of a call; the jitted loop reports step i of the
+    batch in flight (`with _Progress(...) as bar:`, `bar.finished(steps)` after each batch)."""
+
+    def __init__(self, total: int, description: str, enabled: bool):
+        self.bar = tqdm(total=total, desc=description, unit="step", disable=not enabled, leave=False,
+                        dynamic_ncols=True)
+        self.done = 0  # the steps of the batches finished
+
+    def __enter__(self) -> _Progress:
+        _BARS.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _BARS.remove(self)
+        self.bar.close()
+
+    def advance(self, i) -> None:
+        self.bar.update(max(self.done + int(i) + 1 - self.bar.n, 0))  # every device reports; count each step once
+
+    def finished(self, steps: int) -> None:
+        self.done += steps
+        self.bar.update(max(self.done - self.bar.n, 0))
+
+
+_BARS: list[_Progress] = []  # the progress bars of calls in flight (the jitted loop reports to the newest)
 
 
 def _advance(i) -> None:
     if _BARS:
-        bar = _BARS[-1]
-        bar.update(max(int(i) + 1 - bar.n, 0))  # every device reports; count each step once
+        _BARS[-1].advance(i)
 
 
 def _tuples(tree):
@@ -275,4 +352,5 @@ def _subtree(tree, like):
     return tree
 
 
-__all__ = ["DEFAULT_SD", "F2DPipeline", "WeightsError", "check_size"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SD", "F2DPipeline", "MAX_SEED", "WeightsError", "as_seeds", "check_sampling",
+           "check_size", "seed_range", "with_weights"]
