@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class CheckpointError(ValueError):
 
 
 class WorkdirError(ValueError):
-    """A workdir that cannot be used as asked: not a run, a file, or in use by another run."""
+    """A workdir in use by another run."""
 
 
 def is_workdir(path) -> bool:
@@ -53,9 +54,9 @@ def _manager(workdir):
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
 
-def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
-    """(config dict, trainable params as numpy, step) of a run's checkpoint (default: the latest).
-    Arrays come to the host whatever mesh wrote them; nothing is written."""
+def _read(workdir, step: int | None, arrays: bool) -> tuple[dict, Any, int]:
+    """(config dict, state or None, step) of checkpoint `step` (default: the latest); the state's
+    arrays come to the host whatever mesh wrote them. Nothing is written."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -65,42 +66,51 @@ def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'} yet")
         where = Path(workdir) / "checkpoints" / str(step)
+        state = None
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            metadata = ocp.StandardCheckpointer().metadata(where / "state").item_metadata
-            device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+            if arrays:
+                metadata = ocp.StandardCheckpointer().metadata(where / "state").item_metadata
+                device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+                abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+                state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         except Exception as e:
-            raise CheckpointError(unreadable(where, e)) from None
+            raise unreadable(where, e) from None
     finally:
         manager.close()
-    return meta["config"], jax.device_get(state["params"]), step
+    return meta["config"], state, step
 
 
-def trained_config(workdir) -> tuple[dict, int]:
-    """(config dict, step) of a run's latest checkpoint, reading its metadata only (not its arrays)."""
-    import orbax.checkpoint as ocp
+def load_trained(workdir, step: int | None = None) -> tuple[dict, Any, int]:
+    """(config dict, trainable params as numpy, step) of a run's checkpoint (default: the latest)."""
+    import jax
 
-    manager = _manager(workdir)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'} yet")
-        try:
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as e:
-            raise CheckpointError(unreadable(Path(workdir) / "checkpoints" / str(step), e)) from None
-    finally:
-        manager.close()
-    return meta["config"], step
+    config, state, step = _read(workdir, step, arrays=True)
+    return config, jax.device_get(state["params"]), step
 
 
-def unreadable(where: Path, e: BaseException) -> str:
-    """The message for a checkpoint that orbax cannot read."""
+def trained_config(workdir, step: int | None = None) -> tuple[dict, int]:
+    """(config dict, step) of a run's checkpoint (default: the latest), reading its metadata only."""
+    config, _, step = _read(workdir, step, arrays=False)
+    return config, step
+
+
+def unreadable(where: Path, e: BaseException) -> CheckpointError:
+    """The error for a checkpoint that orbax cannot read.
+
+    Its reads still in flight then report "Event loop is closed" as unraisable errors once orbax's
+    event loop is gone, tracebacks that say nothing more; from here on those reports are dropped
+    (and only those)."""
+    report = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            report(unraisable)
+
+    sys.unraisablehook = hook
     first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See ")[0][:200]
-    return (f"checkpoint {where} cannot be read ({type(e).__name__}: {first}); it is corrupt or incomplete: "
-            f"move it out of {where.parent} to use an earlier one")
+    return CheckpointError(f"checkpoint {where} cannot be read ({type(e).__name__}: {first}); it is corrupt or "
+                           f"incomplete: move it out of {where.parent} to use an earlier one")
 
 
 def load_trained_models(workdir, step: int | None = None) -> dict[str, tuple[Any, Any]]:
@@ -111,19 +121,6 @@ def load_trained_models(workdir, step: int | None = None) -> dict[str, tuple[Any
     config, params, _ = load_trained(workdir, step)
     return {name: (module_from_config(name, config["model"][name]), variables)
             for name, variables in params.items() if name in ("msid", "mapping", "expression")}
-
-
-def check_for_training(workdir) -> Path:
-    """`workdir` as a Path, if a run can write there (it may not exist yet)."""
-    workdir = Path(workdir)
-    for parent in (workdir, *workdir.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise WorkdirError(f"--workdir {workdir}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise WorkdirError(f"--workdir {workdir}: {parent} is not writable")
-            return workdir
-    return workdir
 
 
 class RunLock:

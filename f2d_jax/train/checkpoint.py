@@ -76,7 +76,7 @@ class Checkpoints:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
-            raise CheckpointError(unreadable(where, e)) from None
+            raise unreadable(where, e) from None
         current = _jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config))
         changes = config_changes(meta.get("config", {}), current)
         if changes:
@@ -86,7 +86,7 @@ class Checkpoints:
             state = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state))).state
         except Exception as e:
-            raise CheckpointError(unreadable(where, e)) from None
+            raise unreadable(where, e) from None
         return state, meta
 
     def wait(self) -> None:

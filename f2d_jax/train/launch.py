@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from f2d_jax import cli
-from f2d_jax.workdir import RunLock, check_for_training
+from f2d_jax.workdir import RunLock
 
 FAILED = 1
 
@@ -55,7 +56,8 @@ def run(config, workdir) -> int:
 
     def body() -> int:
         check_config(config)
-        path = check_for_training(workdir)
+        cli.check_output(workdir, "--workdir", folder=True)
+        path = Path(workdir)
         initialize_distributed()
         import jax
 
