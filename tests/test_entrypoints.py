@@ -52,7 +52,9 @@ def test_demo_bad_input_is_one_line(extra, message, capsys, monkeypatch):
 def test_demo_no_face(tmp_path, capsys):
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(tmp_path / "wall.png")
     assert demo.main(["--config", str(ROOT / "configs/tiny.py"), "--image", str(tmp_path / "wall.png")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: no face found in {tmp_path / 'wall.png'}")
+    # advice a command-line user can follow (nothing about Python arguments)
+    assert capsys.readouterr().err == (f"error: no face found in {tmp_path / 'wall.png'}; use a photo with a clear, "
+                                       "roughly frontal face\n")
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "-m f2d_jax.convert", "-m f2d_jax.demo"])
@@ -83,6 +85,14 @@ def test_named_configs_load_anywhere_and_match_their_files(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match=r"^no config file at nothing, and no named config 'nothing' "
                                                 r"\(named configs: f2d_sd14, msid_arcface, msid_tiny, tiny\)$"):
         load_config("nothing")
+
+
+def test_the_pipeline_builds_from_a_named_config(tmp_path, monkeypatch):
+    from f2d_jax.sampling import F2DPipeline
+
+    monkeypatch.chdir(tmp_path)
+    pipe = F2DPipeline.from_config("tiny")
+    assert pipe.config.data.resolution == 64 and pipe.models.encoders.msid.width == 32
 
 
 def test_a_copied_config_loads_without_the_checkout(tmp_path):
