@@ -60,6 +60,7 @@ def _read(workdir, step: int | None, arrays: bool) -> tuple[dict, Any, int]:
     import jax
     import orbax.checkpoint as ocp
 
+    drop_closed_loop_reports()
     manager = _manager(workdir)
     try:
         step = manager.latest_step() if step is None else step
@@ -96,21 +97,26 @@ def trained_config(workdir, step: int | None = None) -> tuple[dict, int]:
 
 
 def unreadable(where: Path, e: BaseException) -> CheckpointError:
-    """The error for a checkpoint that orbax cannot read.
+    """The error for a checkpoint that orbax cannot read."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See ")[0][:200]
+    return CheckpointError(f"checkpoint {where} cannot be read ({type(e).__name__}: {first}); it is corrupt or "
+                           f"incomplete: move it out of {where.parent} to use an earlier one")
 
-    Its reads still in flight then report "Event loop is closed" as unraisable errors once orbax's
-    event loop is gone, tracebacks that say nothing more; from here on those reports are dropped
-    (and only those)."""
+
+def drop_closed_loop_reports() -> None:
+    """From here on, drop the "Event loop is closed" errors that orbax's reads in flight report as
+    unraisable when a restore fails and its event loop is gone (tracebacks that add nothing to the
+    restore's own error); every other unraisable error is still reported. Call before restoring."""
+    if getattr(sys.unraisablehook, "drops_closed_loop_reports", False):
+        return
     report = sys.unraisablehook
 
     def hook(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             report(unraisable)
 
+    hook.drops_closed_loop_reports = True
     sys.unraisablehook = hook
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See ")[0][:200]
-    return CheckpointError(f"checkpoint {where} cannot be read ({type(e).__name__}: {first}); it is corrupt or "
-                           f"incomplete: move it out of {where.parent} to use an earlier one")
 
 
 def load_trained_models(workdir, step: int | None = None) -> dict[str, tuple[Any, Any]]:

@@ -212,12 +212,12 @@ def test_corrupt_or_mismatched_checkpoint_is_an_error(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
-def test_after_an_unreadable_checkpoint_only_closed_event_loop_reports_are_dropped():
-    """orbax's reads in flight report "Event loop is closed" at exit after a failed restore (racy, so
-    shown here with objects that raise the same way); other unraisable errors still print."""
-    code = ("from pathlib import Path\nfrom f2d_jax.workdir import unreadable\n"
-            "error = unreadable(Path('run/checkpoints/2'), ValueError('bad header. See more'))\n"
-            "print(error)\n"
+def test_reading_a_checkpoint_drops_only_the_closed_event_loop_reports():
+    """orbax's reads in flight report "Event loop is closed" when a restore fails (racy, so shown here
+    with objects that raise the same way); other unraisable errors still print."""
+    code = ("from pathlib import Path\nfrom f2d_jax.workdir import drop_closed_loop_reports, unreadable\n"
+            "drop_closed_loop_reports()\n"
+            "print(unreadable(Path('run/checkpoints/2'), ValueError('bad header. See more')))\n"
             "class Pending:\n    def __del__(self): raise RuntimeError('Event loop is closed')\n"
             "class Other:\n    def __del__(self): raise RuntimeError('another problem')\n"
             "Pending(); Other()\n")

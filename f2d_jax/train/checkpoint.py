@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from f2d_jax.workdir import CheckpointError, unreadable
+from f2d_jax.workdir import CheckpointError, drop_closed_loop_reports, unreadable
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs routine events as warnings
 
@@ -73,6 +73,7 @@ class Checkpoints:
     def restore(self, step: int, abstract_state: Any, config: Mapping[str, Any]) -> tuple[Any, dict]:
         """(state, meta) of checkpoint `step`, placed as `abstract_state`'s shardings say."""
         where = self.directory / str(step)
+        drop_closed_loop_reports()
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
