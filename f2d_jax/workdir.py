@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 LOCK_FILE = "run.lock"
-TASKS = {"f2d": "Face2Diffusion training", "msid_arcface": "MSID pretraining"}
 
 
 class CheckpointError(ValueError):

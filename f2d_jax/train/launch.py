@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from f2d_jax import cli
-from f2d_jax.workdir import RunLock
+from f2d_jax.workdir import RunLock, task
 
 FAILED = 1
 
@@ -62,7 +62,7 @@ def run(config, workdir) -> int:
         import jax
 
         from f2d_jax.train.loop import TrainingError, train
-        if config.get("task", "f2d") == "msid_arcface":
+        if task(config) == "msid_arcface":
             from f2d_jax.pretrain import train_msid as train
         say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
         try:
