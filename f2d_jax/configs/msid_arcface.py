@@ -1,9 +1,9 @@
 """MSID pretraining at paper scale: msid_base_patch8_112 trained with ArcFace on MS1MV3.
 
-    python train.py --config configs/msid_arcface.py --workdir gs://.../msid \\
+    f2d-train --config msid_arcface --workdir runs/msid \\
         --config.data.dir=/data/ms1m-retinaface-t1 \\
         --config.data.verification="('/data/ms1m-retinaface-t1/lfw.bin', '/data/ms1m-retinaface-t1/cfp_fp.bin')"
-    python -m f2d_jax.convert export gs://.../msid --out weights/   # -> weights/msid.pt (config weights.msid)
+    f2d-convert export runs/msid --out weights/   # -> weights/msid.pt (config weights.msid)
 
 The official sizes of Face2Diffusion's MSID (configs/f2d_sd14.py); the recipe is insightface's
 arcface_torch ViT one (AdamW lr 1e-3, weight decay 0.1, 10% linear warm-up then polynomial decay,

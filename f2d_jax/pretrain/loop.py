@@ -164,5 +164,5 @@ def train_msid(config, workdir) -> int:
                       postfix=lambda m: dict(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}"))
     if status == 0:
         say(f"done: {tc.steps} steps; checkpoints in {checkpoints.directory}; export MSID (msid.pt) with "
-            f"`python -m f2d_jax.convert export {workdir} --out DIR`")
+            f"`f2d-convert export {workdir} --out DIR`")
     return status

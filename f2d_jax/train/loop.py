@@ -132,7 +132,7 @@ def train(config, workdir) -> int:
                                              bg=f"{m['loss_bg']:.4f}"))
     if status == 0:
         say(f"done: {tc.steps} steps; checkpoints in {checkpoints.directory}; export the mapping network with "
-            f"`python -m f2d_jax.convert export {workdir} --out DIR`")
+            f"`f2d-convert export {workdir} --out DIR`")
     return status
 
 
