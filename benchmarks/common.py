@@ -180,6 +180,7 @@ def add_comparison_arguments(parser, batch_help: str, steps_help: str, warmup_he
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds one measurement may take before it is reported as not measured "
                              "(default: %(default)s)")
+    add_attention_argument(parser)
     parser.add_argument("--skip-torch", action="store_true", help="measure ours only")
     parser.add_argument("--skip-jax", action="store_true", help="measure PyTorch only")
     parser.add_argument("--json", metavar="FILE", help="also write all results to FILE")
@@ -188,6 +189,14 @@ def add_comparison_arguments(parser, batch_help: str, steps_help: str, warmup_he
     parser.add_argument("--torch-dtype", choices=tuple(TORCH_DTYPES), default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--torch-compiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--jax-platform", help=argparse.SUPPRESS)
+
+
+def add_attention_argument(parser) -> None:
+    from f2d_jax.models.attention import IMPLEMENTATIONS
+
+    parser.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
+                        help="our attention implementation, model.attention (default: %(default)s; 'reference' is "
+                             "the plain softmax form the models used before f2d_jax.models.attention)")
 
 
 def check_comparison_arguments(parser, args) -> None:
@@ -244,7 +253,7 @@ def run_worker(script: str, kind: str, args, extra: list[str], env: dict | None 
     """One measurement: `script --worker kind` with the preset, dtype, `extra` and the `flags` the
     command line set, in a child process (`run_child`)."""
     command = [sys.executable, str(Path(script).resolve()), "--worker", kind, "--preset", args.preset,
-               "--dtype", args.dtype, *extra]
+               "--dtype", args.dtype, "--attention", args.attention, *extra]
     for flag in flags:
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]

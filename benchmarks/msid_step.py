@@ -69,6 +69,7 @@ def msid_config(args):
 
     config = load_config(ROOT / "configs" / "msid_arcface.py")
     config.model.msid.update(PRESETS[args.preset]["msid"])
+    config.model.attention = args.attention
     config.arcface.num_identities = args.identities
     config.train.compute_dtype = args.dtype
     return config

@@ -20,7 +20,8 @@ import statistics
 import sys
 import time
 
-from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, fmt, fmt_bytes, jax_peak_bytes,
+from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, add_attention_argument, fmt,
+                    fmt_bytes, jax_peak_bytes,
                     log, max_rss_bytes, print_table, reduced, result_line, run_child, timed, torch_timed)
 
 PRESETS = {
@@ -43,10 +44,11 @@ def jax_worker(args) -> dict:
     spec = PRESETS[args.preset]
     dtype = compute_dtype("auto")
     sd = sdm.build({k: spec[k] for k in ("unet", "vae", "text_encoder")} | {"scheduler": SD14_SAMPLING_SCHEDULER},
-                   dtype=dtype)
+                   dtype=dtype, attention=args.attention)
     variables = sdm.random_params(sdm.abstract_params(sd), jax.random.key(0), dtype)
     model = load_config(ROOT / "configs" / "f2d_sd14.py").model
     model.mapping.token_dim = spec["text_encoder"]["hidden_size"]
+    model.attention = args.attention
     encoders = Encoders.from_config(model, sd.text_encoder)
     variables.update(encoders.init(jax.random.key(1), ("msid", "mapping")))
     pipe = F2DPipeline(Models(encoders, sd), variables)
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement (default: %(default)s)")
+    add_attention_argument(parser)
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.preset == "auto":
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
         return 0
 
     command = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--steps",
-               str(args.steps), "--repeats", str(args.repeats), "--worker"]
+               str(args.steps), "--repeats", str(args.repeats), "--attention", args.attention, "--worker"]
     results, started = {}, time.perf_counter()
     for kind in ("jax", "torch"):
         results[kind] = run_child(command + [kind], args.timeout)

@@ -58,6 +58,7 @@ def train_config(args):
 
     config = load_config(ROOT / "configs" / "f2d_sd14.py")
     config.model.mapping.token_dim = PRESETS[args.preset]["text_encoder"]["hidden_size"]
+    config.model.attention = args.attention
     if args.remat_unet != "config":
         config.train.remat_unet = args.remat_unet == "on"
     config.train.batch_size = args.batch
@@ -105,7 +106,7 @@ def jax_worker(args) -> dict:
     # ---- models: the SD bundle from config dicts, random weights; the encoders from the config
     log(f"[ours] building {args.preset} models ({jnp.dtype(dtype).name}) ...")
     sd = sdm.build({"unet": spec["unet"], "vae": spec["vae"], "text_encoder": spec["text_encoder"],
-                    "scheduler": SD14_SCHEDULER}, dtype=dtype)
+                    "scheduler": SD14_SCHEDULER}, dtype=dtype, attention=config.model.attention)
     abstract = sdm.abstract_params(sd)
     variables = sdm.random_params({k: abstract[k] for k in ("unet", "text_encoder")}, jax.random.key(config.seed),
                                   dtype)

@@ -42,11 +42,11 @@ class Encoders:
     def from_config(cls, model: Mapping[str, Any], text_encoder: CLIPTextEncoder | None = None) -> Encoders:
         """From a config's `model` section; `text_encoder` (e.g. the one of a loaded SD
         checkpoint) is used when the section leaves the text encoder empty."""
-        text_config = dict(model.get("text_encoder") or {})
+        attention = model.get("attention", "auto")
         if text_encoder is None:
-            text_encoder = CLIPTextEncoder(**text_config)
-        return cls(MSIDEncoder(**model["msid"]), MappingNetwork(**model["mapping"]), text_encoder,
-                   ExpressionEncoder(**model["expression"]))
+            text_encoder = CLIPTextEncoder(**dict(model.get("text_encoder") or {}), attention=attention)
+        return cls(MSIDEncoder(**model["msid"], attention=attention), MappingNetwork(**model["mapping"]),
+                   text_encoder, ExpressionEncoder(**model["expression"]))
 
     @functools.partial(jax.jit, static_argnums=(0, 2))
     def init(self, rng: jax.Array, names: tuple[str, ...] = NAMES) -> dict[str, Any]:

@@ -22,6 +22,9 @@ def get_config():
         expression=dict(layers=(3, 4, 6, 3), width=64),
         # Empty: read from the Stable Diffusion checkpoint's text_encoder/config.json.
         text_encoder=dict(),
+        # Attention in every model (f2d_jax.models.attention): "auto" picks per platform (cpu: "cpu",
+        # GPU: "cudnn", TPU: "pallas"); or "reference", "xla", "cudnn", "pallas", "cpu".
+        attention="auto",
     ))
     config.weights = ml_collections.ConfigDict(dict(
         sd="CompVis/stable-diffusion-v1-4",  # local diffusers directory or hub id (official)

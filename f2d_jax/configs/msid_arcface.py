@@ -18,7 +18,8 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.task = "msid_arcface"  # train.py dispatches on this (Face2Diffusion configs have none)
     config.seed = 0
-    config.model = ml_collections.ConfigDict(dict(msid=f2d_sd14.get_config().model.msid.to_dict()))
+    model = f2d_sd14.get_config().model
+    config.model = ml_collections.ConfigDict(dict(msid=model.msid.to_dict(), attention=model.attention))
 
     config.arcface = ml_collections.ConfigDict(dict(
         num_identities=0,              # classifier rows; 0 = the data's count (MS1MV3: 93431), padded up to a

@@ -37,11 +37,12 @@ def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "ma
     """(Models, variables) with variables for "unet", "vae", "text_encoder" (in `dtype`) and `names`
     (float32). `log` receives a line for every model that starts from random init."""
     weights = config["weights"]
+    attention = config["model"].get("attention", "auto")
     if weights["sd"]:
-        sd, variables = load_stable_diffusion(weights["sd"], dtype=dtype)
+        sd, variables = load_stable_diffusion(weights["sd"], dtype=dtype, attention=attention)
     else:
         log("sd: tiny random-init Stable Diffusion (weights.sd is empty)")
-        sd, variables = tiny_stable_diffusion(jax.random.key(config["seed"]), dtype=dtype)
+        sd, variables = tiny_stable_diffusion(jax.random.key(config["seed"]), dtype=dtype, attention=attention)
     encoders = Encoders.from_config(config["model"], sd.text_encoder)
     random = tuple(n for n in names if not weights[n])
     for name in random:

@@ -34,12 +34,14 @@ class CLIPAttention(nn.Module):
 
     num_heads: int
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         dense = lambda name: nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
         q, k, v = (dense(f"{n}_proj")(x) for n in "qkv")
-        return dense("out_proj")(multi_head_attention(q, k, v, self.num_heads, causal=True))
+        return dense("out_proj")(multi_head_attention(q, k, v, self.num_heads, causal=True,
+                                                             implementation=self.attention))
 
 
 class CLIPLayer(nn.Module):
@@ -48,11 +50,12 @@ class CLIPLayer(nn.Module):
     activation: str
     eps: float
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, _=None):
         h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm1")(x)
-        x = x + CLIPAttention(self.num_heads, self.dtype, name="self_attn")(h)
+        x = x + CLIPAttention(self.num_heads, self.dtype, self.attention, name="self_attn")(h)
         h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
         return x + Mlp(self.mlp_dim, self.activation, self.dtype, _init, name="mlp")(h), None
 
@@ -74,6 +77,7 @@ class CLIPTextEncoder(nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # f2d_jax.models.attention's implementation
 
     def setup(self):
         self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=_init, dtype=self.dtype)
@@ -81,7 +85,7 @@ class CLIPTextEncoder(nn.Module):
         layer = nn.remat(CLIPLayer) if self.remat else CLIPLayer
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                               length=self.num_layers)(
-            self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype)
+            self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype, self.attention)
         self.final_layer_norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
 
     def embed(self, input_ids):

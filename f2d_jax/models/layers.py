@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from f2d_jax.models.attention import attention
+
 # Two-pass variance (as PyTorch computes it) rather than E[x^2] - E[x]^2: the residual stream
 # of a trained transformer is large enough for the fast form to lose digits.
 LayerNorm = functools.partial(nn.LayerNorm, use_fast_variance=False)
@@ -61,12 +63,11 @@ ACTIVATIONS = {
 }
 
 
-def multi_head_attention(q, k, v, num_heads: int, causal: bool = False):
+def multi_head_attention(q, k, v, num_heads: int, causal: bool = False, implementation: str = "auto"):
     """(B, T, D) projections -> (B, T, D), softmax(q k^T / sqrt(D/heads)) v per head."""
     b, t, d = q.shape
     split = lambda x: x.reshape(b, x.shape[1], num_heads, d // num_heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
-    return out.reshape(b, t, d)
+    return attention(split(q), split(k), split(v), causal=causal, implementation=implementation).reshape(b, t, d)
 
 
 class Mlp(nn.Module):

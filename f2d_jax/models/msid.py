@@ -23,12 +23,14 @@ class Attention(nn.Module):
 
     num_heads: int
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_init)
         q, k, v = jnp.split(dense(3 * x.shape[-1], name="qkv")(x), 3, axis=-1)
-        return dense(x.shape[-1], name="proj")(multi_head_attention(q, k, v, self.num_heads))
+        return dense(x.shape[-1], name="proj")(multi_head_attention(q, k, v, self.num_heads,
+                                                                      implementation=self.attention))
 
 
 class ViTBlock(nn.Module):
@@ -37,11 +39,12 @@ class ViTBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, _=None):
         norm = functools.partial(LayerNorm, epsilon=1e-6, dtype=self.dtype)
-        x = x + Attention(self.num_heads, self.dtype, name="attn")(norm(name="norm1")(x))
+        x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm(name="norm1")(x))
         x = x + Mlp(self.mlp_dim, "gelu", self.dtype, _init, name="mlp")(norm(name="norm2")(x))
         return x, x[:, 0]
 
@@ -73,6 +76,7 @@ class MSIDEncoder(nn.Module):
     tap_layers: tuple[int, ...] = (2, 5, 8, 11)
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # f2d_jax.models.attention's implementation
 
     @property
     def features(self) -> int:
@@ -94,7 +98,8 @@ class MSIDEncoder(nn.Module):
 
         block = nn.remat(ViTBlock) if self.remat else ViTBlock
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
-        x, cls_per_block = blocks(self.num_heads, int(self.width * self.mlp_ratio), self.dtype, name="blocks")(x)
+        x, cls_per_block = blocks(self.num_heads, int(self.width * self.mlp_ratio), self.dtype, self.attention,
+                                    name="blocks")(x)
         if self.is_initializing():
             # The ViT's final norm is unused by MSID but is part of the official checkpoint.
             LayerNorm(epsilon=1e-6, name="norm")(x)

@@ -11,6 +11,7 @@ tests and CPU demos.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from flax import traverse_util
 from f2d_jax.convert import io
 from f2d_jax.convert.checkpoints import CLIP_LAYOUT
 from f2d_jax.convert.layout import TorchLayout, check_tree, from_torch
+from f2d_jax.models.attention import attention, check_implementation
 from f2d_jax.models.clip_text import CLIPTextEncoder
 
 
@@ -44,7 +46,7 @@ for _handler in logging.getLogger("diffusers").handlers:
 
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
-from diffusers.models.attention_flax import FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
+from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
@@ -110,11 +112,13 @@ _EQUIVALENT = {"act_fn": {"swish": "silu"}}
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
 
-def _torch_numerics(next_fun, args, kwargs, context):
-    """Method interceptor giving two diffusers Flax UNet layers PyTorch's numerics (see UNet)."""
+def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto"):
+    """Method interceptor giving diffusers' Flax UNet layers PyTorch's numerics and our attention (see UNet)."""
     module = context.module
     if context.method_name != "__call__" or module.is_initializing():
         return next_fun(*args, **kwargs)
+    if isinstance(module, FlaxAttention):
+        return _attention_layer(module, implementation, *args, **kwargs)
     if isinstance(module, FlaxGEGLU):  # GEGLU with exact GELU
         hidden, deterministic = args[0], (args[1:] or [kwargs.get("deterministic", True)])[0]
         value, gate = jnp.split(module.proj(hidden), 2, axis=-1)
@@ -124,17 +128,36 @@ def _torch_numerics(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
+def _attention_layer(module: FlaxAttention, implementation: str, hidden_states, context=None, deterministic=True):
+    """FlaxAttention's computation (same parameters) through f2d_jax.models.attention."""
+    context = hidden_states if context is None else context
+    heads = lambda x: x.reshape(*x.shape[:2], module.heads, module.dim_head)  # noqa: E731
+    out = attention(heads(module.query(hidden_states)), heads(module.key(context)), heads(module.value(context)),
+                    implementation=implementation)
+    out = module.proj_attn(out.reshape(*hidden_states.shape[:2], -1))
+    return module.dropout_layer(out, deterministic=deterministic)
+
+
 @flax_register_to_config
 class UNet(FlaxUNet2DConditionModel):
     """diffusers' Flax UNet computing what PyTorch's UNet2DConditionModel computes.
 
-    Same parameters and config; two layers differ in the Flax original: its GEGLU feed-forward uses
-    the tanh approximation of GELU (PyTorch: exact erf GELU) and its transformer input GroupNorm has
-    eps 1e-5 (PyTorch: 1e-6). Each alone moves the tiny UNet's output by a few 1e-5.
+    Same parameters and config; three layers differ in the Flax original: its GEGLU feed-forward
+    uses the tanh approximation of GELU (PyTorch: exact erf GELU) and its transformer input
+    GroupNorm has eps 1e-5 (PyTorch: 1e-6), each moving the tiny UNet's output by a few 1e-5; and
+    its attention is replaced by f2d_jax.models.attention (`attention` names the implementation;
+    not part of the diffusers config).
     """
 
+    attention: str = "auto"
+    _flax_internal_args = (*FlaxUNet2DConditionModel._flax_internal_args, "attention")
+
+    def register_to_config(self, **kwargs):
+        # What clone passes beyond the config: the Flax internals and `attention`.
+        super().register_to_config(**{k: v for k, v in kwargs.items() if k not in self._flax_internal_args})
+
     def __call__(self, *args, **kwargs):
-        with nn.intercept_methods(_torch_numerics):
+        with nn.intercept_methods(functools.partial(_torch_numerics, implementation=self.attention)):
             return super().__call__(*args, **kwargs)
 
 
@@ -230,13 +253,16 @@ def alphas_cumprod(scheduler_config: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas).astype(np.float32)
 
 
-def build(configs: dict, *, dtype=jnp.float32, tokenizer_path: str | None = None) -> StableDiffusion:
-    """The bundle's modules from the component configs {"unet", "vae", "text_encoder", "scheduler"}."""
+def build(configs: dict, *, dtype=jnp.float32, tokenizer_path: str | None = None,
+          attention: str = "auto") -> StableDiffusion:
+    """The bundle's modules from the component configs {"unet", "vae", "text_encoder", "scheduler"};
+    `attention` names the UNet's and the text encoder's attention implementation."""
     unet = UNet.from_config(
-        _check_config("unet", configs["unet"], FlaxUNet2DConditionModel, _UNET_TORCH_DEFAULTS, dtype), dtype=dtype)
+        _check_config("unet", configs["unet"], FlaxUNet2DConditionModel, _UNET_TORCH_DEFAULTS, dtype), dtype=dtype
+    ).clone(attention=check_implementation(attention))
     vae = FlaxAutoencoderKL.from_config(
         _check_config("vae", configs["vae"], FlaxAutoencoderKL, _VAE_TORCH_DEFAULTS, dtype), dtype=dtype)
-    text_encoder = CLIPTextEncoder(**clip_text_fields(configs["text_encoder"]), dtype=dtype)
+    text_encoder = CLIPTextEncoder(**clip_text_fields(configs["text_encoder"]), dtype=dtype, attention=attention)
     alphas_cumprod(configs["scheduler"])  # an unsupported schedule fails now, not in training
     return StableDiffusion(unet, vae, text_encoder, dict(configs["scheduler"]),
                            float(configs["vae"].get("scaling_factor", 0.18215)), tokenizer_path)
@@ -279,9 +305,9 @@ def random_params(abstract: Any, rng, dtype=jnp.float32) -> Any:
     return _cast(jax.tree_util.tree_unflatten(treedef, values), dtype)
 
 
-def tiny_stable_diffusion(rng, *, dtype=jnp.float32) -> tuple[StableDiffusion, dict]:
+def tiny_stable_diffusion(rng, *, dtype=jnp.float32, attention: str = "auto") -> tuple[StableDiffusion, dict]:
     """A random-init bundle of TINY_CONFIGS' sizes (latents 8x8x4, images 64x64, 32-wide CLIP)."""
-    sd = build(TINY_CONFIGS, dtype=dtype)
+    sd = build(TINY_CONFIGS, dtype=dtype, attention=attention)
     return sd, random_params(abstract_params(sd), rng, dtype)
 
 
@@ -417,8 +443,8 @@ def resolve(path_or_hub_id, revision: str | None = None) -> Path:
     return root  # with weights missing, load_stable_diffusion names what it expected
 
 
-def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None
-                          ) -> tuple[StableDiffusion, dict]:
+def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None,
+                          attention: str = "auto") -> tuple[StableDiffusion, dict]:
     """(bundle, {"unet", "vae", "text_encoder": {"params": ...}}) from a diffusers directory or hub id.
 
     Float weights (and the modules' compute dtype) become `dtype`. Raises FileNotFoundError for a
@@ -430,7 +456,7 @@ def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | 
     tokenizer = root / "tokenizer"
     if not tokenizer.is_dir():
         raise FileNotFoundError(f"{root} has no tokenizer/ subfolder")
-    sd = build(configs, dtype=dtype, tokenizer_path=str(tokenizer))
+    sd = build(configs, dtype=dtype, tokenizer_path=str(tokenizer), attention=attention)
     targets = abstract_params(sd)
     params = {name: load_component(name, root / name, targets[name], dtype) for name in COMPONENTS}
     return sd, params

@@ -70,7 +70,8 @@ def program(config, mesh) -> Program:
     classifier and its optimizer moments split by identity over every device, the batch over every
     device; the state is donated."""
     tc, ac = config.train, config.arcface
-    model = MSIDEncoder(**config.model.msid, dtype=compute_dtype(tc.compute_dtype))
+    model = MSIDEncoder(**config.model.msid, dtype=compute_dtype(tc.compute_dtype),
+                        attention=config.model.get("attention", "auto"))
     tx, schedule = optimizer(config.optim, tc.steps)
     tx = with_frozen_stats(tx)
     classes = padded_classes(ac.num_identities, mesh.size)

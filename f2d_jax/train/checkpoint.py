@@ -25,6 +25,8 @@ logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs routine events a
 # everything that decides which examples each step sees).
 RESUME_KEYS = ("model", "train.trainable", "train.batch_size", "train.prompts", "seed", "data.dir",
                "data.synthetic_identities", "data.synthetic_examples")
+# ... except these, which change how the same function is computed, not what is trained.
+FREE_KEYS = {"model.attention"}
 
 
 def _get(config: Mapping[str, Any], dotted: str):
@@ -46,7 +48,8 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], keys=RE
     for key in keys:
         before, now = _leaves(_get(saved, key), key), _leaves(_get(current, key), key)
         changes += [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
-                    for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+                    for k in sorted(before.keys() | now.keys())
+                    if before.get(k) != now.get(k) and k not in FREE_KEYS]
     return changes
 
 
