@@ -136,6 +136,7 @@ def test_an_override_of_the_wrong_type_is_one_line_in_every_command(command, tmp
 @pytest.mark.parametrize("setting, message", [
     ("--config.train.batch_size=0", "train.batch_size=0: it must be at least 1"),
     ("--config.train.steps=0", "train.steps=0: it must be at least 1"),
+    ("--config.data.workers=-1", "data.workers=-1: it must be at least 0 (0: one per CPU core)"),
     ("--workdir={file}", "--workdir {file} cannot be written: {file} is a file, not a directory"),
     ("--workdir={file}/run", "--workdir {file}/run cannot be written: {file} is a file, not a directory"),
 ])

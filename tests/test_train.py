@@ -268,3 +268,27 @@ def test_a_prepared_real_photo_dataset_trains(tmp_path, photos, cached, capsys):
     other = load_config(TINY, [f"data.dir={data}", "data.resolution=128", "train.steps=2"])
     assert run(other, tmp_path / "other") == 2
     assert "does not fit the config: resolution: dataset 64, config.data.resolution 128" in capsys.readouterr().err
+
+
+def test_matmul_flops_counts_every_scan_iteration_and_the_backward_pass():
+    import jax.numpy as jnp
+
+    from f2d_jax.train.metrics import matmul_flops
+
+    s = jax.ShapeDtypeStruct
+    x, w = s((2, 8), jnp.float32), s((8, 8), jnp.float32)
+
+    def layers(x, w):   # 7 scanned layers of (2, 8) @ (8, 8)
+        return jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, None, length=7)[0]
+
+    layer = 2 * 2 * 8 * 8
+    assert matmul_flops(lambda a, b: a @ b, s((3, 4), jnp.float32), s((4, 5), jnp.float32)) == 2 * 3 * 4 * 5
+    assert matmul_flops(jax.jit(layers), x, w) == 7 * layer
+    assert matmul_flops(jax.grad(lambda x, w: layers(x, w).sum(), argnums=1), x, w) == 3 * 7 * layer
+    remat = jax.grad(lambda x, w: jax.checkpoint(layers)(x, w).sum(), argnums=1)
+    assert matmul_flops(remat, x, w) == 4 * 7 * layer   # the forward pass again in the backward pass
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",   # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert matmul_flops(conv, s((2, 6, 6, 3), jnp.float32), s((3, 3, 3, 4), jnp.float32)) == 2 * (2 * 6 * 6 * 4) * 27
+    branches = lambda p, a, b: jax.lax.cond(p, lambda: a @ b, lambda: a[:, :1] @ b[:1])   # noqa: E731
+    assert matmul_flops(branches, s((), bool), s((3, 4), jnp.float32), s((4, 5), jnp.float32)) == 2 * 3 * 4 * 5

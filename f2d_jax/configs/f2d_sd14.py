@@ -40,6 +40,7 @@ def get_config():
         mask_dir="",             # with mask_source="files": <mask_dir>/<image path relative to --images>.png
         holdout=8,               # faces kept out of training for the periodic sample images
         flip=True,               # also store each photo mirrored (default augmentation)
+        workers=0,               # threads loading (decoding) batches; 0 = one per CPU core, at most 16
         synthetic_identities=16,  # synthetic data only: number of identities
         synthetic_examples=1024,  # synthetic data only: number of training examples
         synthetic_shuffle_identity=False,  # synthetic data only: random identity features (a control run)

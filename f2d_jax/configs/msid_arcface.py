@@ -34,6 +34,7 @@ def get_config():
                                        # insightface RecordIO pack (train.rec/.idx); "" = synthetic identities
         verification=(),               # insightface .bin pair sets (lfw.bin, cfp_fp.bin, agedb_30.bin, ...)
         flip=True,                     # random horizontal flips
+        workers=0,                     # threads loading (decoding) batches; 0 = one per CPU core, at most 16
         synthetic_identities=1000, synthetic_examples=100_000, synthetic_pairs=600,  # synthetic data only
     ))
     config.train = ml_collections.ConfigDict(dict(

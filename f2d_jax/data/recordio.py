@@ -452,7 +452,7 @@ def decode_image(data, *, where: str = "image") -> np.ndarray:
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if bgr is None:
         raise ValueError(f"{where}: cannot decode {buf.size} bytes (starting {bytes(buf[:8])!r}) as an image")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)   # the channels reversed, several times faster than numpy's copy
 
 
 def _first_label(label) -> float:

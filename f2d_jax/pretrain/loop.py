@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from f2d_jax.arcface import init_weight, weight_sharding
-from f2d_jax.data.loader import BatchLoader
+from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.data.verification import verification_accuracy
 from f2d_jax.models.bundle import compute_dtype
 from f2d_jax.models.msid import MSIDEncoder
@@ -59,10 +59,14 @@ class Program:
     abstract_state: Any             # ShapeDtypeStructs with shardings (restore and lowering)
     init: Callable[[], TrainState]  # a fresh state on the mesh
 
+    @staticmethod
+    def batch(batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+        """The step's batch of `batch_size` examples laid out by `sharding`, as ShapeDtypeStructs."""
+        return {"image": jax.ShapeDtypeStruct((batch_size, SIZE, SIZE, 3), jnp.uint8, sharding=sharding),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
+
     def compile(self, batch_size: int, sharding):
-        batch = {"image": jax.ShapeDtypeStruct((batch_size, SIZE, SIZE, 3), jnp.uint8, sharding=sharding),
-                 "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
-        return self.step.lower(self.abstract_state, batch).compile()
+        return self.step.lower(self.abstract_state, self.batch(batch_size, sharding)).compile()
 
 
 def program(config, mesh) -> Program:
@@ -159,7 +163,8 @@ def train_msid(config, workdir) -> int:
         writer.scalars(done, results)
         say(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if not k.endswith("_std")))
 
-    loader = BatchLoader(source, tc.batch_size, config.seed, batch_sh, start_step=start)
+    loader = BatchLoader(source, tc.batch_size, config.seed, batch_sh, start_step=start,
+                         workers=loading_workers(config.data.workers))
     status = run_loop(config, state, start, loader, compiled, checkpoints, writer, flops=compiled_flops(compiled),
                       say=say, hooks=[(lc.verify_every, check)],
                       postfix=lambda m: dict(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}"))

@@ -43,6 +43,8 @@ def check_config(config) -> None:
     for key in ("steps", "batch_size"):
         if tc[key] < 1:
             raise ValueError(f"train.{key}={tc[key]}: it must be at least 1")
+    if config.data.workers < 0:
+        raise ValueError(f"data.workers={config.data.workers}: it must be at least 0 (0: one per CPU core)")
     if config.checkpoint.every < 1 or config.log.every < 1:
         raise ValueError(f"checkpoint.every={config.checkpoint.every} and log.every={config.log.every} must be at "
                          "least 1")

@@ -30,7 +30,7 @@ from f2d_jax.sampling import DDIM, decode_images, denoise
 from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.train.checkpoint import Checkpoints, abstract_like
-from f2d_jax.data.loader import BatchLoader
+from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
 from f2d_jax.train.metrics import MetricWriter, compiled_flops, grid, is_primary, mfu
 from f2d_jax.params import merge, partition
@@ -125,7 +125,8 @@ def train(config, workdir) -> int:
             say(f"step {done}: sample images {path}")
 
     writer = MetricWriter(workdir, enabled=is_primary(), start_step=start)
-    loader = BatchLoader(data.source, tc.batch_size, config.seed, batch_sh, start_step=start, transform=data.transform)
+    loader = BatchLoader(data.source, tc.batch_size, config.seed, batch_sh, start_step=start, transform=data.transform,
+                         workers=loading_workers(config.data.workers))
     status = run_loop(config, state, start, loader, step_fn, checkpoints, writer, flops=flops, say=say,
                       hooks=[(config.log.sample_every if sampler is not None else 0, sample)],
                       postfix=lambda m: dict(loss=f"{m['loss']:.4f}", fg=f"{m['loss_fg']:.4f}",
@@ -227,12 +228,22 @@ class StepProgram:
         return self.step.lower(self.abstract_state, self.frozen, features, self.constants).compile()
 
 
+def step_function(config, models: Models) -> tuple[Callable, Any]:
+    """(train_step with `config`'s optimizer and settings bound, (state, frozen, batch, constants) ->
+    (state, metrics); the optimizer, to make the state)."""
+    tc, sd = config.train, models.sd
+    tx, schedule = optimizer(config.optim, tc.steps)
+    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor,
+                     sd.scheduler_config.get("prediction_type", "epsilon"))
+    return functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg), tx
+
+
 def step_program(config, models: Models, variables, mesh) -> StepProgram:
     """Split what trains from what is frozen, place both on `mesh` and jit the step with explicit
     shardings (batch over all devices, constants replicated, the state donated)."""
     tc = config.train
     trainable, frozen = partition({k: variables[k] for k in STEP_MODELS}, tc.trainable)
-    tx, schedule = optimizer(config.optim, tc.steps)
+    step_fn, tx = step_function(config, models)
     frozen_shardings = param_shardings(frozen, mesh, config.mesh.frozen)
     rep, batch_sh = replicated(mesh), batch_sharding(mesh)
     make_state = functools.partial(init_state, tx=tx)
@@ -244,10 +255,7 @@ def step_program(config, models: Models, variables, mesh) -> StepProgram:
     class_embedding = jax.jit(models.encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
     constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_embedding,
                                          jnp.asarray(alphas_cumprod(sd.scheduler_config))), rep)
-    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor,
-                     sd.scheduler_config.get("prediction_type", "epsilon"))
-    step = jax.jit(functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg),
-                   in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
+    step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=0)
     return StepProgram(step, jax.device_put(frozen, frozen_shardings), constants,
                        abstract_like(abstract_state, state_shardings),

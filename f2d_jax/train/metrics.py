@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
 from PIL import Image
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
@@ -36,6 +37,37 @@ def compiled_flops(compiled) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops else None
+
+
+def matmul_flops(fn, *args) -> float:
+    """FLOPs of the matrix multiplications and convolutions of one call of `fn(*args)` (arrays or
+    ShapeDtypeStructs; traced, not compiled): 2 x the multiply-adds of every dot_general and
+    conv_general_dilated, a scan's body counted once per iteration (XLA's cost analysis counts a
+    loop's body once, so it misses all but one of a scanned stack of layers), a cond's costliest
+    branch, a while loop's body once. Elementwise operations are not counted."""
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contracting])
+        elif name == "conv_general_dilated":
+            kernel, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
+            per_output = np.prod([kernel[i] for i in spec[1:]])   # input features (per group) x window
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * per_output
+        inner = [_jaxpr_flops(getattr(j, "jaxpr", j)) for value in eqn.params.values()
+                 for j in (value if isinstance(value, (tuple, list)) else (value,))
+                 if isinstance(j, (Jaxpr, ClosedJaxpr))]
+        if name == "cond":
+            total += max(inner, default=0.0)
+        else:
+            total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+    return total
 
 
 class MetricWriter:
