@@ -53,7 +53,8 @@ def test_dlib_descriptor_scores_the_same_person_above_another():
     assert min(np.linalg.norm(o - biden) for o in obama) > 0.6
 
 
-def test_clip_score_matches_transformers_pytorch_clip(tmp_path, parity):
+@pytest.mark.parametrize("attention", ["cpu", "xla"])
+def test_clip_score_matches_transformers_pytorch_clip(tmp_path, parity, attention):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -71,13 +72,14 @@ def test_clip_score_matches_transformers_pytorch_clip(tmp_path, parity):
     images.append(np.asarray(Image.open(OBAMA[0]).convert("RGB").resize((300, 180))))
     texts = [neutral_prompt(p) for p in ("a photo of f l", "f l looking shocked", "Fauvism painting of f l",
                                           "f l in front of Niagara Falls", "f l")]
-    ours = ClipScorer.load(str(tmp_path)).scores(images, texts)
+    ours = ClipScorer.load(str(tmp_path), attention=attention).scores(images, texts)
     tokens = load_tokenizer()(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
         out = model(pixel_values=processor(images, return_tensors="pt")["pixel_values"], **tokens)
     theirs = (out.image_embeds * out.text_embeds).sum(-1).numpy()
     assert np.ptp(theirs) > 1e-2  # the pairs score differently
-    parity("CLIP score vs transformers PyTorch CLIP (tiny, 5 image-text pairs)", np.abs(ours - theirs).max(), 1e-4)
+    parity(f"CLIP score vs transformers PyTorch CLIP (tiny, 5 image-text pairs, {attention} attention)",
+           np.abs(ours - theirs).max(), 1e-4)
 
 
 def test_prompts_default_list_and_checks(tmp_path):

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from f2d_jax.models.attention import attention
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 TINY = "tiny"  # a small random-init CLIP: the chain runs offline, its scores mean nothing
@@ -32,31 +35,61 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     return ((crop - MEAN) / STD).transpose(2, 0, 1)
 
 
-class ClipScorer:
-    """`scores(images, texts)`: the CLIP score of each (image, text) pair."""
+def _clip_attention(implementation: str):
+    """Method interceptor running transformers' FlaxCLIPAttention through f2d_jax.models.attention
+    (same parameters; attention weights are not returned, dropout is not applied)."""
+    from transformers.models.clip.modeling_flax_clip import FlaxCLIPAttention
 
-    def __init__(self, model, params, tokenizer, name: str, batch_size: int = 16):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, FlaxCLIPAttention) or context.method_name != "__call__" or \
+                module.is_initializing() or kwargs.get("output_attentions"):
+            return next_fun(*args, **kwargs)
+        given = dict(zip(("hidden_states", "attention_mask"), args)) | kwargs
+        hidden, mask = given["hidden_states"], given.get("attention_mask")
+        heads = lambda x: x.reshape(*x.shape[:2], module.num_heads, module.head_dim)  # noqa: E731
+        out = attention(heads(module.q_proj(hidden)), heads(module.k_proj(hidden)), heads(module.v_proj(hidden)),
+                        causal=module.causal, mask=None if mask is None else mask[:, None, None, :] > 0,
+                        implementation=implementation)
+        return (module.out_proj(out.reshape(hidden.shape)),)
+
+    return intercept
+
+
+class ClipScorer:
+    """`scores(images, texts)`: the CLIP score of each (image, text) pair. `attention` names the
+    f2d_jax.models.attention implementation the towers run."""
+
+    def __init__(self, model, params, tokenizer, name: str, batch_size: int = 16, attention: str = "auto"):
         self.model, self.params, self.tokenizer, self.name, self.batch_size = model, params, tokenizer, name, batch_size
         self.image_size = model.config.vision_config.image_size
-        normalize = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-        self._images = jax.jit(lambda p, x: normalize(model.get_image_features(x, params=p)))
-        self._texts = jax.jit(lambda p, ids, mask: normalize(model.get_text_features(ids, mask, params=p)))
+        interceptor = _clip_attention(attention)
+
+        def features(method):
+            def run(*args):
+                with nn.intercept_methods(interceptor):
+                    out = method(*args)
+                return out / jnp.linalg.norm(out, axis=-1, keepdims=True)
+            return jax.jit(run)
+
+        self._images = features(lambda p, x: model.get_image_features(x, params=p))
+        self._texts = features(lambda p, ids, mask: model.get_text_features(ids, mask, params=p))
 
     @classmethod
-    def load(cls, path: str = DEFAULT_CLIP, batch_size: int = 16) -> ClipScorer:
+    def load(cls, path: str = DEFAULT_CLIP, batch_size: int = 16, attention: str = "auto") -> ClipScorer:
         """From a local directory (Flax or PyTorch weights) or a hub id; `"tiny"`: random init."""
         from transformers import CLIPTokenizer, FlaxCLIPModel
 
         if path == TINY:
-            return cls.tiny(batch_size=batch_size)
+            return cls.tiny(batch_size=batch_size, attention=attention)
         from_pt = os.path.isdir(path) and not os.path.isfile(os.path.join(path, "flax_model.msgpack"))
         if os.path.exists(path) and not os.path.isdir(path):
             raise FileNotFoundError(f"--clip {path} is a file; give a CLIP model directory or a hub id")
         model = FlaxCLIPModel.from_pretrained(path, from_pt=from_pt)
-        return cls(model, model.params, CLIPTokenizer.from_pretrained(path), path, batch_size)
+        return cls(model, model.params, CLIPTokenizer.from_pretrained(path), path, batch_size, attention)
 
     @classmethod
-    def tiny(cls, seed: int = 0, batch_size: int = 16) -> ClipScorer:
+    def tiny(cls, seed: int = 0, batch_size: int = 16, attention: str = "auto") -> ClipScorer:
         """A small random-init CLIP with the real CLIP tokenizer (the one Stable Diffusion v1 uses)."""
         from transformers import CLIPConfig, FlaxCLIPModel
 
@@ -66,7 +99,7 @@ class ClipScorer:
         config = CLIPConfig(text_config=dict(small, vocab_size=49408), vision_config=dict(small, image_size=64,
                             patch_size=16), projection_dim=16)
         model = FlaxCLIPModel(config, seed=seed)
-        return cls(model, model.params, load_tokenizer(), TINY, batch_size)
+        return cls(model, model.params, load_tokenizer(), TINY, batch_size, attention)
 
     def image_embeddings(self, images: Sequence[np.ndarray]) -> np.ndarray:
         pixels = np.stack([preprocess(image, self.image_size) for image in images])
