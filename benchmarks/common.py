@@ -273,14 +273,15 @@ def fmt(x, spec: str, none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
-def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    """A markdown table."""
-    if not rows:
-        return
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+def table_text(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A markdown table, its columns padded to one width."""
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print()
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A markdown table after a blank line; nothing without rows."""
+    if rows:
+        print()
+        print(table_text(header, rows))

@@ -238,7 +238,8 @@ def torch_worker(args) -> dict:
     loss = float(step().detach())
     seconds = statistics.median(times)
     return dict(
-        name=name, framework="torch", dtype=str(dtype).removeprefix("torch."), identities=args.identities,
+        name=name, framework="torch", dtype=str(dtype).removeprefix("torch."), compiled=args.torch_compiled,
+        identities=args.identities,
         device=torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         platform=device.type, devices=1, batch=b, seconds=seconds, times=times, first_step_s=first,
         compile_s=(first - seconds) if args.torch_compiled and first else None, loss=loss,

@@ -8,26 +8,47 @@ Both sides generate `--batch` images with the same settings (Euler-ancestral, 30
 512x512 for sd14) from random weights of SD v1.4's shapes (nothing is downloaded). Ours is
 `F2DPipeline.generate` on an aligned face (conditioning, the jitted denoising loop, VAE decode,
 images back on the host), the batch sharded over the local devices; PyTorch gets the prompt
-embeddings precomputed (`prompt_embeds`, `negative_prompt_embeds`) and returns numpy images. On
-CUDA PyTorch runs in float16 (as diffusers recommends) and ours in bfloat16; on CPU both in float32.
+embeddings precomputed (`prompt_embeds`, `negative_prompt_embeds`) and returns numpy images, its
+attention diffusers' default (AttnProcessor2_0: PyTorch's scaled_dot_product_attention, recorded as
+"attention" in --json). On CUDA PyTorch runs in float16 (as diffusers recommends) and ours in bfloat16;
+on CPU both in float32.
 Compile time (our first call less a warm call) is reported apart; times are medians over --repeats
 calls after one warm-up call. Each side runs in its own child process.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, add_attention_argument, fmt,
-                    fmt_bytes, jax_peak_bytes,
-                    log, max_rss_bytes, print_table, reduced, result_line, run_child, timed, torch_timed)
+                    fmt_bytes, jax_peak_bytes, log, max_rss_bytes, print_table, reduced, result_line, run_child, timed, torch_timed)
 
 PRESETS = {
     "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8),
     "cpu": reduced(256, batch=2),
 }
+
+
+def benchmark_face():
+    """f2d_jax/assets/face.jpg aligned; where dlib's detector is not installed, the photo resized to
+    the two crops stands in (the timing does not depend on what the crops show)."""
+    import numpy as np
+    from PIL import Image
+
+    from f2d_jax.faces import AlignedFace, align_face
+
+    path = ROOT / "f2d_jax" / "assets" / "face.jpg"
+    try:
+        return align_face(str(path))
+    except ImportError as e:
+        log(f"[ours] no face detector ({e}): face.jpg resized stands in for its aligned crops")
+        photo = Image.open(path).convert("RGB")
+        crops = [np.asarray(photo.resize((size, size))) for size in (112, 224)]
+        return AlignedFace(*crops, landmarks=np.zeros((68, 2)), matrix=np.eye(3), source=str(path))
 
 
 def jax_worker(args) -> dict:
@@ -37,7 +58,6 @@ def jax_worker(args) -> dict:
     from f2d_jax.models import stable_diffusion as sdm  # first: silences diffusers' Flax notices
     from f2d_jax.config import load_config
     from f2d_jax.encoders import Encoders
-    from f2d_jax.faces import align_face
     from f2d_jax.models.bundle import Models, compute_dtype
     from f2d_jax.sampling import F2DPipeline
 
@@ -52,7 +72,7 @@ def jax_worker(args) -> dict:
     encoders = Encoders.from_config(model, sd.text_encoder)
     variables.update(encoders.init(jax.random.key(1), ("msid", "mapping")))
     pipe = F2DPipeline(Models(encoders, sd), variables)
-    face = align_face(str(ROOT / "f2d_jax" / "assets" / "face.jpg"))
+    face = benchmark_face()
     size = spec["resolution"]
 
     def call(seed=0):
@@ -64,9 +84,12 @@ def jax_worker(args) -> dict:
     first, times = timed(call, lambda x: x, 1, args.repeats)
     seconds = statistics.median(times)
     device = jax.local_devices()[0]
-    peak = jax_peak_bytes() or max_rss_bytes()
-    return dict(name="ours: F2DPipeline (JAX)", dtype=jnp.dtype(dtype).name, seconds=seconds, times=times,
-                compile_s=first - seconds, memory=peak, device=f"{jax.local_device_count()} x {device.device_kind}",
+    peak = jax_peak_bytes()
+    return dict(name="ours: F2DPipeline (JAX)", framework="jax", dtype=jnp.dtype(dtype).name, batch=args.batch,
+                devices=jax.local_device_count(), seconds=seconds, times=times, compile_s=first - seconds,
+                memory=peak or max_rss_bytes(),
+                memory_kind="device peak_bytes_in_use" if peak else "process max RSS",
+                device=f"{jax.local_device_count()} x {device.device_kind}", platform=device.platform,
                 versions=f"jax {jax.__version__}")
 
 
@@ -105,9 +128,12 @@ def torch_worker(args) -> dict:
 
     log(f"[PyTorch] {args.preset}, {dtype}, {device}: first call ...")
     first, times = torch_timed(call, 1, args.repeats)
-    return dict(name="diffusers StableDiffusionPipeline (PyTorch)", dtype=str(dtype).removeprefix("torch."),
+    return dict(name="diffusers StableDiffusionPipeline (PyTorch)", framework="torch", compiled=False,
+                dtype=str(dtype).removeprefix("torch."), batch=args.batch, devices=1,
+                attention=", ".join(sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})),
                 seconds=statistics.median(times), times=times, compile_s=None,
                 memory=torch.cuda.max_memory_allocated() if cuda else max_rss_bytes(),
+                memory_kind="torch.cuda.max_memory_allocated" if cuda else "process max RSS",
                 device=torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
                 versions=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
 
@@ -121,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="also write all results to FILE")
     add_attention_argument(parser)
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -157,6 +184,11 @@ def main(argv=None) -> int:
         ratio = results["torch"]["seconds"] / results["jax"]["seconds"]
         print(f"\nratio ours / PyTorch: {ratio:.2f}x images/s")
         print("versions: " + "; ".join(r["versions"] for r in results.values()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"preset": args.preset, "steps": args.steps, "repeats": args.repeats,
+             "results": [r for r in results.values() if "failed" not in r],
+             "skipped": [f"{kind}: {r['failed']}" for kind, r in results.items() if "failed" in r]}, indent=2))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Training metrics: a JSON-lines file and TensorBoard event files in the workdir, images as PNG.
 
 Only process 0 writes. MFU is the step's FLOPs (XLA's cost analysis of the compiled step)
-per second over the device's dense bf16 peak; unknown devices (CPU) report none.
+per second over the device's dense bf16 peak (the datasheet's, or a measured one where given);
+unknown devices (CPU) report none.
 """
 from __future__ import annotations
 
@@ -139,10 +140,11 @@ def grid(images: np.ndarray, rows: int) -> np.ndarray:
     return canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
-def mfu(flops_per_step: float | None, seconds_per_step: float, device) -> float | None:
+def mfu(flops_per_step: float | None, seconds_per_step: float, device, peak: float | None = None) -> float | None:
     """Model FLOPs utilization of one device: its share of the step's FLOPs (the compiled SPMD
-    program is per device) per second over its peak."""
-    peak = peak_flops(device)
+    program is per device) per second over its peak: `peak` FLOP/s where given (a measured one),
+    else the datasheet's for `device`."""
+    peak = peak if peak is not None else peak_flops(device)
     if not flops_per_step or peak is None:
         return None
     return flops_per_step / seconds_per_step / peak

@@ -1,0 +1,81 @@
+"""benchmarks/accelerator.py's table from canned --json results (no benchmark runs here)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import accelerator  # noqa: E402
+
+GIB = 2 ** 30
+PEAK = dict(device="NVIDIA H200", platform="gpu", dtype="bfloat16", size=8192, chain=16, repeats=10, seconds=0.0225,
+            flops=2 * 8192 ** 3 * 16, peak_flops=8e14, datasheet_flops=1e15)
+
+
+def result(framework, seconds, batch=8, devices=1, dtype="bfloat16", **more):
+    return dict(framework=framework, seconds=seconds, batch=batch, devices=devices, dtype=dtype, **more)
+
+
+def canned() -> dict:
+    """A run in which PyTorch's torch.compile left no JSON (accelerator.sh wrote one that says so, with
+    no preset) and msid_step nothing at all."""
+    ours = result("jax", 0.25, devices=2, flops=2e14, peak_flops=1e15, memory=20 * GIB,
+                  memory_kind="device peak_bytes_in_use")
+    return {
+        "peak": PEAK,
+        "train_step.ours": dict(preset="sd14", results=[ours], skipped=[]),
+        "train_step.eager": dict(preset="sd14", results=[result(
+            "torch", 1.0, compiled=False, memory=30 * GIB, memory_kind="torch.cuda.max_memory_allocated")],
+            skipped=[]),
+        "train_step.compile": dict(results=[], skipped=["train_step.compile: exit status 143, no result"]),
+        "sample": dict(preset="sd14", steps=30, repeats=2, skipped=[], results=[
+            result("jax", 4.0, memory=9 * GIB, memory_kind="device peak_bytes_in_use"),
+            result("torch", 2.0, compiled=False, dtype="float16", memory=3 * GIB,
+                   memory_kind="torch.cuda.max_memory_allocated")]),
+    }
+
+
+def test_rows():
+    text = accelerator.report(canned())
+    lines = text.splitlines()
+    assert lines[0] == ("measured bfloat16 matmul peak on NVIDIA H200: 800 TFLOP/s (8192^3 products chained x16, "
+                        "best of 10; datasheet: 1000 TFLOP/s)")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    assert tuple(cells[0]) == accelerator.HEADER
+    # batch 8 over 2 devices in 0.25 s: 16 images/s per device; 2e14 FLOP per device in 0.25 s against
+    # 8e14 (measured) and 1e15 (datasheet)
+    assert cells[1] == ["train_step.py sd14, batch 8", "16.00", "8.00 (bf16)", "not measured", "2.00", "-",
+                        "100.0% (datasheet 80.0%)", "20.00 GiB (device)", "30.00 GiB (device)"]
+    assert cells[2] == ["sample.py sd14, batch 8, 30 steps", "2.00", "4.00 (fp16)", "not measured", "0.50", "-", "-",
+                        "9.00 GiB (device)", "3.00 GiB (device)"]
+    assert cells[3] == ["msid_step", "no result (see accelerator.log)", *["-"] * 7]
+    assert lines[-1] == "train_step: train_step.compile: exit status 143, no result"
+
+
+def test_unrun_and_rss():
+    """msid_step: ours not run (its note says why), PyTorch eager (no "compiled": eager) on the host
+    (RSS); the sizes from the results that give them; no measured peak."""
+    msid = dict(preset="cpu", skipped=[], results=[
+        dict(framework="torch", identities=1_000_000, failed="exit status 1"),
+        dict(framework="jax", identities=1_000_000, batch=4, devices=1, not_run="state > 80% of memory"),
+        result("torch", 0.5, batch=4, identities=1_000_000, dtype="float32", peak_bytes=None, max_rss=GIB // 2),
+        result("torch", 0.25, batch=4, identities=1_000_000, compiled=True, dtype="float32", peak_bytes=GIB,
+               max_rss=GIB)])
+    cells, notes = accelerator.row("msid_step", [msid], None)
+    assert cells == ("msid_step.py cpu, batch 4, 1,000,000 identities", "not measured", "8.00 (fp32)",
+                     "16.00 (fp32)", "-", "-", "-", "-", "0.50 GiB (RSS)")
+    assert notes == ["msid_step: ours not run: state > 80% of memory"]
+    assert accelerator.peak_memory(msid["results"][-1]) == "1.00 GiB (device)"  # msid_step's peak_bytes
+    ours = result("jax", 1.0, flops=1e12, peak_flops=None, memory=GIB, memory_kind="process max RSS")
+    assert accelerator.mfu_cell(ours, 4e12) == "25.0% (datasheet n/a)"
+    assert accelerator.mfu_cell(dict(ours, flops=None), 4e12) == "-"
+
+
+def test_table_command(tmp_path, capsys):
+    """`accelerator.py table DIR`: DIR/raw/*.json merged into results.json; the report printed and in table.md."""
+    (tmp_path / "raw").mkdir()
+    for name, data in canned().items():
+        (tmp_path / "raw" / f"{name}.json").write_text(json.dumps(data))
+    assert accelerator.main(["table", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text()) == canned()
+    text = (tmp_path / "table.md").read_text()
+    assert capsys.readouterr().out == text == accelerator.report(canned())
