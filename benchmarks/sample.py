@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, add_attention_argument, fmt,
-                    fmt_bytes, jax_peak_bytes, log, max_rss_bytes, print_table, reduced, result_line, run_child, timed, torch_timed)
+                    fmt_bytes, jax_peak_bytes, log, max_rss_bytes, print_table, reduced, result_line, run_child, timed,
+                    torch_timed)
 
 PRESETS = {
     "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8),

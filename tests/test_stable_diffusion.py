@@ -52,6 +52,32 @@ def _edit_config(path, component, **changes):
 
 # --------------------------------------------------------------------------- parity
 
+def test_full_size_sd14_unet_matches_diffusers_pytorch(tmp_path, parity):
+    """SD v1.4's UNet at full width (860M parameters) on a small latent, from a diffusers folder, with
+    the default attention ("auto": the cpu implementation here): every attention shape of SD's
+    levels but the largest token count."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = dict(sample_size=64, cross_attention_dim=768)  # with diffusers' defaults: SD v1.x's UNet
+    theirs = sd_fixtures.randomize(UNet2DConditionModel(**config), 0)
+    theirs.save_pretrained(tmp_path / "unet")
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+    context = rng.standard_normal((2, 77, 768)).astype(np.float32)
+    timesteps = np.array([10, 900], np.int32)
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(latents), torch.from_numpy(timesteps).long(),
+                          torch.from_numpy(context)).sample.numpy()
+    del theirs
+    unet = sdm.UNet.from_config(json.loads((tmp_path / "unet" / "config.json").read_text()))
+    params = sdm.load_component("unet", tmp_path / "unet", {"params": jax.eval_shape(unet.init_weights,
+                                                                                       jax.random.key(0))})
+    ours = jax.jit(lambda *args: unet.apply(*args).sample)(params, latents, timesteps, context)
+    assert np.abs(expected).max() > 0.1
+    parity("SD v1.4 UNet noise prediction (full size, 16x16 latents)", _max_err(ours, expected), 5e-5)
+
+
 def test_unet_matches_diffusers_pytorch(tiny, loaded, parity):
     sd, params = loaded
     rng = np.random.default_rng(0)
