@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from f2d_jax import cli
+from f2d_jax.compile_cache import enable
 from f2d_jax.config import add_config_arguments, config_from_args
 from f2d_jax.encoders import Encoders
 from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image", help="face photo (default: the portrait shipped with the package)")
     parser.add_argument("--prompt", default="f l eating bread in front of the Eiffel Tower",
                         help="prompt containing the identifier 'f l' (default: %(default)r)")
+    cli.add_compile_cache(parser)
     try:
         args, config = config_from_args(parser, argv)
         input_ids, positions = identifier_prompts(args.prompt)
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
         print("note: the demo runs random-init models of the config's sizes; weights are not loaded",
               file=sys.stderr)
 
+    enable(args.compile_cache)
     encoders = Encoders.from_config(config.model)
     variables = encoders.init(jax.random.key(config.seed))
 

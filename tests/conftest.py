@@ -1,10 +1,13 @@
-"""Shared test set-up: CPU JAX with exact float32 matmuls, and the parity report.
+"""Shared test set-up: CPU JAX with exact float32 matmuls, one compilation cache for the session's
+commands (not the user's: F2D_JAX_COMPILE_CACHE names a folder removed at the end, unless it was set
+before), and the parity report.
 
 Parity figures recorded with the `parity` fixture are listed after the run (also under
 pytest-xdist: workers append them to a file the controller reads).
 """
 import json
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -17,13 +20,23 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 _LOG = "F2D_PARITY_LOG"
+_CACHE = "F2D_JAX_COMPILE_CACHE"
+_session_cache = None
 
 
 def pytest_configure(config):
-    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+    global _session_cache
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist); workers inherit these
         fd, path = tempfile.mkstemp(prefix="f2d-parity-", suffix=".jsonl")
         os.close(fd)
         os.environ[_LOG] = path
+        if _CACHE not in os.environ:
+            _session_cache = os.environ[_CACHE] = tempfile.mkdtemp(prefix="f2d-jax-cache-")
+
+
+def pytest_unconfigure(config):
+    if _session_cache:
+        shutil.rmtree(_session_cache, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ checked, so that `--help` and a mistyped argument answer at once.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,14 @@ def error(message: str) -> int:
 def describe(e: BaseException) -> str:
     """The message of an exception, whole (a key list after its first line stays), or its type's name."""
     return str(e).strip() or type(e).__name__
+
+
+def add_compile_cache(parser: argparse.ArgumentParser) -> None:
+    """The --compile-cache flag of the commands that compile models (f2d_jax/compile_cache.py)."""
+    parser.add_argument("--compile-cache", metavar="DIR|off",
+                        help="JAX's persistent compilation cache, so that later runs skip compiling what this "
+                        "one compiles, or 'off' (default: $F2D_JAX_COMPILE_CACHE, else JAX's own "
+                        "JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/f2d_jax/jax or ~/.cache/f2d_jax/jax)")
 
 
 def check_output(path, flag: str, folder: bool = False) -> None:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from f2d_jax import cli
+from f2d_jax.compile_cache import enable
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     weights.add_argument("--expression", help="Deep3DFaceRecon weights (epoch_20.pth), for --expression-image")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="SD compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
+    cli.add_compile_cache(parser)
     args = parser.parse_args(argv)
     if args.checkpoint and args.config:
         parser.error("give --checkpoint or --config, not both")
@@ -133,6 +135,7 @@ def _sample(args) -> int:
     from f2d_jax.faces import align_face
 
     check(args)
+    enable(args.compile_cache)
     faces = [align_face(image) for image in args.image]
     expression = align_face(args.expression_image) if args.expression_image else None
     from f2d_jax.sampling import F2DPipeline

@@ -18,10 +18,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="f2d-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard and sample images")
+    cli.add_compile_cache(parser)
     try:
         args, config = config_from_args(parser, argv)
     except (FileNotFoundError, ValueError) as e:
         return cli.error(str(e))
     from f2d_jax.train.launch import run
-    return run(config, args.workdir)
+    return run(config, args.workdir, args.compile_cache)
 

@@ -40,6 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 import f2d_jax
+from f2d_jax import cli
+from f2d_jax.compile_cache import enable
 from f2d_jax.data import builder as builder_lib
 from f2d_jax.data.examples import (BAD_FACE, FLIP_SUFFIX, IMAGE_SUFFIXES, MASK_SOURCES, NO_FACE, UNREADABLE, Example,
                                    MaskFileError, PhotoResult, find_images, mask_file_path, process_photo)
@@ -525,11 +527,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a finished dataset, or discard an unfinished run with other options")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli.add_compile_cache(parser)
     try:
         args, config = config_from_args(parser, argv)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.cache_features:  # the features are computed by compiled models
+        enable(args.compile_cache)
     try:
         report = prepare_dataset(args.images, args.out, config, cache_features=args.cache_features,
                                  overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,

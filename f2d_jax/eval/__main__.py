@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from f2d_jax import cli
+from f2d_jax.compile_cache import enable
 
 if TYPE_CHECKING:
     import ml_collections
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--msid", help="MSID weights (replace the config's)")
     g.add_argument("--mapping", help="mapping-network weights (replace the config's)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    cli.add_compile_cache(g)
 
     s = commands.add_parser("score", help="score a folder of generated images",
                             description="Identity similarity, CLIP score, their means and the face diversity of "
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--msid", help="MSID weights (default: those of the generator's config)")
     s.add_argument("--arcface", metavar="BACKBONE_PTH", help="insightface ArcFace IResNet backbone.pth")
     s.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    cli.add_compile_cache(s)
 
     r = commands.add_parser("report", help="tables, plot and contact sheets from score reports",
                             description="Combine score reports: report.json, report.md, tradeoff.png "
@@ -101,6 +104,7 @@ def _generate(args) -> None:
                     width=args.width or height)
     check_resume(args.out, settings)
     faces = align_references(args.faces)
+    enable(args.compile_cache)
     if generator["checkpoint"]:
         pipe = F2DPipeline.from_checkpoint(args.config, generator["step"], args.dtype, sd=args.sd, msid=args.msid,
                                            mapping=args.mapping)
@@ -181,6 +185,7 @@ def _score(args) -> None:
     settings, entries = read_manifest(args.generated)
     if Path(args.out).suffix.lower() != ".json":
         raise ValueError(f"--out must be a .json file, got {args.out}")
+    enable(args.compile_cache)
     recognizers = _recognizers(args, settings)
     primary = args.primary or ("arcface" if "arcface" in recognizers else "dlib" if "dlib" in recognizers
                                else next(iter(recognizers), None))

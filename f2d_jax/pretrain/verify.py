@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from f2d_jax import cli
+from f2d_jax.compile_cache import enable
+
 PROG = "python -m f2d_jax.pretrain.verify"
 
 
@@ -101,6 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="images per call (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    cli.add_compile_cache(parser)
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1 or args.folds < 1:
@@ -108,6 +112,7 @@ def main(argv=None) -> int:
         missing = [b for b in args.bins if not Path(b).is_file()]
         if missing:
             raise VerifyError(f"no verification file at {', '.join(missing)}")
+        enable(args.compile_cache)
         model, variables = load_msid(args.msid, args.config)
         results = evaluate(model, variables, args.bins, args.batch_size, args.folds)
     except VerifyError as e:

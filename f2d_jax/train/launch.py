@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from f2d_jax import cli
+from f2d_jax.compile_cache import enable
 from f2d_jax.workdir import RunLock, task
 
 FAILED = 1
@@ -50,16 +51,18 @@ def check_config(config) -> None:
                          "least 1")
 
 
-def run(config, workdir) -> int:
+def run(config, workdir, compile_cache: str | None = None) -> int:
     """Train as `config` says (its `task`: Face2Diffusion or MSID pretraining) in `workdir`, holding the
-    workdir's lock for the run's life (the primary process holds it). Returns the exit status: 0 when
-    done (or already done), 143 after a SIGTERM checkpoint, 2 for a user error, 1 for a failed run."""
+    workdir's lock for the run's life (the primary process holds it), with JAX's persistent compilation
+    cache as `compile_cache` says (f2d_jax/compile_cache.py). Returns the exit status: 0 when done (or
+    already done), 143 after a SIGTERM checkpoint, 2 for a user error, 1 for a failed run."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> int:
         check_config(config)
         cli.check_output(workdir, "--workdir", folder=True)
         path = Path(workdir)
+        enable(compile_cache)
         initialize_distributed()
         import jax
 
