@@ -79,3 +79,44 @@ def test_table_command(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text()) == canned()
     text = (tmp_path / "table.md").read_text()
     assert capsys.readouterr().out == text == accelerator.report(canned())
+
+
+def test_op_profile_sorts_executed_ops_by_what_their_hlo_computes(tmp_path):
+    """benchmarks/op_profile.py on a canned HLO dump and profile: attention by module path (before
+    anything else), convolutions by opcode or a fused convolution, norms by module path, other dots,
+    the rest; while loops are containers, not counted."""
+    import gzip
+
+    import op_profile
+
+    dump = tmp_path / "hlo"
+    dump.mkdir()
+    (dump / "module_0003.jit_step.cpu_after_optimizations.txt").write_text("""\
+%fused_conv (p0: f32[2,8,8,4], p1: f32[3,3,4,4]) -> f32[2,8,8,4] {
+  ROOT %c = f32[2,8,8,4]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}, dim_labels=b01f_01io->b01f
+}
+%fused_dot (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
+  ROOT %d = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+ENTRY %main (x: f32[2,8,8,4]) -> f32[4,4] {
+  %ynn_fusion.8 = f32[4,8,128,1024]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step)/UNet/up_blocks_3/attentions_0/transformer_blocks_0/attn1/while/body/reduce_max" stack_frame_id=2}
+  %conv.1 = f32[2,8,8,4]{3,2,1,0} convolution(%x, %k), window={size=3x3}, metadata={op_name="jit(step)/UNet/conv_in/conv_general_dilated"}
+  %fusion.2 = f32[2,8,8,4]{3,2,1,0} fusion(%x, %k), kind=kOutput, calls=%fused_conv, metadata={op_name="jit(step)/UNet/down_blocks_0/resnets_0/conv1/add"}
+  %fusion.3 = f32[2,8,8,4]{3,2,1,0} fusion(%x), kind=kLoop, calls=%other, metadata={op_name="jit(step)/UNet/down_blocks_0/resnets_0/norm1/sub"}
+  %fusion.4 = f32[4,4]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(step)/UNet/time_embedding/linear_1/dot_general"}
+  %while.9 = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body, metadata={op_name="jit(step)/UNet/while"}
+  ROOT %add.5 = f32[4,4]{1,0} add(%a, %b), metadata={op_name="jit(step)/add"}
+}
+""")
+    trace = tmp_path / "trace" / "plugins" / "profile" / "run"
+    trace.mkdir(parents=True)
+    ops = {"ynn_fusion.8": 5e6, "conv.1": 2e6, "fusion.2": 1e6, "fusion.3": 1.5e6, "fusion.4": 0.5e6,
+           "while.9": 9e6, "add.5": 0.25e6}
+    events = [{"ph": "X", "name": op, "dur": micros / 2, "args": {"hlo_module": "jit_step", "hlo_op": op}}
+              for op, micros in ops.items() for _ in range(2)]
+    events.append({"ph": "X", "name": "$python", "dur": 1e9})  # not an XLA op
+    with gzip.open(trace / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+    totals = op_profile.breakdown(op_profile.op_times(tmp_path / "trace"), op_profile.read_dumps(dump))
+    assert totals == {"attention": 5.0, "convolutions": 3.0, "norms": 1.5, "other matmuls": 0.5, "other": 0.25}
