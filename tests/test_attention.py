@@ -128,6 +128,7 @@ def test_auto_and_fallbacks(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attn.resolve("auto", q.astype(jnp.bfloat16), k) == "cudnn"
     assert attn.resolve("auto", q, k) == "xla"                 # cuDNN's kernel takes bf16 / fp16 only
+    assert attn.resolve("auto", q.astype(jnp.bfloat16), k, mask=jnp.ones((1, 1, 1, 77), bool)) == "xla"
     with pytest.raises(ValueError, match="TPU kernel"):
         attn.resolve("pallas", q, k)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")

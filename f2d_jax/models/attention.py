@@ -7,7 +7,8 @@ encoders and MSID call. The implementations compute the same function:
   baseline, and what diffusers' Flax attention computes.
 - "xla": `jax.nn.dot_product_attention(implementation="xla")`.
 - "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
-  bfloat16 / float16, head widths up to 128 in multiples of 8); other shapes and dtypes take "xla".
+  bfloat16 / float16, head widths up to 128 in multiples of 8, no mask but the causal one); other
+  shapes and dtypes take "xla".
 - "pallas": the Pallas flash-attention kernel for TPU (sequence lengths in multiples of 128, no
   mask; other shapes take "xla"). On CPU it runs in Pallas' interpret mode, which is slow and
   meant for testing the kernel.
@@ -66,7 +67,7 @@ def resolve(name: str, q, k, mask=None) -> str:
     if name == "cudnn":
         if platform != "gpu":
             raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU (JAX runs on {platform})")
-        return "cudnn" if _cudnn_supports(q) else "xla"
+        return "cudnn" if _cudnn_supports(q, mask) else "xla"
     if name == "pallas":
         if platform not in ("tpu", "cpu"):
             raise ValueError(f"attention implementation 'pallas' is the TPU kernel (JAX runs on {platform})")
@@ -74,9 +75,9 @@ def resolve(name: str, q, k, mask=None) -> str:
     return name
 
 
-def _cudnn_supports(q) -> bool:
+def _cudnn_supports(q, mask) -> bool:
     d = q.shape[-1]
-    return q.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
+    return mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
 
 
 def _pallas_supports(q, k, mask) -> bool:
