@@ -1,7 +1,6 @@
 """JAX's persistent compilation cache, which the command lines turn on: what one run compiles (the
-train step, the encoders, the models' set-up) later runs read from disk instead of compiling again.
-JAX does not store programs with host callbacks: the sampling loop is stored only when it runs
-without its progress bar. JAX runs what it reads there: keep the folder writable by you alone.
+train step, the encoders, the models' set-up, the sampling step) later runs read from disk instead of
+compiling again. JAX runs what it reads there: keep the folder writable by you alone.
 
 Where: `--compile-cache DIR`, else $F2D_JAX_COMPILE_CACHE, else JAX's own setting where one is made
 (JAX_COMPILATION_CACHE_DIR, `jax.config.update("jax_compilation_cache_dir", ...)`), else

@@ -134,8 +134,8 @@ def _configured_expression(args) -> str:
 def _sample(args) -> int:
     from f2d_jax.faces import align_face
 
+    enable(args.compile_cache)  # before the checks, which compile too (the scheduler's arrays)
     check(args)
-    enable(args.compile_cache)
     faces = [align_face(image) for image in args.image]
     expression = align_face(args.expression_image) if args.expression_image else None
     from f2d_jax.sampling import F2DPipeline

@@ -1,38 +1,47 @@
-"""The denoising loop with classifier-free guidance, one `lax.fori_loop` under `jit`."""
+"""The denoising loop with classifier-free guidance: `start` (the state before the first step),
+`guided_step` (one step) and `denoise`, which runs every step in one `lax.fori_loop`."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 
-def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guidance: float, key=None,
-            callback=None):
-    """(B, C, h, w) initial noise -> denoised latents.
+def start(unet, scheduler, latents, context, uncond_context, key=None):
+    """What the steps share and the state before the first one: (contexts, keys, (x, memory)).
 
-    context / uncond_context: (B, 77, D) prompt and unconditional (e.g. empty-prompt) embeddings;
-    eps = eps_uncond + guidance * (eps_cond - eps_uncond) at every step. key: the noise of the
+    latents: (B, C, h, w) initial noise; context / uncond_context: (B, 77, D) prompt and unconditional
+    (e.g. empty-prompt) embeddings, concatenated into `contexts` (2B, 77, D). key: the noise of the
     ancestral schedulers: one key per image, (B,), so that an image does not depend on the batch it is
-    in, or one key for the batch. callback: called with the step index inside the loop
-    (e.g. a `jax.debug.callback` for a progress bar).
+    in, or one key for the batch (split into one per image); `keys` is (B,).
     """
     contexts = jnp.concatenate([uncond_context, context]).astype(unet.dtype)
     keys = key if key is not None else jax.random.key(0)
     keys = jax.random.split(keys, latents.shape[0]) if keys.ndim == 0 else keys
-
-    def body(i, carry):
-        x, memory = carry
-        if callback is not None:
-            callback(i)
-        model_input = scheduler.scale_model_input(i, x)
-        t = jnp.broadcast_to(scheduler.timesteps[i], (2 * x.shape[0],))
-        out = unet.apply(unet_params, jnp.concatenate([model_input, model_input]).astype(unet.dtype), t,
-                         contexts).sample.astype(jnp.float32)
-        uncond, cond = jnp.split(out, 2)
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-        return scheduler.step(i, x, uncond + guidance * (cond - uncond), step_keys, memory)
-
     x = latents * scheduler.init_noise_sigma
-    return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, (x, scheduler.init_memory(x)))[0]
+    return contexts, keys, (x, scheduler.init_memory(x))
+
+
+def guided_step(unet, unet_params, scheduler, contexts, guidance, keys, i, x, memory):
+    """Step i: (x, memory) -> (x, memory), with eps = eps_uncond + guidance * (eps_cond - eps_uncond).
+    contexts and keys as `start` makes them; image b's noise at step i is drawn from fold_in(keys[b], i)."""
+    model_input = scheduler.scale_model_input(i, x)
+    t = jnp.broadcast_to(scheduler.timesteps[i], (2 * x.shape[0],))
+    out = unet.apply(unet_params, jnp.concatenate([model_input, model_input]).astype(unet.dtype), t,
+                     contexts).sample.astype(jnp.float32)
+    uncond, cond = jnp.split(out, 2)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+    return scheduler.step(i, x, uncond + guidance * (cond - uncond), step_keys, memory)
+
+
+def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guidance: float, key=None):
+    """(B, C, h, w) initial noise -> denoised latents, every step in one `lax.fori_loop` (arguments as
+    `start` and `guided_step` take them)."""
+    contexts, keys, state = start(unet, scheduler, latents, context, uncond_context, key)
+
+    def body(i, state):
+        return guided_step(unet, unet_params, scheduler, contexts, guidance, keys, i, *state)
+
+    return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, state)[0]
 
 
 def decode_images(vae, vae_params, latents, scaling_factor: float):

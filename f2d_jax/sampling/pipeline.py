@@ -6,12 +6,15 @@
     photos -> aligned 112 crops -> MSID features, averaged over the photos
            -> mapping(identity, expression code | null_exp) -> "f l" tokens
     prompt ids with the tokens at "f" -> CLIP -> conditioning;  negative prompt -> CLIP -> unconditional
-    noise -> [UNet + classifier-free guidance + scheduler] x steps (one lax.fori_loop) -> VAE decode
+    noise -> [UNet + classifier-free guidance + scheduler] x steps -> VAE decode
 
-Images are made `batch_size` at a time (the last batch padded, so one program serves every batch):
-the memory a call needs does not grow with the number of images. The denoising loop and the decode
-are one jitted program, the batch sharded over the local devices, cached per (scheduler, steps,
-batch, size): a second call with the same shapes does not recompile.
+Images are made `batch_size` at a time (the last batch padded, so the programs serve every batch):
+the memory a call needs does not grow with the number of images. The set-up of a batch, one
+denoising step and the decode are three jitted programs, the batch sharded over the local devices,
+cached per (scheduler, steps, batch, size): a second call with the same shapes does not recompile.
+A Python loop dispatches the steps; with the progress bar on, it waits for each step once the next
+one is queued, and moves the bar. No program has a host callback: JAX's persistent compilation cache
+stores them all.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import operator
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -35,7 +39,7 @@ from f2d_jax.convert.checkpoints import cast_like
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.models.bundle import Models, compute_dtype, load_models
 from f2d_jax.params import merge
-from f2d_jax.sampling.loop import decode_images, denoise
+from f2d_jax.sampling.loop import decode_images, guided_step, start
 from f2d_jax.sampling.schedulers import make_scheduler
 from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.workdir import is_workdir, load_trained, task
@@ -129,7 +133,11 @@ class F2DPipeline:
         self._expression = jax.jit(encoders.expression_codes)
         self._embed = jax.jit(encoders.prompt_embeddings)
         self._condition = jax.jit(self._condition_fn)
-        self._generate = jax.jit(self._generate_fn, static_argnames=("progress",), out_shardings=self._replicated)
+        sd = models.sd  # a batch: its set-up, each denoising step (the program generation repeats), its decode
+        self._start = jax.jit(partial(start, unet), out_shardings=self._batch)
+        self._generate = jax.jit(partial(guided_step, unet), out_shardings=self._batch)
+        self._decode = jax.jit(partial(decode_images, sd.vae, scaling_factor=sd.vae_scaling_factor),
+                               out_shardings=self._replicated)
 
     # ------------------------------------------------------------------ construction
 
@@ -225,15 +233,6 @@ class F2DPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def _generate_fn(self, variables, scheduler, context, uncond, latents, keys, guidance, *, progress):
-        sd = self.models.sd
-        callback = None
-        if progress:  # the host-side progress bar, updated from inside the loop
-            callback = lambda i: jax.debug.callback(_advance, i)  # noqa: E731
-        latents = denoise(sd.unet, variables["unet"], scheduler, latents, context, uncond, guidance, keys,
-                          callback=callback)
-        return decode_images(sd.vae, variables["vae"], latents, sd.vae_scaling_factor)
-
     def generate(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str], num_images: int = 8,
                  seed: int = 0, steps: int = 30, guidance_scale: float = 7.0, scheduler: str = "euler_a",
                  negative_prompt: str = "", expression_image: FaceInput | None = None, latents=None,
@@ -270,23 +269,34 @@ class F2DPipeline:
         guidance, context = jnp.float32(guidance_scale), np.asarray(context)
         latents = None if latents is None else np.asarray(latents, np.float32)
         # Every batch has `size` rows, a multiple of the local devices: the last one is padded (with the
-        # first images, dropped after), so the program compiles once.
+        # first images, dropped after), so the programs compile once.
         size = -(-min(batch_size, n) // self.mesh.size) * self.mesh.size
         starts = range(0, n, size)
-        images = []
-        with _Progress(len(starts) * steps, f"sampling {n} image{'s' * (n > 1)}", progress) as bar:
-            for start in starts:
-                rows = np.arange(start, start + size) % n
+        images, unet = [], self.variables["unet"]
+        with tqdm(total=len(starts) * steps, desc=f"sampling {n} image{'s' * (n > 1)}", unit="step",
+                  disable=not progress, leave=False, dynamic_ncols=True) as bar:
+
+            def finished(state) -> None:  # a step is done when its result is ready
+                if progress:
+                    jax.block_until_ready(state)
+                    bar.update()
+
+            for first in starts:
+                rows = np.arange(first, first + size) % n
                 keys = jax.vmap(jax.random.key)(jnp.asarray(seeds[rows]))
                 noise = (latents[rows] if latents is not None else
                          jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys))
                 noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)  # the ancestral samplers' noise
-                batch = jax.device_put([context[rows],
-                                        jnp.broadcast_to(uncond, (size, *uncond.shape[1:])), noise, noise_keys],
-                                       self._batch)
-                out = self._generate(self.variables, schedule, *batch, guidance, progress=progress)
-                images.append(np.asarray(jax.device_get(out))[:n - start])
-                bar.finished(steps)
+                batch = jax.device_put([noise, context[rows], jnp.broadcast_to(uncond, (size, *uncond.shape[1:])),
+                                        noise_keys], self._batch)
+                contexts, noise_keys, state = self._start(schedule, *batch)
+                for i in range(steps):
+                    done, state = state, self._generate(unet, schedule, contexts, guidance, noise_keys, i, *state)
+                    if i:
+                        finished(done)  # step i - 1, while step i waits its turn
+                out = self._decode(self.variables["vae"], state[0])
+                finished(state)
+                images.append(np.asarray(jax.device_get(out))[:n - first])
         return np.concatenate(images)
 
     def _check_latents(self, latents, n: int, height: int, width: int) -> tuple[int, ...]:
@@ -304,39 +314,6 @@ class F2DPipeline:
         images = self.generate(image, prompt, num_images, seed, steps, guidance_scale, scheduler, negative_prompt,
                                expression_image, latents, height, width, progress, batch_size)
         return [Image.fromarray(x) for x in images]
-
-
-class _Progress:
-    """One progress bar over the steps of every batch of a call; the jitted loop reports step i of the
-    batch in flight (`with _Progress(...) as bar:`, `bar.finished(steps)` after each batch)."""
-
-    def __init__(self, total: int, description: str, enabled: bool):
-        self.bar = tqdm(total=total, desc=description, unit="step", disable=not enabled, leave=False,
-                        dynamic_ncols=True)
-        self.done = 0  # the steps of the batches finished
-
-    def __enter__(self) -> _Progress:
-        _BARS.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _BARS.remove(self)
-        self.bar.close()
-
-    def advance(self, i) -> None:
-        self.bar.update(max(self.done + int(i) + 1 - self.bar.n, 0))  # every device reports; count each step once
-
-    def finished(self, steps: int) -> None:
-        self.done += steps
-        self.bar.update(max(self.done - self.bar.n, 0))
-
-
-_BARS: list[_Progress] = []  # the progress bars of calls in flight (the jitted loop reports to the newest)
-
-
-def _advance(i) -> None:
-    if _BARS:
-        _BARS[-1].advance(i)
 
 
 def _tuples(tree):
