@@ -109,5 +109,5 @@ def test_sample_py_reads_what_its_first_run_compiled(tmp_path):
     assert len(entries) > 10  # the encoders, the models' initialization, the prompt embedding, ...
     second = run()
     assert second.count("Persistent compilation cache hit for ") == compiled(second) == compiled(first)
-    assert "Persistent compilation cache hit for 'jit_guided_step'" in second
+    assert "Persistent compilation cache hit for 'jit_steps'" in second
     assert sorted(cache.glob("*-cache")) == entries  # nothing new to write

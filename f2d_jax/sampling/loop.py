@@ -1,5 +1,6 @@
 """The denoising loop with classifier-free guidance: `start` (the state before the first step),
-`guided_step` (one step) and `denoise`, which runs every step in one `lax.fori_loop`."""
+`guided_step` (one step), `steps` (steps first..last - 1 in one `lax.fori_loop`) and `denoise` (all
+of them)."""
 from __future__ import annotations
 
 import jax
@@ -33,15 +34,19 @@ def guided_step(unet, unet_params, scheduler, contexts, guidance, keys, i, x, me
     return scheduler.step(i, x, uncond + guidance * (cond - uncond), step_keys, memory)
 
 
+def steps(unet, unet_params, scheduler, contexts, guidance, keys, first, last, x, memory):
+    """Steps first .. last - 1 (traced bounds: one program serves every range) of `guided_step`."""
+    def body(i, state):
+        return guided_step(unet, unet_params, scheduler, contexts, guidance, keys, i, *state)
+
+    return jax.lax.fori_loop(first, last, body, (x, memory))
+
+
 def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guidance: float, key=None):
     """(B, C, h, w) initial noise -> denoised latents, every step in one `lax.fori_loop` (arguments as
     `start` and `guided_step` take them)."""
     contexts, keys, state = start(unet, scheduler, latents, context, uncond_context, key)
-
-    def body(i, state):
-        return guided_step(unet, unet_params, scheduler, contexts, guidance, keys, i, *state)
-
-    return jax.lax.fori_loop(0, scheduler.timesteps.shape[0], body, state)[0]
+    return steps(unet, unet_params, scheduler, contexts, guidance, keys, 0, scheduler.timesteps.shape[0], *state)[0]
 
 
 def decode_images(vae, vae_params, latents, scaling_factor: float):

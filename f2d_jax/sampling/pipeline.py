@@ -12,9 +12,9 @@ Images are made `batch_size` at a time (the last batch padded, so the programs s
 the memory a call needs does not grow with the number of images. The set-up of a batch, one
 denoising step and the decode are three jitted programs, the batch sharded over the local devices,
 cached per (scheduler, steps, batch, size): a second call with the same shapes does not recompile.
-A Python loop dispatches the steps; with the progress bar on, it waits for each step once the next
-one is queued, and moves the bar. No program has a host callback: JAX's persistent compilation cache
-stores them all.
+A Python loop dispatches the steps, all in one call without a progress bar and about a tenth of
+them per call with one; it waits for each call's steps once the next call is queued, and moves the
+bar. No program has a host callback: JAX's persistent compilation cache stores them all.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from f2d_jax.convert.checkpoints import cast_like
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.models.bundle import Models, compute_dtype, load_models
 from f2d_jax.params import merge
-from f2d_jax.sampling.loop import decode_images, guided_step, start
+from f2d_jax.sampling.loop import decode_images, start, steps
 from f2d_jax.sampling.schedulers import make_scheduler
 from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.workdir import is_workdir, load_trained, task
@@ -135,7 +135,7 @@ class F2DPipeline:
         self._condition = jax.jit(self._condition_fn)
         sd = models.sd  # a batch: its set-up, each denoising step (the program generation repeats), its decode
         self._start = jax.jit(partial(start, unet), out_shardings=self._batch)
-        self._generate = jax.jit(partial(guided_step, unet), out_shardings=self._batch)
+        self._generate = jax.jit(partial(steps, unet), out_shardings=self._batch)
         self._decode = jax.jit(partial(decode_images, sd.vae, scaling_factor=sd.vae_scaling_factor),
                                out_shardings=self._replicated)
 
@@ -273,13 +273,16 @@ class F2DPipeline:
         size = -(-min(batch_size, n) // self.mesh.size) * self.mesh.size
         starts = range(0, n, size)
         images, unet = [], self.variables["unet"]
+        # Steps per program call: all of them without a progress bar; with one, about a tenth, so that
+        # the bar moves ten times while the calls' fixed costs (each re-reads the UNet's weights) stay small.
+        chunk = -(-steps // 10) if progress else steps
         with tqdm(total=len(starts) * steps, desc=f"sampling {n} image{'s' * (n > 1)}", unit="step",
                   disable=not progress, leave=False, dynamic_ncols=True) as bar:
 
-            def finished(state) -> None:  # a step is done when its result is ready
+            def finished(state, count: int) -> None:  # steps are done when their result is ready
                 if progress:
                     jax.block_until_ready(state)
-                    bar.update()
+                    bar.update(count)
 
             for first in starts:
                 rows = np.arange(first, first + size) % n
@@ -290,12 +293,13 @@ class F2DPipeline:
                 batch = jax.device_put([noise, context[rows], jnp.broadcast_to(uncond, (size, *uncond.shape[1:])),
                                         noise_keys], self._batch)
                 contexts, noise_keys, state = self._start(schedule, *batch)
-                for i in range(steps):
-                    done, state = state, self._generate(unet, schedule, contexts, guidance, noise_keys, i, *state)
+                for i in range(0, steps, chunk):
+                    done, state = state, self._generate(unet, schedule, contexts, guidance, noise_keys, i,
+                                                        min(i + chunk, steps), *state)
                     if i:
-                        finished(done)  # step i - 1, while step i waits its turn
+                        finished(done, chunk)  # the previous chunk, while this one waits its turn
                 out = self._decode(self.variables["vae"], state[0])
-                finished(state)
+                finished(state, steps - (steps - 1) // chunk * chunk)
                 images.append(np.asarray(jax.device_get(out))[:n - first])
         return np.concatenate(images)
 
