@@ -100,7 +100,7 @@ def test_cpu_blocks_and_padding_give_the_same_answer(monkeypatch, parity):
     (q, k, v), mask = _inputs("causal, padded keys")
     whole, whole_grads = _ours("cpu", "causal, padded keys", q, k, v, mask)
     monkeypatch.setattr(attn, "_CPU_BLOCK_ELEMENTS", 3 * 2 * 77 * 10)  # blocks of 10 queries: 8 blocks
-    assert attn._cpu_layout(q, k, True, mask)[0] == 10
+    assert attn._cpu_block(q, k) == 10
     blocked, blocked_grads = _ours("cpu", "causal, padded keys", q, k, v, mask)
     torch_out, torch_grads = _torch("causal, padded keys", q, k, v, mask)
     assert _err(blocked, whole) <= 5e-6 and max(map(_err, blocked_grads, whole_grads)) <= 3e-5

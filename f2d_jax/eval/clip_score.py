@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from f2d_jax.models.attention import attention
+from f2d_jax.models.layers import multi_head_attention
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 TINY = "tiny"  # a small random-init CLIP: the chain runs offline, its scores mean nothing
@@ -47,11 +47,11 @@ def _clip_attention(implementation: str):
             return next_fun(*args, **kwargs)
         given = dict(zip(("hidden_states", "attention_mask"), args)) | kwargs
         hidden, mask = given["hidden_states"], given.get("attention_mask")
-        heads = lambda x: x.reshape(*x.shape[:2], module.num_heads, module.head_dim)  # noqa: E731
-        out = attention(heads(module.q_proj(hidden)), heads(module.k_proj(hidden)), heads(module.v_proj(hidden)),
-                        causal=module.causal, mask=None if mask is None else mask[:, None, None, :] > 0,
-                        implementation=implementation)
-        return (module.out_proj(out.reshape(hidden.shape)),)
+        out = multi_head_attention(module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden),
+                                   module.num_heads, causal=module.causal,
+                                   mask=None if mask is None else mask[:, None, None, :] > 0,
+                                   implementation=implementation)
+        return (module.out_proj(out),)
 
     return intercept
 

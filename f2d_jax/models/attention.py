@@ -122,7 +122,10 @@ def _unblocks(x, t):
 
 
 def _mask_blocks(mask, tq, block):
-    """A (.., Tq or 1, Tk) mask split like the queries: (N, .., block or 1, Tk)."""
+    """(per-block stack, shared): a (.., Tq, Tk) mask split like the queries into (N, .., block, Tk)
+    and None; a mask the queries share ((.., 1, Tk) or fewer axes) is None and itself."""
+    if mask is None:
+        return None, None
     mask = jnp.asarray(mask)
     if mask.ndim < 4 or mask.shape[-2] == 1:
         return None, mask
@@ -131,19 +134,15 @@ def _mask_blocks(mask, tq, block):
     return jnp.moveaxis(mask.reshape(*mask.shape[:-2], -1, block, mask.shape[-1]), -3, 0), None
 
 
-def _cpu_layout(q, k, causal, mask):
-    """Query blocks for the cpu path: (block size, per-block mask stack or None, shared mask or None)."""
+def _cpu_block(q, k) -> int:
+    """Queries per block of the cpu path."""
     b, tq, h, _ = q.shape
-    block = max(1, min(tq, _CPU_BLOCK_ELEMENTS // (b * h * k.shape[1])))
-    if mask is None:
-        return block, None, None
-    stacked, shared = _mask_blocks(mask, tq, block)
-    return block, stacked, shared
+    return max(1, min(tq, _CPU_BLOCK_ELEMENTS // (b * h * k.shape[1])))
 
 
 def _cpu(q, k, v, causal, mask):
-    block, stacked, shared = _cpu_layout(q, k, causal, mask)
-    return _cpu_attention(q, k, v, stacked, shared, causal, block)
+    block = _cpu_block(q, k)
+    return _cpu_attention(q, k, v, *_mask_blocks(mask, q.shape[1], block), causal, block)
 
 
 def _block_mask(causal, stacked, shared, index, block, tk):

@@ -63,11 +63,13 @@ ACTIVATIONS = {
 }
 
 
-def multi_head_attention(q, k, v, num_heads: int, causal: bool = False, implementation: str = "auto"):
-    """(B, T, D) projections -> (B, T, D), softmax(q k^T / sqrt(D/heads)) v per head."""
+def multi_head_attention(q, k, v, num_heads: int, causal: bool = False, mask=None, implementation: str = "auto"):
+    """(B, Tq, D) queries, (B, Tk, D) keys and values -> (B, Tq, D), softmax(q k^T / sqrt(D/heads)) v per
+    head (f2d_jax.models.attention.attention, with its `causal`, `mask` and `implementation`)."""
     b, t, d = q.shape
     split = lambda x: x.reshape(b, x.shape[1], num_heads, d // num_heads)  # noqa: E731
-    return attention(split(q), split(k), split(v), causal=causal, implementation=implementation).reshape(b, t, d)
+    return attention(split(q), split(k), split(v), causal=causal, mask=mask,
+                     implementation=implementation).reshape(b, t, d)
 
 
 class Mlp(nn.Module):

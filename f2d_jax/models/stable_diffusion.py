@@ -28,8 +28,9 @@ from flax import traverse_util
 from f2d_jax.convert import io
 from f2d_jax.convert.checkpoints import CLIP_LAYOUT
 from f2d_jax.convert.layout import TorchLayout, check_tree, from_torch
-from f2d_jax.models.attention import attention, check_implementation
+from f2d_jax.models.attention import check_implementation
 from f2d_jax.models.clip_text import CLIPTextEncoder
+from f2d_jax.models.layers import multi_head_attention
 
 
 class _DropFlaxDeprecation(logging.Filter):
@@ -131,10 +132,9 @@ def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto"):
 def _attention_layer(module: FlaxAttention, implementation: str, hidden_states, context=None, deterministic=True):
     """FlaxAttention's computation (same parameters) through f2d_jax.models.attention."""
     context = hidden_states if context is None else context
-    heads = lambda x: x.reshape(*x.shape[:2], module.heads, module.dim_head)  # noqa: E731
-    out = attention(heads(module.query(hidden_states)), heads(module.key(context)), heads(module.value(context)),
-                    implementation=implementation)
-    out = module.proj_attn(out.reshape(*hidden_states.shape[:2], -1))
+    out = multi_head_attention(module.query(hidden_states), module.key(context), module.value(context),
+                               module.heads, implementation=implementation)
+    out = module.proj_attn(out)
     return module.dropout_layer(out, deterministic=deterministic)
 
 
