@@ -85,7 +85,7 @@ def jax_worker(args) -> dict:
     from f2d_jax.models.bundle import compute_dtype
     from f2d_jax.pretrain.loop import padded_classes, program
     from f2d_jax.sharding import batch_sharding, make_mesh
-    from f2d_jax.train.metrics import compiled_flops, matmul_flops, mfu, peak_flops
+    from f2d_jax.train.metrics import compiled_flops, mfu, peak_flops
 
     jax.config.update("jax_threefry_partitionable", True)  # as loop.py
     device = jax.local_devices()[0]
@@ -103,7 +103,7 @@ def jax_worker(args) -> dict:
     prog = program(config, mesh)
     sharding = batch_sharding(mesh)
     start = time.perf_counter()
-    compiled = prog.compile(global_batch, sharding)
+    compiled, flops = prog.compile(global_batch, sharding, mesh.size)
     compile_s = time.perf_counter() - start
     if jax.config.jax_compilation_cache_dir:
         log(f"[ours] note: JAX's persistent compilation cache is on ({jax.config.jax_compilation_cache_dir}); "
@@ -144,9 +144,8 @@ def jax_worker(args) -> dict:
     first, times = timed(step, jax.block_until_ready, args.warmup, args.steps)
     metrics = jax.device_get(step())
     seconds = statistics.median(times)
-    # Per device. XLA's cost analysis counts a loop body once: MSID's 12 blocks are one scan, so the
-    # MFU uses the traced count of matmuls and convolutions (every iteration); XLA's figure is kept.
-    flops = matmul_flops(prog.step, prog.abstract_state, prog.batch(global_batch, sharding)) / mesh.size
+    # flops: per device. XLA's cost analysis counts a loop body once: MSID's 12 blocks are one scan, so
+    # the MFU uses the traced count of matmuls and convolutions (every iteration); XLA's figure is kept.
     result.update(
         seconds=seconds, times=times, first_step_s=first, flops=flops, xla_flops=compiled_flops(compiled),
         peak_flops=peak_flops(device),

@@ -95,7 +95,7 @@ def jax_worker(args) -> dict:
     from f2d_jax.models.bundle import Models, compute_dtype
     from f2d_jax.sharding import batch_sharding, make_mesh
     from f2d_jax.train.loop import step_program
-    from f2d_jax.train.metrics import compiled_flops, matmul_flops, mfu, peak_flops
+    from f2d_jax.train.metrics import compiled_flops, mfu, peak_flops
 
     jax.config.update("jax_threefry_partitionable", True)  # as loop.py
     rss_baseline = max_rss_bytes()  # Python + JAX + diffusers (+ the torch it imports), before any model
@@ -129,15 +129,13 @@ def jax_worker(args) -> dict:
         f"remat_unet={tc.remat_unet}) ...")
     rss_setup = max_rss_bytes()
     start = time.perf_counter()
-    compiled = program.compile(features)
+    compiled, flops = program.compile(features, mesh.size)
     compile_s = time.perf_counter() - start
     if jax.config.jax_compilation_cache_dir:
         log(f"[ours] note: JAX's persistent compilation cache is on ({jax.config.jax_compilation_cache_dir}); "
             "the compile time may be a cache hit")
-    # Per device: the traced matmuls and convolutions, every loop iteration counted (XLA's cost
+    # flops: per device, the traced matmuls and convolutions, every loop iteration counted (XLA's cost
     # analysis counts a loop body once, e.g. one query block of the cpu attention); XLA's figure is kept.
-    flops = matmul_flops(program.step, program.abstract_state, program.frozen, features,
-                         program.constants) / mesh.size
     xla_memory = xla_step_memory(compiled)
     rss_compiled = max_rss_bytes()
     log(f"[ours] compiled in {compile_s:.1f} s (trace, lower, compile); timing {args.warmup} warm-up + "

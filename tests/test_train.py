@@ -292,3 +292,18 @@ def test_matmul_flops_counts_every_scan_iteration_and_the_backward_pass():
     assert matmul_flops(conv, s((2, 6, 6, 3), jnp.float32), s((3, 3, 3, 4), jnp.float32)) == 2 * (2 * 6 * 6 * 4) * 27
     branches = lambda p, a, b: jax.lax.cond(p, lambda: a @ b, lambda: a[:, :1] @ b[:1])   # noqa: E731
     assert matmul_flops(branches, s((), bool), s((3, 4), jnp.float32), s((4, 5), jnp.float32)) == 2 * 3 * 4 * 5
+
+
+def test_the_logged_mfu_counts_every_scanned_layer_from_the_same_trace_that_compiles():
+    import jax.numpy as jnp
+
+    from f2d_jax.train.metrics import compile_counted, compiled_flops
+
+    s = jax.ShapeDtypeStruct
+    x, w = s((2, 8), jnp.float32), s((8, 8), jnp.float32)
+    layers = jax.jit(lambda x, w: jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, None, length=7)[0])
+    compiled, flops = compile_counted(layers, x, w, devices=2)
+    assert flops == 7 * (2 * 2 * 8 * 8) / 2
+    assert compiled_flops(compiled) < 2 * flops   # XLA's cost analysis counts the scan's body once
+    a, b = np.ones((2, 8), np.float32), np.eye(8, dtype=np.float32)
+    np.testing.assert_allclose(compiled(a, b), layers(a, b))

@@ -35,7 +35,7 @@ from f2d_jax.pretrain.step import ArcFaceConfig, embed, train_step, with_frozen_
 from f2d_jax.sharding import AXES, batch_sharding, make_mesh, param_shardings, replicated
 from f2d_jax.train.checkpoint import Checkpoints, abstract_like
 from f2d_jax.train.loop import resume_or_init, run_loop
-from f2d_jax.train.metrics import MetricWriter, compiled_flops, is_primary
+from f2d_jax.train.metrics import MetricWriter, compile_counted, is_primary
 from f2d_jax.train.state import TrainState, init_state, optimizer
 
 
@@ -65,8 +65,9 @@ class Program:
         return {"image": jax.ShapeDtypeStruct((batch_size, SIZE, SIZE, 3), jnp.uint8, sharding=sharding),
                 "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
 
-    def compile(self, batch_size: int, sharding):
-        return self.step.lower(self.abstract_state, self.batch(batch_size, sharding)).compile()
+    def compile(self, batch_size: int, sharding, devices: int):
+        """(The step compiled for `batch_size` examples over `devices`, its FLOPs per device.)"""
+        return compile_counted(self.step, self.abstract_state, self.batch(batch_size, sharding), devices=devices)
 
 
 def program(config, mesh) -> Program:
@@ -154,7 +155,7 @@ def train_msid(config, workdir) -> int:
         return 0
 
     started = time.perf_counter()
-    compiled = prog.compile(tc.batch_size, batch_sh)
+    compiled, flops = prog.compile(tc.batch_size, batch_sh, mesh.size)
     say(f"compiled the train step in {time.perf_counter() - started:.1f} s")
 
     writer = MetricWriter(workdir, enabled=is_primary(), start_step=start)
@@ -165,7 +166,7 @@ def train_msid(config, workdir) -> int:
 
     loader = BatchLoader(source, tc.batch_size, config.seed, batch_sh, start_step=start,
                          workers=loading_workers(config.data.workers))
-    status = run_loop(config, state, start, loader, compiled, checkpoints, writer, flops=compiled_flops(compiled),
+    status = run_loop(config, state, start, loader, compiled, checkpoints, writer, flops=flops,
                       say=say, hooks=[(lc.verify_every, check)],
                       postfix=lambda m: dict(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}"))
     if status == 0:

@@ -32,7 +32,7 @@ from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.train.checkpoint import Checkpoints, abstract_like
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
-from f2d_jax.train.metrics import MetricWriter, compiled_flops, grid, is_primary, mfu
+from f2d_jax.train.metrics import MetricWriter, compile_counted, grid, is_primary, mfu
 from f2d_jax.params import merge, partition
 from f2d_jax.train.state import TrainState, init_state, optimizer
 from f2d_jax.train.step import Constants, StepConfig, train_step
@@ -103,10 +103,9 @@ def train(config, workdir) -> int:
 
     # ------------------------------------------------------------------ the compiled step
     started = time.perf_counter()
-    compiled = program.compile(_feature_shapes(models, variables, data, tc.batch_size, batch_sh))
+    compiled, flops = program.compile(_feature_shapes(models, variables, data, tc.batch_size, batch_sh), mesh.size)
     say(f"compiled the train step in {time.perf_counter() - started:.1f} s")
     frozen, constants = program.frozen, program.constants
-    flops = compiled_flops(compiled)
     encode = encoder_vars = None
     if not data.encoded:  # raw images: the frozen encoders turn each batch into features on the devices
         encoder_vars = jax.device_put({k: variables[k] for k in ("msid", "expression", "vae")}, rep)
@@ -223,9 +222,10 @@ class StepProgram:
     abstract_state: Any            # the state's ShapeDtypeStructs with their shardings (for restore and lowering)
     init: Callable[[], TrainState]  # a fresh state on the mesh
 
-    def compile(self, features: dict[str, jax.ShapeDtypeStruct]):
-        """Ahead-of-time compile for a batch of these shapes (with shardings)."""
-        return self.step.lower(self.abstract_state, self.frozen, features, self.constants).compile()
+    def compile(self, features: dict[str, jax.ShapeDtypeStruct], devices: int):
+        """Ahead-of-time compile for a batch of these shapes (with shardings) over `devices`:
+        (compiled step, its FLOPs per device)."""
+        return compile_counted(self.step, self.abstract_state, self.frozen, features, self.constants, devices=devices)
 
 
 def step_function(config, models: Models) -> tuple[Callable, Any]:

@@ -1,7 +1,7 @@
 """Training metrics: a JSON-lines file and TensorBoard event files in the workdir, images as PNG.
 
-Only process 0 writes. MFU is the step's FLOPs (XLA's cost analysis of the compiled step)
-per second over the device's dense bf16 peak (the datasheet's, or a measured one where given);
+Only process 0 writes. MFU is the step's FLOPs per device (its traced matrix multiplications and
+convolutions, every loop iteration counted) per second over the device's dense bf16 peak (the datasheet's, or a measured one where given);
 unknown devices (CPU) report none.
 """
 from __future__ import annotations
@@ -47,6 +47,13 @@ def matmul_flops(fn, *args) -> float:
     loop's body once, so it misses all but one of a scanned stack of layers), a cond's costliest
     branch, a while loop's body once. Elementwise operations are not counted."""
     return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def compile_counted(jitted, *args, devices: int = 1):
+    """Ahead-of-time compile `jitted` for `args` (ShapeDtypeStructs with shardings) from one trace:
+    (the compiled function, its per-device FLOPs as `matmul_flops` counts them over `devices`)."""
+    traced = jitted.trace(*args)
+    return traced.lower().compile(), _jaxpr_flops(traced.jaxpr.jaxpr) / devices
 
 
 def _jaxpr_flops(jaxpr) -> float:
