@@ -82,6 +82,42 @@ TINY_CONFIGS = {
     "scheduler": SD14_SCHEDULER,
 }
 
+# Tiny bundles of the SD 2.x and SDXL structures, in the same form. SD 2: one GELU text encoder whose
+# tokenizer pads with "!", linear projections in the UNet's transformers, upcast attention and
+# v-prediction as SD 2.1 (768 px). SDXL: a CLIP-L-like (32 wide) and a bigG-like (48 wide, with a
+# text projection) text encoder, the UNet's context their two penultimate states side by side (80), its
+# added embedding the projected pooled state (48) and six time ids (6 x 8), and SDXL's scheduler.
+_TINY_VAE = TINY_CONFIGS["vae"]
+TINY_SD2_CONFIGS = {
+    "unet": dict(TINY_CONFIGS["unet"], attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True),
+    "vae": _TINY_VAE,
+    "text_encoder": dict(TINY_CONFIGS["text_encoder"], hidden_act="gelu"),
+    "scheduler": {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                  "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1, "clip_sample": False},
+    "tokenizer": {"pad_token": "!"},
+}
+TINY_SDXL_CONFIGS = {
+    "unet": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80,
+                 attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 48),
+    "vae": dict(_TINY_VAE, scaling_factor=0.13025, force_upcast=True),
+    "text_encoder": TINY_CONFIGS["text_encoder"],
+    "text_encoder_2": dict(vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                           num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+                           projection_dim=48, architectures=["CLIPTextModelWithProjection"]),
+    "scheduler": {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                  "prediction_type": "epsilon", "interpolation_type": "linear", "sample_max_value": 1.0,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+                  "use_karras_sigmas": False, "clip_sample": False},
+    "tokenizer": {}, "tokenizer_2": {"pad_token": "!"},
+}
+
 # PyTorch-only options and the PyTorch defaults (diffusers 0.39) the Flax models compute; any other value
 # would change the output. Keys not listed and not accepted by the Flax class are an error too.
 _UNET_TORCH_DEFAULTS = {
