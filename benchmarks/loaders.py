@@ -243,19 +243,19 @@ def f2d_step_flops(batch: int, resolution: int, raw: bool) -> float:
     config.data.resolution = resolution
     sd = sdm.build({"unet": SD14_UNET, "vae": {**SD14_VAE, "sample_size": resolution}, "text_encoder": SD14_CLIP,
                     "scheduler": SD14_SCHEDULER}, dtype=jnp.bfloat16)
-    encoders = Encoders.from_config(config.model, sd.text_encoder)
+    encoders = Encoders.from_config(config.model, sd.text_encoders)
     models = Models(encoders, sd)
     variables = {**sdm.abstract_params(sd),
                  **jax.eval_shape(lambda key: encoders.init(key, ("msid", "mapping", "expression")), jax.random.key(0))}
     step, tx = step_function(config, models)
-    trainable, frozen = partition({k: variables[k] for k in STEP_MODELS}, config.train.trainable)
+    trainable, frozen = partition({k: variables[k] for k in STEP_MODELS if k in variables}, config.train.trainable)
     state = jax.eval_shape(functools.partial(init_state, tx=tx), trainable)
     s, h = jax.ShapeDtypeStruct, resolution // 8
     features = {"identity": s((batch, encoders.mapping.identity_dim), jnp.float32),
                 "expression": s((batch, encoders.mapping.expression_dim), jnp.float32),
                 "latent_moments": s((batch, h, h, 2 * sd.vae.latent_channels), jnp.float32),
                 "mask": s((batch, h, h, 1), jnp.float32)}
-    constants = Constants(s((1, 77), jnp.int32), s((1,), jnp.int32), s((1, 77, sd.text_encoder.width), jnp.float32),
+    constants = Constants(s((1, 77), jnp.int32), s((1,), jnp.int32), {"context": s((1, 77, sd.text_encoder.width), jnp.float32)},
                           s((SD14_SCHEDULER["num_train_timesteps"],), jnp.float32))
     flops = matmul_flops(step, state, frozen, features, constants)
     if raw:

@@ -70,7 +70,7 @@ def jax_worker(args) -> dict:
     model = load_config(ROOT / "configs" / "f2d_sd14.py").model
     model.mapping.token_dim = spec["text_encoder"]["hidden_size"]
     model.attention = args.attention
-    encoders = Encoders.from_config(model, sd.text_encoder)
+    encoders = Encoders.from_config(model, sd.text_encoders)
     variables.update(encoders.init(jax.random.key(1), ("msid", "mapping")))
     pipe = F2DPipeline(Models(encoders, sd), variables)
     face = benchmark_face()

@@ -110,7 +110,7 @@ def jax_worker(args) -> dict:
     abstract = sdm.abstract_params(sd)
     variables = sdm.random_params({k: abstract[k] for k in ("unet", "text_encoder")}, jax.random.key(config.seed),
                                   dtype)
-    encoders = Encoders.from_config(config.model, sd.text_encoder)
+    encoders = Encoders.from_config(config.model, sd.text_encoders)
     models = Models(encoders, sd)
     variables.update(encoders.init(jax.random.key(config.seed + 1), ("mapping",)))
 

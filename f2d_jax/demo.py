@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         expression = encoders.expression_codes(variables, expression_images)
         tokens = encoders.identity_tokens(variables, identity)                    # null expression (inference)
         tokens_with_expression = encoders.identity_tokens(variables, identity, expression)
-        embeddings = encoders.prompt_embeddings(variables, input_ids, positions, tokens)
+        embeddings = encoders.prompt_embeddings(variables, input_ids, positions, tokens)["context"]
         return identity, expression, tokens, tokens_with_expression, embeddings
 
     start = time.perf_counter()

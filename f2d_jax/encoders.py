@@ -2,11 +2,15 @@
 
     112 crop -> MSID -> identity (B, 1536) --+
     224 crop -> Deep3DFaceRecon -> exp (B, 64) --+-> mapping -> "f l" tokens (B, 2, 768)
-    prompt ids + tokens at the "f" position -> CLIP text encoder -> conditioning (B, 77, 768)
+    prompt ids + tokens at the "f" position -> CLIP text encoder -> conditioning {"context": (B, 77, 768)}
 
-`Encoders` holds the four Flax modules (configuration only); every method is a pure function
-of a variables dict {"msid", "mapping", "text_encoder", "expression"} and arrays, so training
-and sampling compose them under `jax.jit`.
+SDXL has two text encoders (CLIP ViT-L, 768 wide, and OpenCLIP bigG, 1280): the mapping network's
+tokens are 768 + 1280 wide, split between them, and the conditioning is their penultimate states side
+by side, {"context": (B, 77, 2048)}, with bigG's projected pooled state {"text_embeds": (B, 1280)}.
+
+`Encoders` holds the Flax modules (configuration only); every method is a pure function of a
+variables dict {"msid", "mapping", "text_encoder"[, "text_encoder_2"], "expression"} and arrays, so
+training and sampling compose them under `jax.jit`.
 """
 from __future__ import annotations
 
@@ -29,24 +33,35 @@ class Encoders:
     mapping: MappingNetwork
     text_encoder: CLIPTextEncoder
     expression: ExpressionEncoder
+    text_encoder_2: CLIPTextEncoder | None = None   # SDXL's bigG
 
     def __post_init__(self):
         if self.mapping.identity_dim != self.msid.features:
             raise ValueError(f"mapping.identity_dim ({self.mapping.identity_dim}) must equal the MSID feature size "
                              f"({self.msid.features} = {len(self.msid.tap_layers)} taps x {self.msid.width})")
-        if self.mapping.token_dim != self.text_encoder.width:
-            raise ValueError(f"mapping.token_dim ({self.mapping.token_dim}) must equal the text encoder width "
-                             f"({self.text_encoder.width})")
+        widths = [encoder.width for encoder in self.text_encoders.values()]
+        if self.mapping.token_dim != sum(widths):
+            raise ValueError(f"mapping.token_dim ({self.mapping.token_dim}) must equal the text encoder width"
+                             + (f"s together ({' + '.join(map(str, widths))} = {sum(widths)})" if len(widths) > 1
+                                else f" ({widths[0]})"))
+
+    @property
+    def text_encoders(self) -> dict[str, CLIPTextEncoder]:
+        second = {"text_encoder_2": self.text_encoder_2} if self.text_encoder_2 is not None else {}
+        return {"text_encoder": self.text_encoder, **second}
 
     @classmethod
-    def from_config(cls, model: Mapping[str, Any], text_encoder: CLIPTextEncoder | None = None) -> Encoders:
-        """From a config's `model` section; `text_encoder` (e.g. the one of a loaded SD
-        checkpoint) is used when the section leaves the text encoder empty."""
+    def from_config(cls, model: Mapping[str, Any], text_encoders: Mapping[str, CLIPTextEncoder] | None = None
+                    ) -> Encoders:
+        """From a config's `model` section; `text_encoders` (those of a loaded SD checkpoint, by
+        variables key: `StableDiffusion.text_encoders`) are used when given, else the section's."""
         attention = model.get("attention", "auto")
-        if text_encoder is None:
-            text_encoder = CLIPTextEncoder(**dict(model.get("text_encoder") or {}), attention=attention)
+        if text_encoders is None:
+            text_encoders = {"text_encoder": CLIPTextEncoder(**dict(model.get("text_encoder") or {}),
+                                                             attention=attention)}
         return cls(MSIDEncoder(**model["msid"], attention=attention), MappingNetwork(**model["mapping"]),
-                   text_encoder, ExpressionEncoder(**model["expression"]))
+                   text_encoders["text_encoder"], ExpressionEncoder(**model["expression"]),
+                   text_encoders.get("text_encoder_2"))
 
     @functools.partial(jax.jit, static_argnums=(0, 2))
     def init(self, rng: jax.Array, names: tuple[str, ...] = NAMES) -> dict[str, Any]:
@@ -73,13 +88,24 @@ class Encoders:
         return expression_code(self.expression.apply(variables["expression"], images))
 
     def identity_tokens(self, variables, identity, expression=None, expression_mask=None, *, train=False, rng=None):
-        """(B, F) identity [+ (B, 64) expression, (B,) mask] -> (B, 2, D) embeddings of "f" and "l"."""
+        """(B, F) identity [+ (B, 64) expression, (B,) mask] -> (B, 2, D) embeddings of "f" and "l" (D: the
+        text encoders' widths together)."""
         rngs = {"dropout": rng} if train else None
         first, last = self.mapping.apply(variables["mapping"], identity, expression, expression_mask,
                                          train=train, rngs=rngs)
         return jnp.stack([first, last], axis=1)
 
-    def prompt_embeddings(self, variables, input_ids, positions=None, tokens=None):
-        """(B, 77) ids [+ (B, K, D) tokens written at (B,) positions] -> (B, 77, D) conditioning."""
-        hidden, _ = self.text_encoder.apply(variables["text_encoder"], input_ids, tokens, positions)
-        return hidden
+    def prompt_embeddings(self, variables, input_ids, positions=None, tokens=None) -> dict[str, jax.Array]:
+        """(B, 77) ids [+ (B, K, D) tokens written at (B,) positions] -> the conditioning {"context": (B, 77, D)},
+        and with SDXL's second encoder {"text_embeds": (B, P)}, its projected pooled state. Each encoder
+        takes its slice of the tokens' width, in order."""
+        states, offset = [], 0
+        for name, encoder in self.text_encoders.items():
+            part = None if tokens is None else tokens[..., offset:offset + encoder.width]
+            offset += encoder.width
+            hidden, pooled = encoder.apply(variables[name], input_ids, part, positions)
+            states.append(hidden)
+        conditioning = {"context": jnp.concatenate(states, axis=-1) if len(states) > 1 else states[0]}
+        if self.text_encoder_2 is not None:
+            conditioning["text_embeds"] = pooled
+        return conditioning

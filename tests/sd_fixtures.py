@@ -62,3 +62,49 @@ def write_tiny_sd(path, seed: int = 0) -> TinySD:
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(path, safe_serialization=True)
     return TinySD(path, unet, vae, text_encoder)
+
+
+def _tokenizer(pad: str | None):
+    """The SD v1 tokenizer, padding with `pad` (SD 2's and SDXL's second pad with "!")."""
+    import copy
+
+    tokenizer = copy.deepcopy(load_tokenizer())
+    if pad is not None:
+        tokenizer.pad_token = pad
+    return tokenizer
+
+
+def _text_encoder(config: dict, seed: int):
+    from transformers import CLIPTextModelWithProjection
+
+    config = dict(config)
+    kind = CLIPTextModelWithProjection if config.pop("architectures", None) else CLIPTextModel
+    torch.manual_seed(seed)
+    return randomize(kind(CLIPTextConfig(**config, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), seed)
+
+
+def write_tiny_base(path, base: str, seed: int = 0):
+    """Write a tiny PyTorch SD 2 ("sd2") or SDXL ("sdxl") directory of `TINY_BASES[base]`'s sizes through
+    StableDiffusionPipeline / StableDiffusionXLPipeline.save_pretrained; returns the pipeline."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from f2d_jax.models.stable_diffusion import TINY_BASES
+
+    configs = TINY_BASES[base]
+    torch.manual_seed(seed)
+    unet = randomize(UNet2DConditionModel(**configs["unet"]), seed)
+    vae = randomize(AutoencoderKL(**{k: v for k, v in configs["vae"].items()}), seed + 1)
+    scheduler = {k: v for k, v in configs["scheduler"].items() if not k.startswith("_")}
+    common = dict(vae=vae, unet=unet, text_encoder=_text_encoder(configs["text_encoder"], seed + 2),
+                  tokenizer=_tokenizer(configs.get("tokenizer", {}).get("pad_token")))
+    if base == "sdxl":
+        pipeline = StableDiffusionXLPipeline(
+            **common, text_encoder_2=_text_encoder(configs["text_encoder_2"], seed + 3),
+            tokenizer_2=_tokenizer(configs["tokenizer_2"]["pad_token"]),
+            scheduler=EulerDiscreteScheduler.from_config(scheduler), add_watermarker=False)
+    else:
+        pipeline = StableDiffusionPipeline(**common, scheduler=DDIMScheduler.from_config(scheduler),
+                                           safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return pipeline

@@ -53,7 +53,7 @@ def test_generates_images_and_reuses_the_compiled_program(pipe, face):
 
 def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
     prompts = ["a photo of f l", "f l eating bread in front of the Eiffel Tower"]
-    embeddings = pipe.encode_prompt(face, prompts)
+    embeddings = pipe.encode_prompt(face, prompts)["context"]
     tiny = pipe  # its expression encoder given explicitly (from_config loads one only with weights)
     random_expression = pipe.models.encoders.init(jax.random.key(2), ("expression",))
     pipe = F2DPipeline(pipe.models, {**pipe.variables, **random_expression}, pipe.config)
@@ -71,9 +71,10 @@ def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
     for expression in (code, jnp.ones((1, 64))):
         monkeypatch.setattr(pipe, "expression", lambda image: expression)
         tokens = encoders.identity_tokens(variables, jnp.repeat(pipe.identity(face), 2, 0), jnp.repeat(expression, 2, 0))
-        np.testing.assert_allclose(pipe.encode_prompt(face, prompts, expression_image=flipped),
-                                   encoders.prompt_embeddings(variables, ids, positions, tokens), atol=1e-5)
-    assert not np.allclose(pipe.encode_prompt(face, prompts, expression_image=flipped), embeddings, atol=1e-3)
+        np.testing.assert_allclose(pipe.encode_prompt(face, prompts, expression_image=flipped)["context"],
+                                   encoders.prompt_embeddings(variables, ids, positions, tokens)["context"], atol=1e-5)
+    assert not np.allclose(pipe.encode_prompt(face, prompts, expression_image=flipped)["context"], embeddings,
+                           atol=1e-3)
     images = tiny.generate([face, flipped], prompts, num_images=3, steps=2, height=64, width=64, progress=False)
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
 
@@ -281,9 +282,9 @@ def test_images_match_diffusers_pytorch(tiny_sd_pipelines, face, scheduler, pari
     latents = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 8, 8)))
     mine = ours.generate(face, prompts, num_images=1, steps=10, guidance_scale=7.0, scheduler=scheduler,
                          latents=latents, height=64, width=64, progress=False)
-    context = np.asarray(ours.encode_prompt(face, prompts))
+    context = np.asarray(ours.encode_prompt(face, prompts)["context"])
     uncond = np.asarray(ours.models.encoders.prompt_embeddings(ours.variables, jnp.asarray(
-        token_ids(["", ""], ours.tokenizer))))
+        token_ids(["", ""], ours.tokenizer)))["context"])
     with torch.no_grad():
         reference = theirs(prompt_embeds=torch.from_numpy(context), negative_prompt_embeds=torch.from_numpy(uncond),
                            latents=torch.from_numpy(latents), num_inference_steps=10, guidance_scale=7.0,

@@ -40,7 +40,7 @@ def jax_side(tmp_path_factory):
     sd_fixtures.write_tiny_sd(directory / "sd", seed=0)
     sd, sd_params = load_stable_diffusion(directory / "sd")
     config = load_config(ROOT / "configs" / "tiny.py")
-    encoders = Encoders.from_config(config.model, sd.text_encoder)
+    encoders = Encoders.from_config(config.model, sd.text_encoders)
     variables = encoders.init(jax.random.key(0), ("msid", "mapping"))
     # Every leaf non-trivial (BatchNorm statistics, norm scales, null_exp), running variances stay positive.
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def _jax_prompt_embeddings(encoders, variables, prompts, identity, expression=No
     ids, positions = identifier_prompts(prompts)
     tokens = encoders.identity_tokens(variables, jnp.asarray(identity), expression)
     tokens = jnp.broadcast_to(tokens, (len(ids), *tokens.shape[1:]))
-    return encoders.prompt_embeddings(variables, ids, positions, tokens)
+    return encoders.prompt_embeddings(variables, ids, positions, tokens)["context"]
 
 
 # --------------------------------------------------------------------------- parity with the JAX path

@@ -40,14 +40,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bfloat16 activations (half of XLA's 10.2 GiB buffer assignment in float32) and 1.7 GiB "
                         "of UNet and VAE weights, within the 75%% of the memory JAX takes (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps, 1 to 1000 (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale "
-                        "(default: %(default)s)")
-    parser.add_argument("--scheduler", default="euler_a", help="euler_a (official), euler, ddim or dpm++2m "
-                        "(default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
+                        "(default: the base's: 7 on SD 1.x (official), 7.5 on SD 2.x, 5 on SDXL)")
+    parser.add_argument("--scheduler", default=None, help="euler_a, euler, ddim or dpm++2m (default: the base's: "
+                        "euler_a on SD 1.x (official), the scheduler its directory names on SD 2.x and SDXL)")
     parser.add_argument("--negative-prompt", default="", help="(default: empty)")
     parser.add_argument("--expression-image", help="photo whose facial expression to use (needs --expression)")
-    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: 512, "
-                        "or the tiny config's training resolution)")
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the base's "
+                        "training size, 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL, or the --config's or "
+                        "--checkpoint's training resolution; SDXL's size conditioning follows it)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: as --height)")
     weights = parser.add_argument_group("weights")
     weights.add_argument("--checkpoint", metavar="WORKDIR", help="a train.py workdir (latest checkpoint)")
@@ -142,11 +143,13 @@ def _sample(args) -> int:
 
     pipe = F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
                             mapping=args.mapping, expression=args.expression)
-    height = args.height or (pipe.config.data.resolution if args.config or args.checkpoint else 512)
+    height = args.height or (pipe.config.data.resolution if args.config or args.checkpoint else None)
+    args.guidance, args.scheduler, height, width = pipe.settings(args.guidance, args.scheduler, height, args.width)
+    check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     images = pipe.generate(faces, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
                            guidance_scale=args.guidance, scheduler=args.scheduler,
                            negative_prompt=args.negative_prompt, expression_image=expression,
-                           height=height, width=args.width or height, batch_size=args.batch_size)
+                           height=height, width=width, batch_size=args.batch_size)
     out = Path(args.out)
     save(images, args, pipe, out)
     print(f"wrote {out}" + (f" and {len(images)} images in {args.out_dir}" if args.out_dir else ""), file=sys.stderr)

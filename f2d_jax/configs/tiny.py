@@ -18,6 +18,7 @@ def get_config():
     # The text encoder of the tiny Stable Diffusion bundle.
     config.model.text_encoder = ml_collections.ConfigDict(clip_text_fields(TINY_CONFIGS["text_encoder"]))
     config.weights.update(sd="", msid="", mapping="", expression="")
+    config.model.tiny_base = "sd1"   # the structure of the tiny random SD (empty weights.sd): sd1, sd2 or sdxl
 
     config.data.update(resolution=64, holdout=2, synthetic_identities=8, synthetic_examples=256)
     config.train.update(steps=60, batch_size=8, compute_dtype="float32", remat_unet=False)

@@ -122,11 +122,11 @@ def generate(pipe, faces: Mapping[Path, AlignedFace], prompts: Sequence[str], se
         for path, pairs in todo.items():
             if not pairs:
                 continue
-            context = pipe.encode_prompt(faces[path], list(prompts))
+            conditioning = pipe.encode_prompt(faces[path], list(prompts))
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
                 rows, chunk_seeds = np.array([i for i, _ in chunk]), [s for _, s in chunk]
-                images = pipe.sample(context[rows], chunk_seeds, progress=False, batch_size=batch_size,
+                images = pipe.sample({k: np.asarray(v)[rows] for k, v in conditioning.items()}, chunk_seeds, progress=False, batch_size=batch_size,
                                      **sample_args)
                 entries = []
                 for (i, seed), image in zip(chunk, images):

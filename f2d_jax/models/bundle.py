@@ -34,16 +34,18 @@ def compute_dtype(name: str):
 
 def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "mapping", "expression"),
                 log=lambda msg: print(msg, file=sys.stderr)) -> tuple[Models, dict[str, Any]]:
-    """(Models, variables) with variables for "unet", "vae", "text_encoder" (in `dtype`) and `names`
+    """(Models, variables) with variables for "unet", "vae", "text_encoder"[, "text_encoder_2"] (in `dtype`) and `names`
     (float32). `log` receives a line for every model that starts from random init."""
     weights = config["weights"]
     attention = config["model"].get("attention", "auto")
     if weights["sd"]:
         sd, variables = load_stable_diffusion(weights["sd"], dtype=dtype, attention=attention)
     else:
-        log("sd: tiny random-init Stable Diffusion (weights.sd is empty)")
-        sd, variables = tiny_stable_diffusion(jax.random.key(config["seed"]), dtype=dtype, attention=attention)
-    encoders = Encoders.from_config(config["model"], sd.text_encoder)
+        base = config["model"].get("tiny_base", "sd1")
+        log(f"sd: tiny random-init Stable Diffusion of the {base} structure (weights.sd is empty)")
+        sd, variables = tiny_stable_diffusion(jax.random.key(config["seed"]), dtype=dtype, attention=attention,
+                                              base=base)
+    encoders = Encoders.from_config(config["model"], sd.text_encoders)
     random = tuple(n for n in names if not weights[n])
     for name in random:
         log(f"{name}: random init (weights.{name} is empty)")

@@ -50,14 +50,16 @@ from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
 from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+SECOND_ENCODER = "text_encoder_2"   # SDXL's OpenCLIP bigG, beside CLIP ViT-L
 CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                "scheduler": "scheduler_config.json"}
+                "scheduler": "scheduler_config.json", SECOND_ENCODER: "config.json"}
 # Per component, in order of preference: Flax msgpack, safetensors, PyTorch pickle.
 WEIGHT_FILES = {
     "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "text_encoder": ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"),
 }
+WEIGHT_FILES[SECOND_ENCODER] = WEIGHT_FILES["text_encoder"]
 
 # Stable Diffusion v1.4's scheduler/scheduler_config.json as published: PNDM with the DDPM training values and no
 # timestep_spacing key, so each sampler takes its diffusers default.
@@ -197,13 +199,27 @@ class UNet(FlaxUNet2DConditionModel):
             return super().__call__(*args, **kwargs)
 
 
+def unet_output(unet: UNet, params, x, t, conditioning: dict):
+    """The UNet's prediction for latents x (B, C, h, w) at timesteps t (B,) under a conditioning
+    {"context": (B, 77, D)} (SDXL adds "text_embeds" and "time_ids"; a bare array is the context),
+    computed in the UNet's dtype."""
+    conditioning = conditioning if isinstance(conditioning, dict) else {"context": conditioning}
+    cond = {k: v.astype(unet.dtype) for k, v in conditioning.items()}
+    added = {k: cond[k] for k in ("text_embeds", "time_ids")} if "time_ids" in cond else None
+    return unet.apply(params, x.astype(unet.dtype), t, cond["context"], added_cond_kwargs=added).sample
+
+
 class UnsupportedConfigError(ValueError):
     """A model config asks for something the Flax model does not compute."""
 
 
 @dataclasses.dataclass(frozen=True)
 class StableDiffusion:
-    """The frozen Stable Diffusion modules and settings; parameters travel separately."""
+    """The frozen Stable Diffusion modules and settings; parameters travel separately.
+
+    SD 1.x and 2.x have one text encoder; SDXL has two (`text_encoder_2` is bigG, with its text
+    projection), whose penultimate hidden states side by side are the UNet's context, and whose
+    projected pooled state and the image size (`time_ids`) are the UNet's added conditioning."""
 
     unet: UNet
     vae: FlaxAutoencoderKL
@@ -211,11 +227,46 @@ class StableDiffusion:
     scheduler_config: dict
     vae_scaling_factor: float = 0.18215
     tokenizer_path: str | None = None   # directory with the tokenizer files; None: the bundled SD v1 one
+    text_encoder_2: CLIPTextEncoder | None = None
+    force_zeros_for_empty_prompt: bool = False   # SDXL: no negative prompt means a conditioning of zeros
 
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for SD)."""
         return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    @property
+    def text_encoders(self) -> dict[str, CLIPTextEncoder]:
+        """The text encoders by variables key, in the order their states are concatenated."""
+        second = {SECOND_ENCODER: self.text_encoder_2} if self.text_encoder_2 is not None else {}
+        return {"text_encoder": self.text_encoder, **second}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The variables keys of the bundle's models."""
+        return ("unet", "vae", *self.text_encoders)
+
+    def with_size(self, conditioning: dict, height: int, width: int) -> dict:
+        """The conditioning with SDXL's size micro-conditioning, `time_ids` (B, 6): original size, crop
+        top-left, target size, as diffusers' SDXL pipeline makes them by default ((h, w, 0, 0, h, w)).
+        Unchanged for a UNet without added time ids."""
+        if self.unet.addition_embed_type != "text_time":
+            return conditioning
+        rows = conditioning["context"].shape[0]
+        ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
+        return {**conditioning, "time_ids": jnp.broadcast_to(ids, (rows, 6))}
+
+    def negative_conditioning(self, conditioning: dict, negative_prompt: str) -> dict:
+        """The unconditional branch's conditioning, given the negative prompt's: zeros for SDXL when the
+        negative prompt is empty (diffusers' force_zeros_for_empty_prompt), else unchanged."""
+        if negative_prompt or not self.force_zeros_for_empty_prompt:
+            return conditioning
+        return jax.tree.map(jnp.zeros_like, conditioning)
+
+    @property
+    def default_size(self) -> int:
+        """The image side the UNet was trained at (512 for SD 1.x and 2.1-base, 768 for 2.1, 1024 for SDXL)."""
+        return self.unet.sample_size * self.vae_scale_factor
 
     def tokenizer(self):
         from f2d_jax.text import load_tokenizer
@@ -270,6 +321,14 @@ def clip_text_fields(config: dict) -> dict:
     return {ours: config.get(theirs, defaults[ours]) for theirs, ours in _CLIP_FIELDS.items()}
 
 
+def clip_text_config(encoder: CLIPTextEncoder) -> dict:
+    """The Hugging Face CLIPTextConfig entries of `encoder` (inverse of `clip_text_fields`)."""
+    config = {theirs: getattr(encoder, ours) for theirs, ours in _CLIP_FIELDS.items()}
+    if encoder.projection_dim is not None:
+        config.update(projection_dim=encoder.projection_dim, architectures=["CLIPTextModelWithProjection"])
+    return config
+
+
 def alphas_cumprod(scheduler_config: dict) -> np.ndarray:
     """(T,) float32 cumulative products of 1 - beta_t: the DDPM training noise schedule of the config."""
     steps = scheduler_config.get("num_train_timesteps", 1000)
@@ -289,28 +348,49 @@ def alphas_cumprod(scheduler_config: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas).astype(np.float32)
 
 
+def _text_encoder(config: dict, tokenizer: dict | None, *, sdxl: bool, dtype, attention: str) -> CLIPTextEncoder:
+    """A text encoder as the base's pipeline uses it: SDXL reads the penultimate hidden state, and each
+    encoder re-pads the ids with its own tokenizer's pad token (all SD tokenizers share one vocabulary)."""
+    from f2d_jax.text import load_tokenizer
+    pad = (tokenizer or {}).get("pad_token")
+    pad_id = None if pad is None else load_tokenizer().convert_tokens_to_ids(pad)
+    return CLIPTextEncoder(**clip_text_fields(config), dtype=dtype, attention=attention, penultimate=sdxl,
+                           pad_token_id=pad_id)
+
+
 def build(configs: dict, *, dtype=jnp.float32, tokenizer_path: str | None = None,
-          attention: str = "auto") -> StableDiffusion:
-    """The bundle's modules from the component configs {"unet", "vae", "text_encoder", "scheduler"};
-    `attention` names the UNet's and the text encoder's attention implementation."""
+          attention: str = "auto", force_zeros_for_empty_prompt: bool | None = None) -> StableDiffusion:
+    """The bundle's modules from the component configs {"unet", "vae", "text_encoder", "scheduler"}, SDXL's
+    "text_encoder_2", and the tokenizers' settings {"tokenizer", "tokenizer_2": {"pad_token"}} where they
+    pad with another token than end-of-text; `attention` names every model's attention implementation.
+    `force_zeros_for_empty_prompt` (model_index.json's) defaults to True for SDXL, as diffusers'."""
     unet = UNet.from_config(
         _check_config("unet", configs["unet"], FlaxUNet2DConditionModel, _UNET_TORCH_DEFAULTS, dtype), dtype=dtype
     ).clone(attention=check_implementation(attention))
     vae = FlaxAutoencoderKL.from_config(
         _check_config("vae", configs["vae"], FlaxAutoencoderKL, _VAE_TORCH_DEFAULTS, dtype), dtype=dtype)
-    text_encoder = CLIPTextEncoder(**clip_text_fields(configs["text_encoder"]), dtype=dtype, attention=attention)
+    sdxl = SECOND_ENCODER in configs
+    encoders = [_text_encoder(configs[name], configs.get(tokenizer), sdxl=sdxl, dtype=dtype, attention=attention)
+                for name, tokenizer in (("text_encoder", "tokenizer"), (SECOND_ENCODER, "tokenizer_2"))
+                if name in configs]
+    if sdxl and encoders[1].projection_dim is None:
+        raise UnsupportedConfigError(f"{SECOND_ENCODER} config: SDXL's second text encoder is a "
+                                     "CLIPTextModelWithProjection (architectures names it)")
     alphas_cumprod(configs["scheduler"])  # an unsupported schedule fails now, not in training
-    return StableDiffusion(unet, vae, text_encoder, dict(configs["scheduler"]),
-                           float(configs["vae"].get("scaling_factor", 0.18215)), tokenizer_path)
+    zeros = sdxl if force_zeros_for_empty_prompt is None else force_zeros_for_empty_prompt
+    return StableDiffusion(unet, vae, encoders[0], dict(configs["scheduler"]),
+                           float(configs["vae"].get("scaling_factor", 0.18215)), tokenizer_path,
+                           encoders[1] if sdxl else None, bool(zeros))
 
 
 def abstract_params(sd: StableDiffusion) -> dict[str, Any]:
-    """{"unet", "vae", "text_encoder"} variable trees as ShapeDtypeStructs (nothing is allocated)."""
+    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} variable trees as ShapeDtypeStructs (nothing is
+    allocated)."""
     key = jax.random.key(0)
     tokens = jnp.zeros((1, sd.text_encoder.max_length), jnp.int32)
     return {"unet": {"params": jax.eval_shape(sd.unet.init_weights, key)},
             "vae": {"params": jax.eval_shape(sd.vae.init_weights, key)},
-            "text_encoder": jax.eval_shape(sd.text_encoder.init, key, tokens)}
+            **{name: jax.eval_shape(encoder.init, key, tokens) for name, encoder in sd.text_encoders.items()}}
 
 
 def _cast(variables, dtype):
@@ -341,9 +421,15 @@ def random_params(abstract: Any, rng, dtype=jnp.float32) -> Any:
     return _cast(jax.tree_util.tree_unflatten(treedef, values), dtype)
 
 
-def tiny_stable_diffusion(rng, *, dtype=jnp.float32, attention: str = "auto") -> tuple[StableDiffusion, dict]:
-    """A random-init bundle of TINY_CONFIGS' sizes (latents 8x8x4, images 64x64, 32-wide CLIP)."""
-    sd = build(TINY_CONFIGS, dtype=dtype, attention=attention)
+TINY_BASES = {"sd1": TINY_CONFIGS, "sd2": TINY_SD2_CONFIGS, "sdxl": TINY_SDXL_CONFIGS}
+
+
+def tiny_stable_diffusion(rng, *, dtype=jnp.float32, attention: str = "auto",
+                          base: str = "sd1") -> tuple[StableDiffusion, dict]:
+    """A random-init bundle of TINY_BASES[base]'s sizes (latents 8x8x4, images 64x64, 32-wide CLIP)."""
+    if base not in TINY_BASES:
+        raise ValueError(f"no tiny Stable Diffusion of base {base!r}; choose one of {', '.join(TINY_BASES)}")
+    sd = build(TINY_BASES[base], dtype=dtype, attention=attention)
     return sd, random_params(abstract_params(sd), rng, dtype)
 
 
@@ -373,7 +459,7 @@ def normalize_vae_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # names, not `linear.1`: identity renames keep the reverse mapping (missing-key reports) right.
 _UNET_LAYOUT = TorchLayout(renames=tuple((f"{m}.linear_{i}", f"{m}.linear_{i}")
                                          for m in ("time_embedding", "add_embedding") for i in (1, 2)))
-_TORCH_LAYOUTS = {"unet": _UNET_LAYOUT, "vae": TorchLayout(), "text_encoder": CLIP_LAYOUT}
+_TORCH_LAYOUTS = {"unet": _UNET_LAYOUT, "vae": TorchLayout(), "text_encoder": CLIP_LAYOUT, SECOND_ENCODER: CLIP_LAYOUT}
 
 
 def _clip_from_hf_flax(tree: dict) -> dict:
@@ -406,7 +492,7 @@ def load_component(name: str, folder, target: dict, dtype=jnp.float32) -> dict:
     if path.suffix == ".msgpack":
         tree = io.read_flax(path)
         tree = tree["params"] if set(tree) == {"params"} else tree
-        variables = {"params": _clip_from_hf_flax(tree) if name == "text_encoder" else tree}
+        variables = {"params": _clip_from_hf_flax(tree) if name.startswith("text_encoder") else tree}
         check_tree(variables, target, what)
     else:
         state = io.read_state_dict(path)
@@ -422,15 +508,43 @@ def save_stable_diffusion(sd: StableDiffusion, params: dict, directory) -> Path:
     directory = Path(directory)
     sd.unet.save_pretrained(directory / "unet", params=params["unet"]["params"])
     sd.vae.save_pretrained(directory / "vae", params=params["vae"]["params"])
-    text = directory / "text_encoder"
-    text.mkdir(parents=True, exist_ok=True)
-    fields = {theirs: getattr(sd.text_encoder, ours) for theirs, ours in _CLIP_FIELDS.items()}
-    (text / CONFIG_FILES["text_encoder"]).write_text(json.dumps(fields, indent=2))
-    io.write_flax(params["text_encoder"]["params"], text / WEIGHT_FILES["text_encoder"][0])
-    sd.tokenizer().save_pretrained(directory / "tokenizer")
+    tokenizer = sd.tokenizer()
+    for (name, encoder), folder in zip(sd.text_encoders.items(), ("tokenizer", "tokenizer_2")):
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        (directory / name / CONFIG_FILES[name]).write_text(json.dumps(clip_text_config(encoder), indent=2))
+        io.write_flax(params[name]["params"], directory / name / WEIGHT_FILES[name][0])
+        if encoder.pad_token_id is not None:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(encoder.pad_token_id)
+        tokenizer.save_pretrained(directory / folder)
+    index = {"force_zeros_for_empty_prompt": sd.force_zeros_for_empty_prompt} if sd.text_encoder_2 else {}
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
     (directory / "scheduler").mkdir(exist_ok=True)
     (directory / "scheduler" / CONFIG_FILES["scheduler"]).write_text(json.dumps(sd.scheduler_config, indent=2))
     return directory
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _tokenizer_settings(folder: Path, vocabulary: Path | None = None) -> dict:
+    """{"pad_token": ...} of a Hugging Face tokenizer folder (its special tokens map or config), checking
+    that its vocabulary and merges are those of `vocabulary` (the first tokenizer's folder)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder.parent} has no {folder.name}/ subfolder")
+    if vocabulary is not None:
+        for file in ("vocab.json", "merges.txt"):
+            if (folder / file).read_bytes().strip() != (vocabulary / file).read_bytes().strip():
+                raise UnsupportedConfigError(f"{folder.name}/{file} differs from {vocabulary.name}/{file}: the "
+                                             "text encoders are fed the same token ids, so both need one vocabulary")
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        pad = _read_json(folder / file).get("pad_token") if (folder / file).is_file() else None
+        if pad is not None:
+            return {"pad_token": pad["content"] if isinstance(pad, dict) else pad}
+    return {}
 
 
 def _read_config(root: Path, name: str) -> dict:
@@ -441,17 +555,20 @@ def _read_config(root: Path, name: str) -> dict:
     path = folder / CONFIG_FILES[name]
     if not path.is_file():
         raise FileNotFoundError(f"no {name} config at {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return _read_json(path)
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def _components(root: Path) -> tuple[str, ...]:
+    """The models of the directory: SDXL's have a second text encoder."""
+    return (*COMPONENTS, SECOND_ENCODER) if (root / SECOND_ENCODER).is_dir() else COMPONENTS
+
+
 def _hub_patterns(weights: list[str]) -> list[str]:
-    return ["model_index.json", "tokenizer/*", *(f"{c}/{CONFIG_FILES[c]}" for c in CONFIG_FILES), *weights]
+    return ["model_index.json", "tokenizer/*", "tokenizer_2/*", *(f"{c}/{CONFIG_FILES[c]}" for c in CONFIG_FILES),
+            *weights]
 
 
 def resolve(path_or_hub_id, revision: str | None = None) -> Path:
@@ -466,14 +583,14 @@ def resolve(path_or_hub_id, revision: str | None = None) -> Path:
         raise FileNotFoundError(f"no Stable Diffusion directory at {path}")
     import huggingface_hub
 
-    root, missing = None, COMPONENTS
+    root, missing = None, (*COMPONENTS, SECOND_ENCODER)
     for weights in (1, 0, 2):  # safetensors, else Flax msgpack, else PyTorch .bin, per component
         patterns = _hub_patterns([f"{c}/{WEIGHT_FILES[c][weights]}" for c in missing])
         try:
             root = Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=patterns))
         except Exception as e:
             raise FileNotFoundError(f"{name!r} is neither a local directory nor a downloadable hub id: {e}") from e
-        missing = [c for c in COMPONENTS if _weight_file(c, root / c) is None]
+        missing = [c for c in _components(root) if _weight_file(c, root / c) is None]
         if not missing:
             break
     return root  # with weights missing, load_stable_diffusion names what it expected
@@ -481,18 +598,24 @@ def resolve(path_or_hub_id, revision: str | None = None) -> Path:
 
 def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None,
                           attention: str = "auto") -> tuple[StableDiffusion, dict]:
-    """(bundle, {"unet", "vae", "text_encoder": {"params": ...}}) from a diffusers directory or hub id.
+    """(bundle, {"unet", "vae", "text_encoder"[, "text_encoder_2"]: {"params": ...}}) from a diffusers
+    directory or hub id of SD 1.x, 2.x or SDXL (the base is read from the directory: SDXL's has
+    text_encoder_2/ and tokenizer_2/).
 
     Float weights (and the modules' compute dtype) become `dtype`. Raises FileNotFoundError for a
     missing directory, subfolder, config or weight file, UnsupportedConfigError for a config the Flax
     models would compute differently, CheckpointMismatchError for weights that do not fit.
     """
     root = resolve(path_or_hub_id, revision)
-    configs = {name: _read_config(root, name) for name in CONFIG_FILES}
+    components = _components(root)
+    configs = {name: _read_config(root, name) for name in (*components, "scheduler")}
     tokenizer = root / "tokenizer"
-    if not tokenizer.is_dir():
-        raise FileNotFoundError(f"{root} has no tokenizer/ subfolder")
-    sd = build(configs, dtype=dtype, tokenizer_path=str(tokenizer), attention=attention)
+    configs["tokenizer"] = _tokenizer_settings(tokenizer)
+    if SECOND_ENCODER in components:
+        configs["tokenizer_2"] = _tokenizer_settings(root / "tokenizer_2", vocabulary=tokenizer)
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    sd = build(configs, dtype=dtype, tokenizer_path=str(tokenizer), attention=attention,
+               force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt"))
     targets = abstract_params(sd)
-    params = {name: load_component(name, root / name, targets[name], dtype) for name in COMPONENTS}
+    params = {name: load_component(name, root / name, targets[name], dtype) for name in components}
     return sd, params

@@ -6,16 +6,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from f2d_jax.models.stable_diffusion import unet_output
+
 
 def start(unet, scheduler, latents, context, uncond_context, key=None):
     """What the steps share and the state before the first one: (contexts, keys, (x, memory)).
 
-    latents: (B, C, h, w) initial noise; context / uncond_context: (B, 77, D) prompt and unconditional
-    (e.g. empty-prompt) embeddings, concatenated into `contexts` (2B, 77, D). key: the noise of the
+    latents: (B, C, h, w) initial noise; context / uncond_context: the prompt's and the unconditional
+    (e.g. empty-prompt) conditionings, {"context": (B, 77, D)} and for SDXL "text_embeds" and "time_ids"
+    (stable_diffusion.unet_output), concatenated into `contexts` (2B rows). key: the noise of the
     ancestral schedulers: one key per image, (B,), so that an image does not depend on the batch it is
     in, or one key for the batch (split into one per image); `keys` is (B,).
     """
-    contexts = jnp.concatenate([uncond_context, context]).astype(unet.dtype)
+    contexts = jax.tree.map(lambda u, c: jnp.concatenate([u, c]).astype(unet.dtype), uncond_context, context)
     keys = key if key is not None else jax.random.key(0)
     keys = jax.random.split(keys, latents.shape[0]) if keys.ndim == 0 else keys
     x = latents * scheduler.init_noise_sigma
@@ -27,8 +30,8 @@ def guided_step(unet, unet_params, scheduler, contexts, guidance, keys, i, x, me
     contexts and keys as `start` makes them; image b's noise at step i is drawn from fold_in(keys[b], i)."""
     model_input = scheduler.scale_model_input(i, x)
     t = jnp.broadcast_to(scheduler.timesteps[i], (2 * x.shape[0],))
-    out = unet.apply(unet_params, jnp.concatenate([model_input, model_input]).astype(unet.dtype), t,
-                     contexts).sample.astype(jnp.float32)
+    out = unet_output(unet, unet_params, jnp.concatenate([model_input, model_input]), t,
+                      contexts).astype(jnp.float32)
     uncond, cond = jnp.split(out, 2)
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
     return scheduler.step(i, x, uncond + guidance * (cond - uncond), step_keys, memory)

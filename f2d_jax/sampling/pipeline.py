@@ -8,6 +8,11 @@
     prompt ids with the tokens at "f" -> CLIP -> conditioning;  negative prompt -> CLIP -> unconditional
     noise -> [UNet + classifier-free guidance + scheduler] x steps -> VAE decode
 
+The base (SD 1.x, 2.x or SDXL) is the Stable Diffusion directory's; size, sampler and guidance default
+to the base's usual ones (`F2DPipeline.defaults`). A conditioning is a dict: {"context": (N, 77, D)},
+and for SDXL also "text_embeds" (N, 1280), bigG's projected pooled state; SDXL's size conditioning
+(time ids) comes from the height and width sampled.
+
 Images are made `batch_size` at a time (the last batch padded, so the programs serve every batch):
 the memory a call needs does not grow with the number of images. The set-up of a batch, one
 denoising step and the decode are three jitted programs, the batch sharded over the local devices,
@@ -56,6 +61,19 @@ class WeightsError(ValueError):
     """Weights the pipeline needs are missing or do not fit."""
 
 
+def base_defaults(sd) -> dict[str, Any]:
+    """Sampling defaults of a Stable Diffusion base: the official Face2Diffusion settings on SD 1.x (Euler
+    ancestral, guidance 7), diffusers' defaults on SD 2.x and SDXL (their scheduler's sampler, guidance 7.5
+    and 5); images of the size the base was trained at."""
+    if sd.text_encoder_2 is None and sd.text_encoder.activation == "quick_gelu":
+        sampler, guidance = "euler_a", 7.0
+    else:
+        sampler = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
+                   "DPMSolverMultistepScheduler": "dpm++2m"}.get(sd.scheduler_config.get("_class_name"), "ddim")
+        guidance = 5.0 if sd.text_encoder_2 is not None else 7.5
+    return dict(scheduler=sampler, guidance_scale=guidance, height=sd.default_size, width=sd.default_size)
+
+
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -75,11 +93,13 @@ def check_size(height: int, width: int, multiple: int) -> None:
                              f"{multiple} (for this model's VAE and UNet)")
 
 
-def check_sampling(steps: int, guidance_scale: float, scheduler: str, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+def check_sampling(steps: int, guidance_scale: float | None, scheduler: str | None,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> None:
     """The checks of the sampling settings that need no weights (`steps` against Stable Diffusion's 1000
-    training timesteps; the model's own scheduler config is checked again when sampling)."""
-    make_scheduler(scheduler, {}, steps)
-    if not math.isfinite(guidance_scale):
+    training timesteps; the model's own scheduler config is checked again when sampling). None: the
+    base's default, checked once the model is loaded."""
+    make_scheduler(scheduler or "euler_a", {}, steps)
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
         raise ValueError(f"the guidance scale must be a finite number, got {guidance_scale}")
     if batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
@@ -126,6 +146,7 @@ class F2DPipeline:
         self._batch = NamedSharding(self.mesh, P("data"))
         self.variables = jax.device_put(variables, self._replicated)
         self.tokenizer = models.sd.tokenizer()
+        self.defaults = base_defaults(models.sd)
         unet = models.sd.unet
         self.size_multiple = models.sd.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
         encoders = models.encoders  # the encoders run jitted: one compiled program per input shape
@@ -224,8 +245,9 @@ class F2DPipeline:
         return encoders.prompt_embeddings(variables, ids, positions, tokens)
 
     def encode_prompt(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str],
-                      expression_image: FaceInput | None = None) -> jax.Array:
-        """(len(prompts), 77, D) conditioning: each prompt with the person's "f l" tokens injected."""
+                      expression_image: FaceInput | None = None) -> dict[str, jax.Array]:
+        """The conditioning of each prompt with the person's "f l" tokens injected: {"context":
+        (len(prompts), 77, D)}, and SDXL's "text_embeds" (len(prompts), 1280)."""
         ids, positions = identifier_prompts(_as_list(prompt), self.tokenizer)
         identity = self.identity(image)
         expression = self.expression(expression_image) if expression_image is not None else None
@@ -233,40 +255,63 @@ class F2DPipeline:
 
     # ------------------------------------------------------------------ generation
 
+    def settings(self, guidance_scale=None, scheduler=None, height=None, width=None) -> tuple[float, str, int, int]:
+        """The settings given, the base's defaults (`defaults`) for those left None."""
+        d = self.defaults
+        height = d["height"] if height is None else height
+        return (d["guidance_scale"] if guidance_scale is None else guidance_scale,
+                d["scheduler"] if scheduler is None else scheduler, height,
+                (d["width"] if height == d["height"] else height) if width is None else width)
+
     def generate(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str], num_images: int = 8,
-                 seed: int = 0, steps: int = 30, guidance_scale: float = 7.0, scheduler: str = "euler_a",
+                 seed: int = 0, steps: int = 30, guidance_scale: float | None = None, scheduler: str | None = None,
                  negative_prompt: str = "", expression_image: FaceInput | None = None, latents=None,
-                 height: int = 512, width: int = 512, progress: bool = True,
+                 height: int | None = None, width: int | None = None, progress: bool = True,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major; image j of every prompt
         uses seed + j. `latents`: (that many, 4, height / 8, width / 8) initial noise (default: from the seeds).
-        `batch_size` images are made at a time; it changes neither the seeds nor the pictures."""
+        `batch_size` images are made at a time; it changes neither the seeds nor the pictures. Settings left
+        None are the base's defaults (a width left None is the height)."""
+        guidance_scale, scheduler, height, width = self.settings(guidance_scale, scheduler, height, width)
         check_size(height, width, self.size_multiple)
         prompts = _as_list(prompt)
         seeds = np.tile(seed_range(seed, num_images), len(prompts))
         self._check_latents(latents, len(seeds), height, width)
-        context = np.repeat(np.asarray(self.encode_prompt(image, prompts, expression_image)), num_images, axis=0)
-        return self.sample(context, seeds, steps, guidance_scale, scheduler, negative_prompt, latents, height,
+        conditioning = jax.tree.map(lambda x: np.repeat(np.asarray(x), num_images, axis=0),
+                                    self.encode_prompt(image, prompts, expression_image))
+        return self.sample(conditioning, seeds, steps, guidance_scale, scheduler, negative_prompt, latents, height,
                            width, progress, batch_size)
 
-    def sample(self, context, seeds: Sequence[int], steps: int = 30, guidance_scale: float = 7.0,
-               scheduler: str = "euler_a", negative_prompt: str = "", latents=None, height: int = 512,
-               width: int = 512, progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s (N, 77, D)) and N seeds
-        (each in 0..2^32 - 1), `batch_size` at a time.
+    def sample(self, conditioning, seeds: Sequence[int], steps: int = 30, guidance_scale: float | None = None,
+               scheduler: str | None = None, negative_prompt: str = "", latents=None, height: int | None = None,
+               width: int | None = None, progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s dict, or its (N, 77, D)
+        context alone for SD 1.x and 2.x) and N seeds (each in 0..2^32 - 1), `batch_size` at a time.
 
         Image i depends only on its conditioning and seeds[i] (initial noise and the ancestral samplers'
         noise), not on what else is in the batch, nor on the batch size."""
+        guidance_scale, scheduler, height, width = self.settings(guidance_scale, scheduler, height, width)
         check_size(height, width, self.size_multiple)
         check_sampling(steps, guidance_scale, scheduler, batch_size)
         seeds = as_seeds(seeds)
         n = len(seeds)
-        if context.shape[0] != n:
-            raise ValueError(f"{context.shape[0]} conditionings but {n} seeds: give one seed per image")
-        schedule = make_scheduler(scheduler, self.models.sd.scheduler_config, steps)
+        sd = self.models.sd
+        if not isinstance(conditioning, dict):
+            conditioning = {"context": conditioning}
+        conditioning = jax.tree.map(np.asarray, conditioning)
+        expected = jax.eval_shape(self._embed, self.variables, np.zeros((1, 77), np.int32))
+        if set(conditioning) != set(expected):
+            raise ValueError(f"this {len(sd.text_encoders)}-text-encoder model's conditioning has "
+                             f"{sorted(expected)}, got {sorted(conditioning)}")
+        if conditioning["context"].shape[0] != n:
+            raise ValueError(f"{conditioning['context'].shape[0]} conditionings but {n} seeds: give one seed per image")
+        schedule = make_scheduler(scheduler, sd.scheduler_config, steps)
         shape = self._check_latents(latents, n, height, width)
-        uncond = self._embed(self.variables, token_ids([negative_prompt], self.tokenizer))
-        guidance, context = jnp.float32(guidance_scale), np.asarray(context)
+        uncond = sd.negative_conditioning(self._embed(self.variables, token_ids([negative_prompt], self.tokenizer)),
+                                          negative_prompt)
+        uncond = sd.with_size(jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape[1:])), uncond), height, width)
+        conditioning = sd.with_size(conditioning, height, width)
+        guidance = jnp.float32(guidance_scale)
         latents = None if latents is None else np.asarray(latents, np.float32)
         # Every batch has `size` rows, a multiple of the local devices: the last one is padded (with the
         # first images, dropped after), so the programs compile once.
@@ -290,8 +335,8 @@ class F2DPipeline:
                 noise = (latents[rows] if latents is not None else
                          jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys))
                 noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)  # the ancestral samplers' noise
-                batch = jax.device_put([noise, context[rows], jnp.broadcast_to(uncond, (size, *uncond.shape[1:])),
-                                        noise_keys], self._batch)
+                rows_of = partial(jax.tree.map, lambda x: np.asarray(x)[rows])
+                batch = jax.device_put([noise, rows_of(conditioning), rows_of(uncond), noise_keys], self._batch)
                 contexts, noise_keys, state = self._start(schedule, *batch)
                 for i in range(0, steps, chunk):
                     done, state = state, self._generate(unet, schedule, contexts, guidance, noise_keys, i,
@@ -304,15 +349,16 @@ class F2DPipeline:
         return np.concatenate(images)
 
     def _check_latents(self, latents, n: int, height: int, width: int) -> tuple[int, ...]:
-        shape = (n, self.models.sd.unet.in_channels, height // 8, width // 8)
+        factor = self.models.sd.vae_scale_factor
+        shape = (n, self.models.sd.unet.in_channels, height // factor, width // factor)
         if latents is not None and tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (images, channels, height / 8, width / 8), "
                              f"got {tuple(np.shape(latents))}")
         return shape
 
     def __call__(self, image, prompt, num_images: int = 8, seed: int = 0, steps: int = 30,
-                 guidance_scale: float = 7.0, scheduler: str = "euler_a", negative_prompt: str = "",
-                 expression_image=None, latents=None, height: int = 512, width: int = 512,
+                 guidance_scale: float | None = None, scheduler: str | None = None, negative_prompt: str = "",
+                 expression_image=None, latents=None, height: int | None = None, width: int | None = None,
                  progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Image.Image]:
         """PIL images (see `generate`)."""
         images = self.generate(image, prompt, num_images, seed, steps, guidance_scale, scheduler, negative_prompt,

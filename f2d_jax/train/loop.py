@@ -39,7 +39,7 @@ from f2d_jax.train.step import Constants, StepConfig, train_step
 
 log = logging.getLogger("f2d_jax.train")
 PREEMPTED = 143  # exit status after a SIGTERM-triggered checkpoint (128 + SIGTERM)
-STEP_MODELS = ("mapping", "text_encoder", "unet")
+STEP_MODELS = ("mapping", "text_encoder", "text_encoder_2", "unet")
 
 
 class TrainingError(RuntimeError):
@@ -242,7 +242,7 @@ def step_program(config, models: Models, variables, mesh) -> StepProgram:
     """Split what trains from what is frozen, place both on `mesh` and jit the step with explicit
     shardings (batch over all devices, constants replicated, the state donated)."""
     tc = config.train
-    trainable, frozen = partition({k: variables[k] for k in STEP_MODELS}, tc.trainable)
+    trainable, frozen = partition({k: variables[k] for k in STEP_MODELS if k in variables}, tc.trainable)
     step_fn, tx = step_function(config, models)
     frozen_shardings = param_shardings(frozen, mesh, config.mesh.frozen)
     rep, batch_sh = replicated(mesh), batch_sharding(mesh)
@@ -252,8 +252,8 @@ def step_program(config, models: Models, variables, mesh) -> StepProgram:
 
     tokenizer, sd = models.sd.tokenizer(), models.sd
     ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
-    class_embedding = jax.jit(models.encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
-    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_embedding,
+    class_conditioning = jax.jit(models.encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
+    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_conditioning,
                                          jnp.asarray(alphas_cumprod(sd.scheduler_config))), rep)
     step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=0)
@@ -318,9 +318,11 @@ def _sampler(config, models: Models, variables, frozen, data, mesh):
         identity = c["holdout"]["identity"] if data.encoded else \
             encoders.identity_features(c["encoder_vars"], msid_input(c["holdout"]["face"]))
         tokens = encoders.identity_tokens(params, identity[face_index])
-        context = encoders.prompt_embeddings(params, c["ids"], c["positions"], tokens)
-        uncond = encoders.prompt_embeddings(params, c["uncond"])
-        latents = denoise(sd.unet, params["unet"], scheduler, c["noise"], context, uncond, lc.sample_guidance)
+        conditioning = encoders.prompt_embeddings(params, c["ids"], c["positions"], tokens)
+        uncond = sd.negative_conditioning(encoders.prompt_embeddings(params, c["uncond"]), "")
+        size = config.data.resolution
+        latents = denoise(sd.unet, params["unet"], scheduler, c["noise"], sd.with_size(conditioning, size, size),
+                          sd.with_size(uncond, size, size), lc.sample_guidance)
         return decode_images(sd.vae, c["encoder_vars"]["vae"], latents, sd.vae_scaling_factor)
 
     def run(trainable):

@@ -4,6 +4,7 @@
     tokens = mapping(identity, expression or null_exp)          # trains
     eps*   = UNet(z_t, t, CLIP(prompt with tokens at "f l"))     # gradient to the mapping net
     eps_c  = UNet(z_t, t, CLIP("a photo of a person"))           # forward only, constant
+    (SDXL: both text encoders, and the training size as the UNet's time ids, for both predictions)
     L      = mean(M (eps* - eps)^2) + lambda mean((1 - M)(eps* - eps_c)^2)
 
 (in v-space for v-prediction models: the target is sqrt(abar_t) eps - sqrt(1 - abar_t) z0).
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from f2d_jax.models.bundle import Models
+from f2d_jax.models.stable_diffusion import unet_output
 from f2d_jax.objectives import cgdr_loss
 from f2d_jax.params import merge
 from f2d_jax.train.state import TrainState, apply_if_finite
@@ -35,7 +37,7 @@ class Constants:
 
     prompt_ids: jax.Array         # (P, 77) int32, the training captions
     prompt_positions: jax.Array   # (P,) int32, where "f" is in each
-    class_embedding: jax.Array    # (1, 77, D) CLIP("a photo of a person")
+    class_conditioning: dict      # CLIP("a photo of a person"): {"context": (1, 77, D)[, SDXL's "text_embeds"]}
     alphas_cumprod: jax.Array     # (T,) float32
 
 
@@ -76,25 +78,25 @@ def train_step(state: TrainState, frozen: Mapping[str, Any], batch: Mapping[str,
     keep_expression = jax.random.bernoulli(keys[3], 1 - cfg.p_uncond, (b,))
     caption = jax.random.randint(keys[4], (b,), 0, constants.prompt_ids.shape[0])
 
-    unet = models.sd.unet
-    dtype = unet.dtype
+    sd = models.sd
+    size = [n * sd.vae_scale_factor for n in z0.shape[2:]]
 
-    def predict(params, context):
-        return unet.apply(params, z_t.astype(dtype), t, context.astype(dtype)).sample
+    def predict(params, conditioning):
+        return unet_output(sd.unet, params, z_t, t, sd.with_size(conditioning, *size))
     predict_with_grad = jax.checkpoint(predict) if cfg.remat_unet else predict
 
     all_params = merge(state.params, frozen)
-    class_context = jnp.broadcast_to(constants.class_embedding, (b, *constants.class_embedding.shape[1:]))
-    eps_class = jax.lax.stop_gradient(predict(all_params["unet"], class_context))  # no backward pass
+    class_conditioning = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), constants.class_conditioning)
+    eps_class = jax.lax.stop_gradient(predict(all_params["unet"], class_conditioning))  # no backward pass
 
     def loss_fn(trainable):
         params = merge(trainable, frozen)
         encoders = models.encoders
         tokens = encoders.identity_tokens(params, batch["identity"], batch["expression"], keep_expression,
                                           train=True, rng=keys[5])
-        context = encoders.prompt_embeddings(params, constants.prompt_ids[caption],
-                                             constants.prompt_positions[caption], tokens)
-        return cgdr_loss(predict_with_grad(params["unet"], context), target, eps_class, mask, cfg.cgdr_lambda)
+        conditioning = encoders.prompt_embeddings(params, constants.prompt_ids[caption],
+                                                  constants.prompt_positions[caption], tokens)
+        return cgdr_loss(predict_with_grad(params["unet"], conditioning), target, eps_class, mask, cfg.cgdr_lambda)
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)

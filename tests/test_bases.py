@@ -1,0 +1,154 @@
+"""Stable Diffusion bases beyond SD v1.4: SD 1.5, SD 2.x and SDXL directories, Face2Diffusion's
+conditioning on each, images against diffusers' pipelines, and training on the tiny SDXL structure."""
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sd_fixtures
+from f2d_jax.config import load_config
+from f2d_jax.convert.weights_dir import save_mapping, save_msid
+from f2d_jax.encoders import Encoders
+from f2d_jax.models.stable_diffusion import load_stable_diffusion
+from f2d_jax.sampling import F2DPipeline
+from f2d_jax.text import identifier_prompts, token_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"sd2": str(ROOT / "configs" / "tiny_sd2.py"), "sdxl": str(ROOT / "configs" / "tiny_sdxl.py")}
+FACE = str(ROOT / "f2d_jax" / "assets" / "face.jpg")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """base -> (F2DPipeline on the tiny PyTorch directory of that base, the diffusers pipeline)."""
+    root = tmp_path_factory.mktemp("bases")
+    out = {}
+    for i, (base, config) in enumerate(CONFIGS.items()):
+        theirs = sd_fixtures.write_tiny_base(root / base, base, seed=10 * i)
+        encoders = Encoders.from_config(load_config(config).model, load_stable_diffusion(root / base)[0].text_encoders)
+        variables = encoders.init(jax.random.key(7), ("msid", "mapping"))
+        save_msid(variables["msid"], root / f"{base}_msid.safetensors")
+        save_mapping(variables["mapping"], root / f"{base}_mapping.safetensors")
+        ours = F2DPipeline.from_pretrained(sd=str(root / base), msid=str(root / f"{base}_msid.safetensors"),
+                                           mapping=str(root / f"{base}_mapping.safetensors"), config=config,
+                                           dtype="float32")
+        out[base] = ours, theirs
+    return out
+
+
+def test_the_base_is_read_from_the_directory(bases):
+    sd2, sdxl = bases["sd2"][0].models.sd, bases["sdxl"][0].models.sd
+    assert sd2.text_encoder_2 is None and not sd2.text_encoder.penultimate
+    assert sd2.text_encoder.pad_token_id == 0 and sd2.text_encoder.activation == "gelu"   # "!" pads SD 2's ids
+    assert sd2.scheduler_config["prediction_type"] == "v_prediction" and sd2.unet.use_linear_projection
+    assert sdxl.text_encoder.penultimate and sdxl.text_encoder_2.penultimate
+    assert sdxl.text_encoder.pad_token_id == 49407 and sdxl.text_encoder_2.pad_token_id == 0
+    assert sdxl.text_encoder_2.projection_dim == 48 and sdxl.force_zeros_for_empty_prompt
+    assert sdxl.unet.addition_embed_type == "text_time" and sdxl.vae_scaling_factor == 0.13025
+    assert bases["sdxl"][0].defaults == dict(scheduler="euler", guidance_scale=5.0, height=64, width=64)
+    assert bases["sd2"][0].defaults == dict(scheduler="ddim", guidance_scale=7.5, height=64, width=64)
+
+
+def test_an_sd15_style_directory_loads(tmp_path):
+    """SD v1.5's directory: the v1 structure with a safety checker and feature extractor beside it."""
+    tiny = sd_fixtures.write_tiny_sd(tmp_path / "sd15", seed=3)
+    index = json.loads((tiny.path / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (tiny.path / "model_index.json").write_text(json.dumps(index))
+    for folder, file in (("safety_checker", "config.json"), ("feature_extractor", "preprocessor_config.json")):
+        (tiny.path / folder).mkdir()
+        (tiny.path / folder / file).write_text("{}")
+    sd, params = load_stable_diffusion(tiny.path)
+    assert sd.text_encoder_2 is None and set(params) == {"unet", "vae", "text_encoder"}
+    assert not sd.force_zeros_for_empty_prompt and sd.default_size == 64
+
+
+def test_sdxl_tokens_split_between_the_two_encoders(bases):
+    """The mapping network's 80-wide tokens: the first 32 go into CLIP-L, the other 48 into bigG; the
+    conditioning is both penultimate states side by side, plus bigG's projected pooled state."""
+    pipe = bases["sdxl"][0]
+    encoders, variables = pipe.models.encoders, pipe.variables
+    ids, positions = identifier_prompts(["a photo of f l", "f l surfing"], pipe.tokenizer)
+    tokens = jax.random.normal(jax.random.key(1), (2, 2, 80))
+    out = encoders.prompt_embeddings(variables, ids, positions, tokens)
+    assert out["context"].shape == (2, 77, 80) and out["text_embeds"].shape == (2, 48)
+    first, _ = encoders.text_encoder.apply(variables["text_encoder"], ids, tokens[..., :32], positions)
+    second, pooled = encoders.text_encoder_2.apply(variables["text_encoder_2"], ids, tokens[..., 32:], positions)
+    np.testing.assert_array_equal(out["context"], jnp.concatenate([first, second], -1))
+    np.testing.assert_array_equal(out["text_embeds"], pooled)
+    # the tokens reach the pooled embedding through the causal mask (the end token follows them)
+    other = encoders.prompt_embeddings(variables, ids, positions, tokens.at[..., 32:].add(1.0))
+    assert not np.allclose(other["text_embeds"], out["text_embeds"], atol=1e-3)
+    np.testing.assert_array_equal(other["context"][..., :32], out["context"][..., :32])
+
+
+def _psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("base", ["sd2", "sdxl"])
+def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, scheduler, parity):
+    import torch
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    ours, theirs = bases[base]
+    theirs.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler].from_config(
+        theirs.scheduler.config)
+    prompts = ["a photo of f l", "f l eating bread in front of the Eiffel Tower"]
+    latents = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 8, 8)))
+    guidance = ours.defaults["guidance_scale"]
+    mine = ours.generate(FACE, prompts, num_images=1, steps=10, scheduler=scheduler, latents=latents,
+                         progress=False)
+    sd = ours.models.sd
+    cond = ours.encode_prompt(FACE, prompts)
+    uncond = sd.negative_conditioning(ours._embed(ours.variables, token_ids(["", ""], ours.tokenizer)), "")
+    embeds = dict(prompt_embeds=cond["context"], negative_prompt_embeds=uncond["context"])
+    if base == "sdxl":   # no negative prompt: zeros, as diffusers' force_zeros_for_empty_prompt
+        assert not np.any(uncond["context"]) and not np.any(uncond["text_embeds"])
+        embeds.update(pooled_prompt_embeds=cond["text_embeds"], negative_pooled_prompt_embeds=uncond["text_embeds"])
+    with torch.no_grad():
+        reference = theirs(**{k: torch.from_numpy(np.asarray(v)) for k, v in embeds.items()},
+                           latents=torch.from_numpy(latents), num_inference_steps=10, guidance_scale=guidance,
+                           height=64, width=64, output_type="np").images
+    reference = np.round(reference * 255).astype(np.uint8)
+    value = _psnr(mine, reference)
+    difference = np.abs(mine.astype(int) - reference.astype(int)).max() / 255
+    parity(f"tiny {base} images vs diffusers, {scheduler} 10 steps, PSNR {value:.1f} dB (max diff / 255)",
+           difference, 0.1)
+    assert value >= 40, f"PSNR {value:.1f} dB < 40 dB"
+
+
+def test_tiny_sdxl_trains_resumes_and_exports(tmp_path, capsys):
+    import torch
+
+    import torch_reference as ref
+    from f2d_jax.convert.__main__ import main as convert_main
+    from f2d_jax.train.launch import run
+    from f2d_jax.workdir import load_trained
+
+    config = load_config(CONFIGS["sdxl"], ["train.steps=4", "log.every=2", "log.sample_every=4",
+                                           "checkpoint.every=2"])
+    half = load_config(CONFIGS["sdxl"], ["train.steps=2", "log.every=2", "log.sample_every=0",
+                                         "checkpoint.every=2"])
+    assert run(config, tmp_path / "whole") == 0
+    assert run(half, tmp_path / "resumed") == 0 and run(config, tmp_path / "resumed") == 0
+    assert "sd: tiny random-init Stable Diffusion of the sdxl structure" in capsys.readouterr().err
+    whole, resumed = (load_trained(tmp_path / name)[1] for name in ("whole", "resumed"))
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    metrics = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert (tmp_path / "whole" / "samples" / "samples_0000004.png").is_file()
+    assert whole["mapping"]["params"]["i2t_first"]["fc_out"]["kernel"].shape == (64, 80)
+
+    assert convert_main(["export", str(tmp_path / "whole"), "--out", str(tmp_path / "export")]) == 0
+    reference = ref.Mapping(identity=128, hidden=64, out=80, exp=64)
+    reference.load_state_dict(torch.load(tmp_path / "export" / "mapping.pt", weights_only=True), strict=True)
+    shutil.rmtree(tmp_path / "resumed")
