@@ -260,14 +260,21 @@ _CLIP_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "width", "intermediat
                 "max_position_embeddings": "max_length", "hidden_act": "activation", "layer_norm_eps": "layer_norm_eps"}
 
 
+_WITH_PROJECTION = "CLIPTextModelWithProjection"
+
+
 def clip_text_fields(config: dict) -> dict:
-    """Hugging Face CLIPTextConfig entries -> CLIPTextEncoder fields."""
+    """Hugging Face CLIPTextConfig entries -> CLIPTextEncoder fields; `projection_dim` is set for a
+    CLIPTextModelWithProjection (its "architectures"), else None."""
     activation = config.get("hidden_act", "quick_gelu")
     if activation not in _ACTIVATIONS:
         raise UnsupportedConfigError(f"text_encoder config: hidden_act={activation!r} is not supported "
                                      f"(use one of {', '.join(_ACTIVATIONS)})")
     defaults = {f.name: f.default for f in dataclasses.fields(CLIPTextEncoder)}
-    return {ours: config.get(theirs, defaults[ours]) for theirs, ours in _CLIP_FIELDS.items()}
+    fields = {ours: config.get(theirs, defaults[ours]) for theirs, ours in _CLIP_FIELDS.items()}
+    with_projection = _WITH_PROJECTION in (config.get("architectures") or ())
+    fields["projection_dim"] = config.get("projection_dim", 512) if with_projection else None  # 512: HF's default
+    return fields
 
 
 def alphas_cumprod(scheduler_config: dict) -> np.ndarray:
@@ -377,10 +384,12 @@ _TORCH_LAYOUTS = {"unet": _UNET_LAYOUT, "vae": TorchLayout(), "text_encoder": CL
 
 
 def _clip_from_hf_flax(tree: dict) -> dict:
-    """transformers' FlaxCLIPTextModel params (text_model/encoder/layers/<i>/...) -> our tree (layers stacked)."""
+    """transformers' FlaxCLIPTextModel[WithProjection] params (text_model/encoder/layers/<i>/..., text_projection)
+    -> our tree (layers stacked)."""
+    projection = {"text_projection": tree["text_projection"]} if "text_projection" in tree else {}
     tree = tree.get("text_model", tree)
     if "encoder" not in tree:
-        return tree  # already our layout (or not CLIP at all: check_tree will say)
+        return {**tree, **projection}  # already our layout (or not CLIP at all: check_tree will say)
     embeddings, layers = tree.get("embeddings", {}), tree["encoder"].get("layers", {})
     flat = [traverse_util.flatten_dict(layers[i]) for i in sorted(layers, key=int)]
     stacked = {path: np.stack([np.asarray(f[path]) for f in flat]) for path in (flat[0] if flat else {})
@@ -389,7 +398,7 @@ def _clip_from_hf_flax(tree: dict) -> dict:
     ours["layers"] = traverse_util.unflatten_dict(stacked)
     if "final_layer_norm" in tree:
         ours["final_layer_norm"] = tree["final_layer_norm"]
-    return ours
+    return {**ours, **projection}
 
 
 def _weight_file(name: str, folder: Path) -> Path | None:
@@ -425,6 +434,8 @@ def save_stable_diffusion(sd: StableDiffusion, params: dict, directory) -> Path:
     text = directory / "text_encoder"
     text.mkdir(parents=True, exist_ok=True)
     fields = {theirs: getattr(sd.text_encoder, ours) for theirs, ours in _CLIP_FIELDS.items()}
+    if sd.text_encoder.projection_dim is not None:
+        fields.update(projection_dim=sd.text_encoder.projection_dim, architectures=[_WITH_PROJECTION])
     (text / CONFIG_FILES["text_encoder"]).write_text(json.dumps(fields, indent=2))
     io.write_flax(params["text_encoder"]["params"], text / WEIGHT_FILES["text_encoder"][0])
     sd.tokenizer().save_pretrained(directory / "tokenizer")
