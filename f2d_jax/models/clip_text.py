@@ -4,6 +4,12 @@ Same computation as Hugging Face's CLIPTextModel: token + position embeddings, p
 causal transformer layers, final LayerNorm. Face2Diffusion overwrites the embedded hidden
 states at the identifier's positions with the mapping network's outputs (no position
 embedding is added to them) before the transformer runs; `inject_tokens` does that.
+
+Three options cover the text encoders of SD 2.x and SDXL: `projection_dim` adds
+CLIPTextModelWithProjection's bias-free `text_projection` of the pooled output,
+`penultimate` returns the state before the last layer (SDXL's `hidden_states[-2]`, no final
+LayerNorm), and `pad_token_id` re-pads the ids after the first end-of-text token, so that
+ids from a tokenizer padding with end-of-text give what a tokenizer padding with "!" gives.
 """
 from __future__ import annotations
 
@@ -51,20 +57,28 @@ class CLIPLayer(nn.Module):
     eps: float
     dtype: Any = jnp.float32
     attention: str = "auto"
+    keep_input: bool = False  # the carry is (state, this layer's input): the scan ends with the penultimate state
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, carry, _=None):
+        x = carry[0] if self.keep_input else carry
         h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm1")(x)
-        x = x + CLIPAttention(self.num_heads, self.dtype, self.attention, name="self_attn")(h)
-        h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
-        return x + Mlp(self.mlp_dim, self.activation, self.dtype, _init, name="mlp")(h), None
+        out = x + CLIPAttention(self.num_heads, self.dtype, self.attention, name="self_attn")(h)
+        h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(out)
+        out = out + Mlp(self.mlp_dim, self.activation, self.dtype, _init, name="mlp")(h)
+        return ((out, x) if self.keep_input else out), None
 
 
 class CLIPTextEncoder(nn.Module):
-    """(B, T) token ids [+ injected (B, K, D) at (B,) positions] -> (last_hidden_state, pooled).
+    """(B, T) token ids [+ injected (B, K, D) at (B,) positions] -> (hidden states, pooled).
 
     Defaults are CLIP ViT-L/14's text tower, the one Stable Diffusion v1 uses. The pooled
-    output is taken at argmax(input_ids) (the first end-of-text token).
+    output is the final LayerNorm of the last layer's state at argmax(input_ids) (the first
+    end-of-text token), then `text_projection` (no bias) when `projection_dim` is set, as
+    CLIPTextModelWithProjection's `text_embeds`. The hidden states are the final LayerNorm of
+    the last layer's states (`last_hidden_state`), or with `penultimate` the states after
+    num_layers - 1 layers without it (`hidden_states[-2]`, what SDXL conditions on). With
+    `pad_token_id`, every id after the first end-of-text token becomes that id before embedding.
     """
 
     vocab_size: int = 49408
@@ -78,6 +92,9 @@ class CLIPTextEncoder(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "auto"  # f2d_jax.models.attention's implementation
+    projection_dim: int | None = None  # width of the pooled output's text_projection; None: no projection
+    penultimate: bool = False          # hidden states before the last layer, no final LayerNorm
+    pad_token_id: int | None = None    # re-pad after the first end-of-text token with this id
 
     def setup(self):
         self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=_init, dtype=self.dtype)
@@ -85,21 +102,39 @@ class CLIPTextEncoder(nn.Module):
         layer = nn.remat(CLIPLayer) if self.remat else CLIPLayer
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                               length=self.num_layers)(
-            self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype, self.attention)
+            self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype, self.attention,
+            self.penultimate)
         self.final_layer_norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
+        if self.projection_dim is not None:
+            self.text_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, kernel_init=_init)
+
+    def repad(self, input_ids):
+        """The ids with every position after the first end-of-text token set to `pad_token_id` (if set)."""
+        if self.pad_token_id is None:
+            return input_ids
+        end = jnp.argmax(input_ids, axis=-1)[..., None]
+        return jnp.where(jnp.arange(input_ids.shape[-1]) > end, jnp.asarray(self.pad_token_id, input_ids.dtype),
+                         input_ids)
 
     def embed(self, input_ids):
-        """(B, T) ids -> (B, T, D) token + position embeddings."""
+        """(B, T) ids -> (B, T, D) token + position embeddings (of the re-padded ids)."""
         t = input_ids.shape[-1]
         if t > self.max_length:
             raise ValueError(f"at most {self.max_length} tokens, got {t}")
-        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))[None]
+        return self.token_embedding(self.repad(input_ids)) + self.position_embedding(jnp.arange(t))[None]
 
     def encode(self, hidden, input_ids):
-        """(B, T, D) embedded hidden states -> (last_hidden_state (B, T, D), pooled (B, D))."""
-        hidden, _ = self.layers(hidden)
-        hidden = self.final_layer_norm(hidden)
-        pooled = jnp.take_along_axis(hidden, jnp.argmax(input_ids, axis=-1)[:, None, None], axis=1)[:, 0]
+        """(B, T, D) embedded hidden states -> (hidden states (B, T, D), pooled (B, D) or (B, projection_dim))."""
+        end = jnp.argmax(input_ids, axis=-1)[:, None, None]
+        if self.penultimate:
+            (last, hidden), _ = self.layers((hidden, hidden))
+            pooled = self.final_layer_norm(jnp.take_along_axis(last, end, axis=1)[:, 0])
+        else:
+            hidden, _ = self.layers(hidden)
+            hidden = self.final_layer_norm(hidden)
+            pooled = jnp.take_along_axis(hidden, end, axis=1)[:, 0]
+        if self.projection_dim is not None:
+            pooled = self.text_projection(pooled)
         return hidden, pooled
 
     def __call__(self, input_ids, injected=None, positions=None):

@@ -10,6 +10,7 @@ tests and CPU demos.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -311,21 +312,28 @@ _CLIP_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "width", "intermediat
                 "max_position_embeddings": "max_length", "hidden_act": "activation", "layer_norm_eps": "layer_norm_eps"}
 
 
+_WITH_PROJECTION = "CLIPTextModelWithProjection"
+
+
 def clip_text_fields(config: dict) -> dict:
-    """Hugging Face CLIPTextConfig entries -> CLIPTextEncoder fields."""
+    """Hugging Face CLIPTextConfig entries -> CLIPTextEncoder fields; `projection_dim` is set for a
+    CLIPTextModelWithProjection (its "architectures"), else None."""
     activation = config.get("hidden_act", "quick_gelu")
     if activation not in _ACTIVATIONS:
         raise UnsupportedConfigError(f"text_encoder config: hidden_act={activation!r} is not supported "
                                      f"(use one of {', '.join(_ACTIVATIONS)})")
     defaults = {f.name: f.default for f in dataclasses.fields(CLIPTextEncoder)}
-    return {ours: config.get(theirs, defaults[ours]) for theirs, ours in _CLIP_FIELDS.items()}
+    fields = {ours: config.get(theirs, defaults[ours]) for theirs, ours in _CLIP_FIELDS.items()}
+    with_projection = _WITH_PROJECTION in (config.get("architectures") or ())
+    fields["projection_dim"] = config.get("projection_dim", 512) if with_projection else None  # 512: HF's default
+    return fields
 
 
 def clip_text_config(encoder: CLIPTextEncoder) -> dict:
     """The Hugging Face CLIPTextConfig entries of `encoder` (inverse of `clip_text_fields`)."""
     config = {theirs: getattr(encoder, ours) for theirs, ours in _CLIP_FIELDS.items()}
     if encoder.projection_dim is not None:
-        config.update(projection_dim=encoder.projection_dim, architectures=["CLIPTextModelWithProjection"])
+        config.update(projection_dim=encoder.projection_dim, architectures=[_WITH_PROJECTION])
     return config
 
 
@@ -463,10 +471,12 @@ _TORCH_LAYOUTS = {"unet": _UNET_LAYOUT, "vae": TorchLayout(), "text_encoder": CL
 
 
 def _clip_from_hf_flax(tree: dict) -> dict:
-    """transformers' FlaxCLIPTextModel params (text_model/encoder/layers/<i>/...) -> our tree (layers stacked)."""
+    """transformers' FlaxCLIPTextModel[WithProjection] params (text_model/encoder/layers/<i>/..., text_projection)
+    -> our tree (layers stacked)."""
+    projection = {"text_projection": tree["text_projection"]} if "text_projection" in tree else {}
     tree = tree.get("text_model", tree)
     if "encoder" not in tree:
-        return tree  # already our layout (or not CLIP at all: check_tree will say)
+        return {**tree, **projection}  # already our layout (or not CLIP at all: check_tree will say)
     embeddings, layers = tree.get("embeddings", {}), tree["encoder"].get("layers", {})
     flat = [traverse_util.flatten_dict(layers[i]) for i in sorted(layers, key=int)]
     stacked = {path: np.stack([np.asarray(f[path]) for f in flat]) for path in (flat[0] if flat else {})
@@ -475,7 +485,7 @@ def _clip_from_hf_flax(tree: dict) -> dict:
     ours["layers"] = traverse_util.unflatten_dict(stacked)
     if "final_layer_norm" in tree:
         ours["final_layer_norm"] = tree["final_layer_norm"]
-    return ours
+    return {**ours, **projection}
 
 
 def _weight_file(name: str, folder: Path) -> Path | None:
@@ -508,7 +518,7 @@ def save_stable_diffusion(sd: StableDiffusion, params: dict, directory) -> Path:
     directory = Path(directory)
     sd.unet.save_pretrained(directory / "unet", params=params["unet"]["params"])
     sd.vae.save_pretrained(directory / "vae", params=params["vae"]["params"])
-    tokenizer = sd.tokenizer()
+    tokenizer = copy.deepcopy(sd.tokenizer())   # the loaded one is shared
     for (name, encoder), folder in zip(sd.text_encoders.items(), ("tokenizer", "tokenizer_2")):
         (directory / name).mkdir(parents=True, exist_ok=True)
         (directory / name / CONFIG_FILES[name]).write_text(json.dumps(clip_text_config(encoder), indent=2))
