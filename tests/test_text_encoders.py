@@ -12,7 +12,7 @@ import torch
 from sd_fixtures import randomize
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from f2d_jax.convert.checkpoints import CLIP_LAYOUT
+from f2d_jax.convert.checkpoints import CLIP_LAYOUT, torch_state_dict
 from f2d_jax.convert.layout import CheckpointMismatchError, from_torch
 from f2d_jax.models import CLIPTextEncoder
 from f2d_jax.text import identifier_prompts, load_tokenizer
@@ -152,6 +152,8 @@ def test_projection_weights_load_from_safetensors_and_flax(encoders, tmp_path):
     assert built == ours
     loaded = sdm.load_component("text_encoder", tmp_path / "pt", _target(built))
     jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+    exported = torch_state_dict("text_encoder", variables, ours)  # and back: a strict load_state_dict succeeds
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
 
     # transformers' own PyTorch -> Flax conversion, in Hugging Face's Flax layout (text_model/..., text_projection).
     FlaxCLIPTextModelWithProjection.from_pretrained(tmp_path / "pt", from_pt=True).save_pretrained(tmp_path / "flax")

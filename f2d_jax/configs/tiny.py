@@ -16,7 +16,8 @@ def get_config():
     config.model.mapping.update(identity_dim=4 * 32, hidden_dim=64, token_dim=32)
     config.model.expression.update(layers=(1, 1, 1, 1), width=8)
     # The text encoder of the tiny Stable Diffusion bundle.
-    config.model.text_encoder = ml_collections.ConfigDict(clip_text_fields(TINY_CONFIGS["text_encoder"]))
+    fields = clip_text_fields(TINY_CONFIGS["text_encoder"])
+    config.model.text_encoder = ml_collections.ConfigDict({k: v for k, v in fields.items() if v is not None})
     config.weights.update(sd="", msid="", mapping="", expression="")
     config.model.tiny_base = "sd1"   # the structure of the tiny random SD (empty weights.sd): sd1, sd2 or sdxl
 

@@ -39,6 +39,8 @@ def mapping_layout(model: MappingNetwork) -> TorchLayout:
                                      for branch in ("i2t_first", "i2t_last") for i in range(model.num_layers)))
 
 
+# CLIPTextModel keys live under `text_model.`; CLIPTextModelWithProjection adds a top-level
+# `text_projection.weight`, which the generic rules map onto our `text_projection` Dense.
 CLIP_LAYOUT = TorchLayout(
     renames=(("text_model.embeddings.token_embedding", "token_embedding"),
              ("text_model.embeddings.position_embedding", "position_embedding"),
