@@ -11,7 +11,7 @@ import pytest
 
 import sd_fixtures
 from f2d_jax.config import load_config
-from f2d_jax.convert.weights_dir import save_mapping, save_msid
+from f2d_jax.convert import save_mapping, save_msid
 from f2d_jax.encoders import Encoders
 from f2d_jax.models.stable_diffusion import load_stable_diffusion
 from f2d_jax.sampling import F2DPipeline
@@ -82,7 +82,7 @@ def test_sdxl_tokens_split_between_the_two_encoders(bases):
     np.testing.assert_array_equal(out["context"], jnp.concatenate([first, second], -1))
     np.testing.assert_array_equal(out["text_embeds"], pooled)
     # the tokens reach the pooled embedding through the causal mask (the end token follows them)
-    other = encoders.prompt_embeddings(variables, ids, positions, tokens.at[..., 32:].add(1.0))
+    other = encoders.prompt_embeddings(variables, ids, positions, tokens.at[..., 32:].multiply(-1.0))
     assert not np.allclose(other["text_embeds"], out["text_embeds"], atol=1e-3)
     np.testing.assert_array_equal(other["context"][..., :32], out["context"][..., :32])
 
@@ -152,3 +152,17 @@ def test_tiny_sdxl_trains_resumes_and_exports(tmp_path, capsys):
     reference = ref.Mapping(identity=128, hidden=64, out=80, exp=64)
     reference.load_state_dict(torch.load(tmp_path / "export" / "mapping.pt", weights_only=True), strict=True)
     shutil.rmtree(tmp_path / "resumed")
+
+
+def test_the_sharded_sdxl_step_on_8_devices_equals_the_single_device_step(tmp_path):
+    """Tiny SDXL on a 4 x 2 mesh, its frozen UNet and text encoders FSDP-sharded, against one device."""
+    from test_train import _assert_close, _metrics, _params, _train
+
+    common = ["--config.train.steps=2", "--config.log.every=1"]
+    _train(tmp_path / "single", *common, config=CONFIGS["sdxl"], cache=tmp_path / "cache")
+    _train(tmp_path / "sharded", *common, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+           "--config.mesh.frozen=fsdp", devices=8, config=CONFIGS["sdxl"], cache=tmp_path / "cache")
+    for a, b in zip(_metrics(tmp_path / "single"), _metrics(tmp_path / "sharded")):
+        for name in ("loss", "loss_fg", "loss_bg", "grad_norm"):
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=f"{name} at step {a['step']}")
+    _assert_close(_params(tmp_path / "sharded"), _params(tmp_path / "single"), atol=1e-6)

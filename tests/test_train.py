@@ -35,14 +35,14 @@ def _env(devices: int = 1, cache=None, **extra):
     return env
 
 
-def _command(workdir, *overrides):
-    return [sys.executable, str(ROOT / "train.py"), "--config", TINY, "--workdir", str(workdir),
+def _command(workdir, *overrides, config=TINY):
+    return [sys.executable, str(ROOT / "train.py"), "--config", config, "--workdir", str(workdir),
             "--config.log.sample_every=0", *overrides]
 
 
-def _train(workdir, *overrides, devices=1, cache=None, check=True):
-    result = subprocess.run(_command(workdir, *overrides), env=_env(devices, cache), capture_output=True, text=True,
-                            timeout=600, cwd=ROOT)
+def _train(workdir, *overrides, devices=1, cache=None, check=True, config=TINY):
+    result = subprocess.run(_command(workdir, *overrides, config=config), env=_env(devices, cache),
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
