@@ -139,7 +139,7 @@ def _sample(args) -> int:
     check(args)
     faces = [align_face(image) for image in args.image]
     expression = align_face(args.expression_image) if args.expression_image else None
-    from f2d_jax.sampling import F2DPipeline
+    from f2d_jax.sampling import F2DPipeline, check_sampling
 
     pipe = F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
                             mapping=args.mapping, expression=args.expression)
