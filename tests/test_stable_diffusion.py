@@ -292,6 +292,11 @@ def test_wrong_shaped_weight(tiny, tmp_path):
      "down_block_types=.*only builds .*not \\['SimpleCrossAttnDownBlock2D'\\]"),
     ("unet", {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type=.*only builds"),
     ("unet", {"future_option": 3}, "unknown option future_option=3"),
+    ("unet", {"addition_embed_type": "text"}, "addition_embed_type='text': the Flax model only builds"),
+    ("unet", {"num_attention_heads": (2, 4)}, "num_attention_heads=\\(2, 4\\): the Flax model only builds \\[None\\]"),
+    ("unet", {"transformer_layers_per_block": [[1], [2, 2]]}, "transformer_layers_per_block=.*one count per block"),
+    ("unet", {"addition_embed_type": "text_time", "addition_time_embed_dim": 7},
+     "addition_time_embed_dim=7: the Flax UNet's sinusoidal embedding needs an even width"),
     ("vae", {"act_fn": "gelu"}, "act_fn='gelu': the Flax model only builds"),
     ("vae", {"shift_factor": 0.1}, "shift_factor=0.1 is not supported"),
     ("text_encoder", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
@@ -310,11 +315,12 @@ def test_unsupported_config_in_directory(tiny, tmp_path):
         sdm.load_stable_diffusion(path)
 
 
-def test_upcast_attention_needs_float32():
-    configs = {**sdm.TINY_CONFIGS, "unet": {**sdm.TINY_CONFIGS["unet"], "upcast_attention": True}}
-    assert sdm.build(configs).unet.dtype == jnp.float32  # SD 2.1 sets it: a no-op in float32
-    with pytest.raises(sdm.UnsupportedConfigError, match="upcast_attention=True needs float32"):
-        sdm.build(configs, dtype=jnp.bfloat16)
+def test_upcast_attention_in_any_dtype():
+    for value, upcast in ((True, True), (False, False), (None, False)):  # SD 2.1 sets True, SDXL null
+        configs = {**sdm.TINY_CONFIGS, "unet": {**sdm.TINY_CONFIGS["unet"], "upcast_attention": value}}
+        unet = sdm.build(configs, dtype=jnp.bfloat16).unet
+        assert unet.dtype == jnp.bfloat16 and unet.upcast_attention is upcast
+        assert "upcast_attention" not in unet.config  # ours, not a diffusers Flax config field
 
 
 # --------------------------------------------------------------------------- tiny bundle

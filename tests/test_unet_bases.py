@@ -1,0 +1,145 @@
+"""The UNets of SD 2.x (linear projections, per-level head counts, upcast attention) and SDXL (several
+transformer layers per block, the "text_time" added embedding) loaded alone with `load_unet`: parity
+with diffusers' PyTorch UNet2DConditionModel on the same random weights, folder handling and errors,
+and upcast attention in bfloat16."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import sd_fixtures
+from f2d_jax.models import stable_diffusion as sdm
+
+
+def _max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _write_unet(config: dict, path, seed: int = 0):
+    """diffusers' PyTorch UNet of `config` with every parameter random, saved (safetensors) to `path`."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = sd_fixtures.randomize(UNet2DConditionModel(**config), seed)
+    unet.save_pretrained(path, safe_serialization=True)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd2-unet")
+    return path, _write_unet(sdm.TINY_SD2_CONFIGS["unet"], path)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl-unet")
+    return path, _write_unet(sdm.TINY_SDXL_CONFIGS["unet"], path, seed=1)
+
+
+def _inputs(context_width: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 77, context_width)).astype(np.float32)
+    return latents, np.array([3, 900], np.int32), context
+
+
+def _apply(unet, params, *args, **kwargs):
+    return jax.jit(lambda params, *args, **kwargs: unet.apply(params, *args, **kwargs).sample)(params, *args, **kwargs)
+
+
+def _torch(model, latents, timesteps, context, **kwargs):
+    with torch.no_grad():
+        return model(torch.from_numpy(latents), torch.from_numpy(timesteps).long(), torch.from_numpy(context),
+                     **kwargs).sample.numpy()
+
+
+def test_sd2_unet_matches_diffusers_pytorch(sd2, parity):
+    path, theirs = sd2
+    unet, params = sdm.load_unet(path)
+    assert unet.upcast_attention and unet.use_linear_projection and unet.attention_head_dim == (2, 4)
+    latents, timesteps, context = _inputs(32)
+    ours = _apply(unet, params, latents, timesteps, context)
+    expected = _torch(theirs, latents, timesteps, context)
+    assert ours.shape == (2, 4, 8, 8) and np.abs(expected).max() > 0.1
+    parity("SD 2 UNet noise prediction (tiny, linear proj., upcast attention)", _max_err(ours, expected), 1e-4)
+
+
+def test_sdxl_unet_matches_diffusers_pytorch(sdxl, parity):
+    path, theirs = sdxl
+    unet, params = sdm.load_unet(path)
+    assert unet.addition_embed_type == "text_time" and unet.transformer_layers_per_block == (1, 2)
+    assert "add_embedding" in params["params"]
+    latents, timesteps, context = _inputs(80, seed=1)
+    text_embeds = np.random.default_rng(2).standard_normal((2, 48)).astype(np.float32)
+    time_ids = np.array([[64, 64, 0, 0, 64, 64], [1024, 768, 16, 48, 1024, 1024]], np.float32)
+    ours = _apply(unet, params, latents, timesteps, context,
+                  added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+    expected = _torch(theirs, latents, timesteps, context, added_cond_kwargs={
+        "text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)})
+    assert ours.shape == (2, 4, 8, 8) and np.abs(expected).max() > 0.1
+    parity("SDXL UNet noise prediction (tiny, text_time added embedding)", _max_err(ours, expected), 1e-4)
+    # The added embedding matters: other time ids move the output.
+    moved = _torch(theirs, latents, timesteps, context, added_cond_kwargs={
+        "text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids[::-1].copy())})
+    assert _max_err(moved, expected) > 1e-3
+
+
+def test_load_unet_from_a_stable_diffusion_directory(tmp_path):
+    tiny = sd_fixtures.write_tiny_sd(tmp_path / "sd")
+    sd, params = sdm.load_stable_diffusion(tiny.path)
+    for unet, unet_params in (sdm.load_unet(tiny.path), sdm.load_unet(tiny.path, subfolder="unet"),
+                              sdm.load_unet(tiny.path / "unet")):
+        assert unet == sd.unet  # the same module: same config, attention and upcast fields
+        assert jax.tree.all(jax.tree.map(np.array_equal, unet_params, params["unet"]))
+    assert sdm.load_unet(tiny.path, attention="reference")[0].attention == "reference"
+
+
+def test_load_unet_errors(sd2, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no diffusers UNet folder at .*missing"):
+        sdm.load_unet(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no UNet config at .*empty/config.json or .*empty/unet/config.json"):
+        sdm.load_unet(empty)
+    with pytest.raises(FileNotFoundError, match="no UNet config at .*empty/weights/config.json"):
+        sdm.load_unet(empty, subfolder="weights")
+    (empty / "config.json").write_text((sd2[0] / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no unet weights in .*empty: expected one of diffusion_flax_model"
+                                                ".msgpack, diffusion_pytorch_model.safetensors, "
+                                                "diffusion_pytorch_model.bin"):
+        sdm.load_unet(empty)
+
+
+def test_upcast_attention_in_bfloat16(sd2, monkeypatch):
+    """bfloat16 weights and activations; with upcast_attention the attention runs in float32."""
+    unet, params = sdm.load_unet(sd2[0], dtype=jnp.bfloat16)
+    assert unet.dtype == jnp.bfloat16 and unet.upcast_attention
+    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+    seen = []
+    attention = sdm.multi_head_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(sdm, "multi_head_attention", spy)
+    latents, timesteps, context = _inputs(32)
+    upcast = _apply(unet, params, latents, timesteps, context)
+    assert upcast.dtype == jnp.bfloat16 and bool(jnp.isfinite(upcast).all())
+    assert len(seen) == 8 and set(seen) == {(jnp.dtype(jnp.float32),) * 3}  # self + cross, 4 transformers
+    seen.clear()
+    plain = _apply(unet.clone(upcast_attention=False), params, latents, timesteps, context)
+    assert set(seen) == {(jnp.dtype(jnp.bfloat16),) * 3}
+    assert _max_err(plain, upcast) > 0  # P V in float32, not in bfloat16
+
+
+def test_upcast_attention_survives_save(tmp_path):
+    sd = sdm.build(sdm.TINY_SD2_CONFIGS)
+    assert sd.unet.upcast_attention
+    sdm.save_stable_diffusion(sd, sdm.random_params(sdm.abstract_params(sd), jax.random.key(0)), tmp_path)
+    assert json.loads((tmp_path / "unet" / "config.json").read_text())["upcast_attention"] is True
+    assert sdm.load_unet(tmp_path)[0].upcast_attention
