@@ -220,26 +220,7 @@ def test_loading_needs_no_torch(tiny, tmp_path):
 
 
 def test_hub_id_downloads_configs_tokenizer_and_one_weight_format(tiny, loaded, tmp_path, monkeypatch):
-    import fnmatch
-
-    import huggingface_hub
-
-    calls = []
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=()):
-        """A stand-in for the hub: the fixture directory, filtered by allow_patterns."""
-        calls.append((repo_id, revision, list(allow_patterns)))
-        if repo_id != "someone/tiny-sd":
-            raise huggingface_hub.errors.RepositoryNotFoundError(f"404 {repo_id}")
-        root = tmp_path / "snapshot"
-        for file in tiny.path.rglob("*"):
-            name = file.relative_to(tiny.path).as_posix()
-            if file.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
-                (root / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(file, root / name)
-        return str(root)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    calls = sd_fixtures.fake_hub(monkeypatch, {"someone/tiny-sd": tiny.path}, tmp_path / "snapshots")
     sd, params = sdm.load_stable_diffusion("someone/tiny-sd", revision="main")
     (repo_id, revision, patterns), = calls
     assert (repo_id, revision) == ("someone/tiny-sd", "main")

@@ -3,6 +3,7 @@ transformer layers per block, the "text_time" added embedding) loaded alone with
 with diffusers' PyTorch UNet2DConditionModel on the same random weights, folder handling and errors,
 and upcast attention in bfloat16."""
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def test_load_unet_from_a_stable_diffusion_directory(tmp_path):
 
 
 def test_load_unet_errors(sd2, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no diffusers UNet folder at .*missing"):
+    with pytest.raises(FileNotFoundError, match="no UNet folder at .*missing"):
         sdm.load_unet(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -112,6 +113,25 @@ def test_load_unet_errors(sd2, tmp_path):
                                                 ".msgpack, diffusion_pytorch_model.safetensors, "
                                                 "diffusion_pytorch_model.bin"):
         sdm.load_unet(empty)
+
+
+def test_load_unet_from_the_hub(sd2, tmp_path, monkeypatch):
+    """A hub repo holding a UNet alone, or a Stable Diffusion repo: configs and one weight format."""
+    sd_repo = tmp_path / "sd-repo"
+    shutil.copytree(sd2[0], sd_repo / "unet")
+    (sd_repo / "model_index.json").write_text("{}")
+    calls = sd_fixtures.fake_hub(monkeypatch, {"someone/unet": sd2[0], "someone/sd": sd_repo}, tmp_path / "hub")
+    _, expected = sdm.load_unet(sd2[0])
+    for repo, subfolder in (("someone/unet", None), ("someone/sd", None), ("someone/sd", "unet")):
+        calls.clear()
+        unet, params = sdm.load_unet(repo, subfolder=subfolder, revision="main")
+        assert unet.upcast_attention and jax.tree.all(jax.tree.map(np.array_equal, params, expected))
+        (repo_id, revision, patterns), = calls
+        assert (repo_id, revision) == (repo, "main") and not [p for p in patterns if p.endswith((".bin", ".msgpack"))]
+        assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"} <= set(patterns)
+        assert ("config.json" in patterns) == (subfolder is None)
+    with pytest.raises(FileNotFoundError, match="'nobody/nothing' is neither a local directory nor a downloadable"):
+        sdm.load_unet("nobody/nothing")
 
 
 def test_upcast_attention_in_bfloat16(sd2, monkeypatch):
