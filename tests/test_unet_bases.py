@@ -155,6 +155,47 @@ def test_upcast_attention_in_bfloat16(sd2, monkeypatch):
     plain = _apply(unet.clone(upcast_attention=False), params, latents, timesteps, context)
     assert set(seen) == {(jnp.dtype(jnp.bfloat16),) * 3}
     assert _max_err(plain, upcast) > 0  # P V in float32, not in bfloat16
+    for implementation in ("reference", "xla"):  # both take the float32 inputs
+        other = _apply(unet.clone(attention=implementation), params, latents, timesteps, context)
+        assert other.dtype == jnp.bfloat16 and _max_err(other, upcast) < 0.05 * float(jnp.abs(upcast).max())
+
+
+# The published configs (diffusers' config.json of SD 2.1 768-v, SDXL base 1.0 and refiner 1.0), sizes apart.
+_COMMON = dict(act_fn="silu", center_input_sample=False, downsample_padding=1, dual_cross_attention=False,
+               flip_sin_to_cos=True, freq_shift=0, in_channels=4, mid_block_scale_factor=1, norm_eps=1e-05,
+               norm_num_groups=32, num_class_embeds=None, only_cross_attention=False, out_channels=4,
+               use_linear_projection=True, _class_name="UNet2DConditionModel")
+_SDXL = dict(_COMMON, addition_embed_type="text_time", addition_embed_type_num_heads=64, class_embed_type=None,
+             class_embeddings_concat=False, conv_in_kernel=3, conv_out_kernel=3, cross_attention_norm=None,
+             encoder_hid_dim=None, encoder_hid_dim_type=None, mid_block_only_cross_attention=None,
+             mid_block_type="UNetMidBlock2DCrossAttn", num_attention_heads=None, resnet_out_scale_factor=1.0,
+             resnet_skip_time_act=False, resnet_time_scale_shift="default", time_cond_proj_dim=None,
+             time_embedding_act_fn=None, time_embedding_dim=None, time_embedding_type="positional",
+             timestep_post_act=None, upcast_attention=None, addition_time_embed_dim=256, sample_size=128)
+PUBLISHED = {
+    "sd2.1": dict(_COMMON, attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+                  cross_attention_dim=1024, layers_per_block=2, sample_size=96, upcast_attention=True,
+                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+    "sdxl-base": dict(_SDXL, attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
+                      cross_attention_dim=2048, layers_per_block=2, projection_class_embeddings_input_dim=2816,
+                      transformer_layers_per_block=[1, 2, 10],
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    "sdxl-refiner": dict(_SDXL, attention_head_dim=[6, 12, 24, 24], block_out_channels=[384, 768, 1536, 1536],
+                         cross_attention_dim=1280, layers_per_block=2, projection_class_embeddings_input_dim=2560,
+                         transformer_layers_per_block=4,
+                         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                           "DownBlock2D"],
+                         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_are_accepted(name):
+    unet = sdm.build_unet(PUBLISHED[name], dtype=jnp.bfloat16)
+    assert unet.upcast_attention is (name == "sd2.1") and unet.dtype == jnp.bfloat16
+    assert unet.attention_head_dim == tuple(PUBLISHED[name]["attention_head_dim"])
 
 
 def test_upcast_attention_survives_save(tmp_path):
