@@ -9,6 +9,8 @@ Needs torch, diffusers and transformers.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import shutil
 from pathlib import Path
 
 # First: it silences diffusers' Flax deprecation logging, which importing the pipeline triggers.
@@ -108,3 +110,27 @@ def write_tiny_base(path, base: str, seed: int = 0):
                                            requires_safety_checker=False)
     pipeline.save_pretrained(path, safe_serialization=True)
     return pipeline
+
+
+def fake_hub(monkeypatch, repos: dict, root) -> list:
+    """Replace huggingface_hub.snapshot_download by a stand-in serving `repos` (hub id -> local directory),
+    filtered by allow_patterns, into root/<hub id>; returns the calls (repo_id, revision, patterns) made."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        calls.append((repo_id, revision, list(allow_patterns)))
+        if repo_id not in repos:
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"404 {repo_id}")
+        snapshot = Path(root) / repo_id
+        for file in Path(repos[repo_id]).rglob("*"):
+            name = file.relative_to(repos[repo_id]).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, snapshot / name)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls

@@ -220,26 +220,7 @@ def test_loading_needs_no_torch(tiny, tmp_path):
 
 
 def test_hub_id_downloads_configs_tokenizer_and_one_weight_format(tiny, loaded, tmp_path, monkeypatch):
-    import fnmatch
-
-    import huggingface_hub
-
-    calls = []
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=()):
-        """A stand-in for the hub: the fixture directory, filtered by allow_patterns."""
-        calls.append((repo_id, revision, list(allow_patterns)))
-        if repo_id != "someone/tiny-sd":
-            raise huggingface_hub.errors.RepositoryNotFoundError(f"404 {repo_id}")
-        root = tmp_path / "snapshot"
-        for file in tiny.path.rglob("*"):
-            name = file.relative_to(tiny.path).as_posix()
-            if file.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
-                (root / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(file, root / name)
-        return str(root)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    calls = sd_fixtures.fake_hub(monkeypatch, {"someone/tiny-sd": tiny.path}, tmp_path / "snapshots")
     sd, params = sdm.load_stable_diffusion("someone/tiny-sd", revision="main")
     (repo_id, revision, patterns), = calls
     assert (repo_id, revision) == ("someone/tiny-sd", "main")
@@ -292,6 +273,11 @@ def test_wrong_shaped_weight(tiny, tmp_path):
      "down_block_types=.*only builds .*not \\['SimpleCrossAttnDownBlock2D'\\]"),
     ("unet", {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type=.*only builds"),
     ("unet", {"future_option": 3}, "unknown option future_option=3"),
+    ("unet", {"addition_embed_type": "text"}, "addition_embed_type='text': the Flax model only builds"),
+    ("unet", {"num_attention_heads": (2, 4)}, "num_attention_heads=\\(2, 4\\): the Flax model only builds \\[None\\]"),
+    ("unet", {"transformer_layers_per_block": [[1], [2, 2]]}, "transformer_layers_per_block=.*one count per block"),
+    ("unet", {"addition_embed_type": "text_time", "addition_time_embed_dim": 7},
+     "addition_time_embed_dim=7: the Flax UNet's sinusoidal embedding needs an even width"),
     ("vae", {"act_fn": "gelu"}, "act_fn='gelu': the Flax model only builds"),
     ("vae", {"shift_factor": 0.1}, "shift_factor=0.1 is not supported"),
     ("text_encoder", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
@@ -310,11 +296,12 @@ def test_unsupported_config_in_directory(tiny, tmp_path):
         sdm.load_stable_diffusion(path)
 
 
-def test_upcast_attention_needs_float32():
-    configs = {**sdm.TINY_CONFIGS, "unet": {**sdm.TINY_CONFIGS["unet"], "upcast_attention": True}}
-    assert sdm.build(configs).unet.dtype == jnp.float32  # SD 2.1 sets it: a no-op in float32
-    with pytest.raises(sdm.UnsupportedConfigError, match="upcast_attention=True needs float32"):
-        sdm.build(configs, dtype=jnp.bfloat16)
+def test_upcast_attention_in_any_dtype():
+    for value, upcast in ((True, True), (False, False), (None, False)):  # SD 2.1 sets True, SDXL null
+        configs = {**sdm.TINY_CONFIGS, "unet": {**sdm.TINY_CONFIGS["unet"], "upcast_attention": value}}
+        unet = sdm.build(configs, dtype=jnp.bfloat16).unet
+        assert unet.dtype == jnp.bfloat16 and unet.upcast_attention is upcast
+        assert "upcast_attention" not in unet.config  # ours, not a diffusers Flax config field
 
 
 # --------------------------------------------------------------------------- tiny bundle

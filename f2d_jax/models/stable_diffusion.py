@@ -2,7 +2,8 @@
 
 `load_stable_diffusion` reads a diffusers-format directory (unet/, vae/, text_encoder/, tokenizer/,
 scheduler/) or a hub id and returns the modules with their parameters: diffusers' Flax UNet and VAE,
-our `CLIPTextEncoder`, the scheduler config. Weights may be Flax msgpack or PyTorch safetensors (no
+our `CLIPTextEncoder`, the scheduler config. `load_unet` reads a UNet folder alone (SD 1.x, 2.x or
+SDXL), or the unet/ of such a directory. Weights may be Flax msgpack or PyTorch safetensors (no
 torch needed) or PyTorch .bin (needs torch); PyTorch weights go through the project's converter, so
 any mismatch is reported key by key. A config option the Flax models cannot represent raises rather
 than being dropped. `tiny_stable_diffusion` builds a random-init bundle of the same structure for
@@ -127,7 +128,7 @@ _UNET_TORCH_DEFAULTS = {
     "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
     "norm_num_groups": 32, "norm_eps": 1e-5, "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "num_class_embeds": None, "upcast_attention": False,
+    "class_embed_type": None, "num_class_embeds": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -142,23 +143,26 @@ _VAE_TORCH_DEFAULTS = {
 _FLAX_FIXED = {
     "unet": {"down_block_types": {"CrossAttnDownBlock2D", "DownBlock2D"},
              "up_block_types": {"CrossAttnUpBlock2D", "UpBlock2D"},
-             "mid_block_type": {"UNetMidBlock2DCrossAttn", None}},
+             "mid_block_type": {"UNetMidBlock2DCrossAttn", None},
+             "addition_embed_type": {None, "text_time"}, "num_attention_heads": {None}},
     "vae": {"down_block_types": {"DownEncoderBlock2D"}, "up_block_types": {"UpDecoderBlock2D"},
             "act_fn": {"silu", "swish"}},
 }
 # Bookkeeping, or hints to pipelines that do not change the model's output.
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "force_upcast"}
+# Options our subclass honours beyond the Flax class's fields (`build_unet` reads them).
+_OURS = {"unet": {"upcast_attention"}}
 _EQUIVALENT = {"act_fn": {"swish": "silu"}}
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
 
-def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto"):
+def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto", upcast=False):
     """Method interceptor giving diffusers' Flax UNet layers PyTorch's numerics and our attention (see UNet)."""
     module = context.module
     if context.method_name != "__call__" or module.is_initializing():
         return next_fun(*args, **kwargs)
     if isinstance(module, FlaxAttention):
-        return _attention_layer(module, implementation, *args, **kwargs)
+        return _attention_layer(module, implementation, upcast, *args, **kwargs)
     if isinstance(module, FlaxGEGLU):  # GEGLU with exact GELU
         hidden, deterministic = args[0], (args[1:] or [kwargs.get("deterministic", True)])[0]
         value, gate = jnp.split(module.proj(hidden), 2, axis=-1)
@@ -168,11 +172,16 @@ def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto"):
     return next_fun(*args, **kwargs)
 
 
-def _attention_layer(module: FlaxAttention, implementation: str, hidden_states, context=None, deterministic=True):
-    """FlaxAttention's computation (same parameters) through f2d_jax.models.attention."""
+def _attention_layer(module: FlaxAttention, implementation: str, upcast: bool, hidden_states, context=None,
+                     deterministic=True):
+    """FlaxAttention's computation (same parameters) through f2d_jax.models.attention; with `upcast`,
+    q k^T, the softmax and P V in float32 (PyTorch's upcast_attention), the result in the input dtype."""
     context = hidden_states if context is None else context
-    out = multi_head_attention(module.query(hidden_states), module.key(context), module.value(context),
-                               module.heads, implementation=implementation)
+    q, k, v = module.query(hidden_states), module.key(context), module.value(context)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    out = multi_head_attention(q, k, v, module.heads, implementation=implementation).astype(dtype)
     out = module.proj_attn(out)
     return module.dropout_layer(out, deterministic=deterministic)
 
@@ -184,19 +193,30 @@ class UNet(FlaxUNet2DConditionModel):
     Same parameters and config; three layers differ in the Flax original: its GEGLU feed-forward
     uses the tanh approximation of GELU (PyTorch: exact erf GELU) and its transformer input
     GroupNorm has eps 1e-5 (PyTorch: 1e-6), each moving the tiny UNet's output by a few 1e-5; and
-    its attention is replaced by f2d_jax.models.attention (`attention` names the implementation;
-    not part of the diffusers config).
+    its attention is replaced by f2d_jax.models.attention (`attention` names the implementation).
+    `upcast_attention` (PyTorch's config option, SD 2.1 768-v) computes the attention scores, the
+    softmax and P V in float32 whatever the module dtype; the Flax original has no such option.
+    Neither field is part of the diffusers Flax config: `build_unet` sets them.
+
+    SD 2.x (linear projections, per-level head counts) and SDXL (several transformer layers per
+    block, the "text_time" added embedding) compute as PyTorch with no further change: the
+    sinusoidal embedding of SDXL's added time ids is PyTorch's formula (flip_sin_to_cos, freq_shift);
+    its frequencies differ from torch's by at most one float32 ulp (XLA's exp against torch's), as
+    the timestep embedding's do: at most 3e-5 in the 256-wide embedding of ids up to 1024 (6e-5 in
+    the 320-wide one of timesteps up to 999), about 1e-6 at the tiny UNets' output.
     """
 
     attention: str = "auto"
-    _flax_internal_args = (*FlaxUNet2DConditionModel._flax_internal_args, "attention")
+    upcast_attention: bool = False
+    _flax_internal_args = (*FlaxUNet2DConditionModel._flax_internal_args, "attention", "upcast_attention")
 
     def register_to_config(self, **kwargs):
-        # What clone passes beyond the config: the Flax internals and `attention`.
+        # What clone passes beyond the config: the Flax internals, `attention` and `upcast_attention`.
         super().register_to_config(**{k: v for k, v in kwargs.items() if k not in self._flax_internal_args})
 
     def __call__(self, *args, **kwargs):
-        with nn.intercept_methods(functools.partial(_torch_numerics, implementation=self.attention)):
+        with nn.intercept_methods(functools.partial(_torch_numerics, implementation=self.attention,
+                                                    upcast=self.upcast_attention)):
             return super().__call__(*args, **kwargs)
 
 
@@ -276,14 +296,15 @@ class StableDiffusion:
 
 # --------------------------------------------------------------------------- configs
 
-def _check_config(name: str, config: dict, flax_class, torch_defaults: dict, dtype) -> dict:
-    """The config's options that `flax_class` takes; raises for any that would be computed differently."""
+def _check_config(name: str, config: dict, flax_class, torch_defaults: dict) -> dict:
+    """The config's options that `flax_class` takes; raises for any that would be computed differently.
+    Options our subclasses honour themselves (_OURS) are left out."""
     accepted = {f.name for f in dataclasses.fields(flax_class)} - {"parent", "name", "dtype"}
     kept = {}
     for key, value in config.items():
         value = _EQUIVALENT.get(key, {}).get(value, value) if isinstance(value, str) else value
         value = tuple(value) if isinstance(value, list) else value
-        if key in _IGNORED:
+        if key in _IGNORED or key in _OURS.get(name, ()):
             continue
         if key in _FLAX_FIXED.get(name, {}):
             allowed = _FLAX_FIXED[name][key]
@@ -293,10 +314,6 @@ def _check_config(name: str, config: dict, flax_class, torch_defaults: dict, dty
                                              f"{sorted(allowed, key=str)}, not {bad}")
         if key in accepted:
             kept[key] = value
-        elif key == "upcast_attention" and value:
-            if jnp.dtype(dtype) != jnp.float32:  # in float32 upcasting changes nothing
-                raise UnsupportedConfigError(f"{name} config: upcast_attention=True needs float32 attention; the Flax "
-                                             f"UNet computes it in {jnp.dtype(dtype).name}: load with dtype=float32")
         elif key not in torch_defaults:
             raise UnsupportedConfigError(f"{name} config: unknown option {key}={value!r}; the Flax "
                                          f"{flax_class.__name__} has no such setting")
@@ -356,6 +373,21 @@ def alphas_cumprod(scheduler_config: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas).astype(np.float32)
 
 
+def build_unet(config: dict, *, dtype=jnp.float32, attention: str = "auto") -> UNet:
+    """The UNet module of a diffusers UNet2DConditionModel config (SD 1.x, 2.x, SDXL) computing in `dtype`;
+    `attention` names the attention implementation. Raises UnsupportedConfigError as `build`."""
+    kept = _check_config("unet", config, FlaxUNet2DConditionModel, _UNET_TORCH_DEFAULTS)
+    layers = kept.get("transformer_layers_per_block", 1)
+    if not all(isinstance(n, int) for n in (layers if isinstance(layers, tuple) else (layers,))):
+        raise UnsupportedConfigError(f"unet config: transformer_layers_per_block={layers!r}: the Flax UNet takes "
+                                     "one count per block, not per layer")
+    if kept.get("addition_embed_type") == "text_time" and kept.get("addition_time_embed_dim", 0) % 2:
+        raise UnsupportedConfigError(f"unet config: addition_time_embed_dim={kept['addition_time_embed_dim']}: "
+                                     "the Flax UNet's sinusoidal embedding needs an even width")
+    return UNet.from_config(kept, dtype=dtype).clone(attention=check_implementation(attention),
+                                                     upcast_attention=bool(config.get("upcast_attention")))
+
+
 def _text_encoder(config: dict, tokenizer: dict | None, *, sdxl: bool, dtype, attention: str) -> CLIPTextEncoder:
     """A text encoder as the base's pipeline uses it: SDXL reads the penultimate hidden state, and each
     encoder re-pads the ids with its own tokenizer's pad token (all SD tokenizers share one vocabulary)."""
@@ -372,11 +404,9 @@ def build(configs: dict, *, dtype=jnp.float32, tokenizer_path: str | None = None
     "text_encoder_2", and the tokenizers' settings {"tokenizer", "tokenizer_2": {"pad_token"}} where they
     pad with another token than end-of-text; `attention` names every model's attention implementation.
     `force_zeros_for_empty_prompt` (model_index.json's) defaults to True for SDXL, as diffusers'."""
-    unet = UNet.from_config(
-        _check_config("unet", configs["unet"], FlaxUNet2DConditionModel, _UNET_TORCH_DEFAULTS, dtype), dtype=dtype
-    ).clone(attention=check_implementation(attention))
+    unet = build_unet(configs["unet"], dtype=dtype, attention=attention)
     vae = FlaxAutoencoderKL.from_config(
-        _check_config("vae", configs["vae"], FlaxAutoencoderKL, _VAE_TORCH_DEFAULTS, dtype), dtype=dtype)
+        _check_config("vae", configs["vae"], FlaxAutoencoderKL, _VAE_TORCH_DEFAULTS), dtype=dtype)
     sdxl = SECOND_ENCODER in configs
     encoders = [_text_encoder(configs[name], configs.get(tokenizer), sdxl=sdxl, dtype=dtype, attention=attention)
                 for name, tokenizer in (("text_encoder", "tokenizer"), (SECOND_ENCODER, "tokenizer_2"))
@@ -396,9 +426,13 @@ def abstract_params(sd: StableDiffusion) -> dict[str, Any]:
     allocated)."""
     key = jax.random.key(0)
     tokens = jnp.zeros((1, sd.text_encoder.max_length), jnp.int32)
-    return {"unet": {"params": jax.eval_shape(sd.unet.init_weights, key)},
+    return {"unet": _abstract_unet(sd.unet),
             "vae": {"params": jax.eval_shape(sd.vae.init_weights, key)},
             **{name: jax.eval_shape(encoder.init, key, tokens) for name, encoder in sd.text_encoders.items()}}
+
+
+def _abstract_unet(unet: UNet) -> dict[str, Any]:
+    return {"params": jax.eval_shape(unet.init_weights, jax.random.key(0))}
 
 
 def _cast(variables, dtype):
@@ -517,6 +551,9 @@ def save_stable_diffusion(sd: StableDiffusion, params: dict, directory) -> Path:
     `load_stable_diffusion` reads back (e.g. a tiny SD whose UNet was trained here)."""
     directory = Path(directory)
     sd.unet.save_pretrained(directory / "unet", params=params["unet"]["params"])
+    if sd.unet.upcast_attention:  # not a Flax config field: written as PyTorch's config has it
+        config = directory / "unet" / CONFIG_FILES["unet"]
+        config.write_text(json.dumps({**json.loads(config.read_text()), "upcast_attention": True}, indent=2))
     sd.vae.save_pretrained(directory / "vae", params=params["vae"]["params"])
     tokenizer = copy.deepcopy(sd.tokenizer())   # the loaded one is shared
     for (name, encoder), folder in zip(sd.text_encoders.items(), ("tokenizer", "tokenizer_2")):
@@ -576,34 +613,47 @@ def _components(root: Path) -> tuple[str, ...]:
     return (*COMPONENTS, SECOND_ENCODER) if (root / SECOND_ENCODER).is_dir() else COMPONENTS
 
 
-def _hub_patterns(weights: list[str]) -> list[str]:
-    return ["model_index.json", "tokenizer/*", "tokenizer_2/*", *(f"{c}/{CONFIG_FILES[c]}" for c in CONFIG_FILES),
-            *weights]
+def _local_or_hub(path_or_hub_id, what: str) -> tuple[Path | None, str | None]:
+    """(the local directory, None) or (None, the hub id); raises for a path that is neither."""
+    path = Path(os.fspath(path_or_hub_id)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; expected a diffusers {what}")
+        return path, None
+    name = os.fspath(path_or_hub_id)
+    if not _HUB_ID.match(name) or name.startswith("."):
+        raise FileNotFoundError(f"no {what} at {path}")
+    return None, name
+
+
+def _download(name: str, revision: str | None, patterns: list[str], folders: dict[str, str]) -> Path:
+    """Snapshot of hub repo `name` with `patterns` and, for each folder ("unet/": "unet", folder prefix ->
+    component) whose config it has, one weight format: safetensors, else Flax msgpack, else PyTorch .bin."""
+    import huggingface_hub
+
+    root, missing = None, list(folders)
+    for weights in (1, 0, 2):
+        allow = [*patterns, *(f"{f}{CONFIG_FILES[folders[f]]}" for f in folders),
+                 *(f"{f}{WEIGHT_FILES[folders[f]][weights]}" for f in missing)]
+        try:
+            root = Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=allow))
+        except Exception as e:
+            raise FileNotFoundError(f"{name!r} is neither a local directory nor a downloadable hub id: {e}") from e
+        missing = [f for f, c in folders.items()
+                   if (root / f / CONFIG_FILES[c]).is_file() and _weight_file(c, root / f) is None]
+        if not missing:
+            break
+    return root  # with weights missing, the loader names what it expected
 
 
 def resolve(path_or_hub_id, revision: str | None = None) -> Path:
     """A local diffusers directory, or a hub id downloaded with only configs, tokenizer and one weight format."""
-    path = Path(os.fspath(path_or_hub_id)).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; expected a diffusers Stable Diffusion directory")
+    path, name = _local_or_hub(path_or_hub_id, "Stable Diffusion directory")
+    if path is not None:
         return path
-    name = os.fspath(path_or_hub_id)
-    if not _HUB_ID.match(name) or name.startswith("."):
-        raise FileNotFoundError(f"no Stable Diffusion directory at {path}")
-    import huggingface_hub
-
-    root, missing = None, (*COMPONENTS, SECOND_ENCODER)
-    for weights in (1, 0, 2):  # safetensors, else Flax msgpack, else PyTorch .bin, per component
-        patterns = _hub_patterns([f"{c}/{WEIGHT_FILES[c][weights]}" for c in missing])
-        try:
-            root = Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=patterns))
-        except Exception as e:
-            raise FileNotFoundError(f"{name!r} is neither a local directory nor a downloadable hub id: {e}") from e
-        missing = [c for c in _components(root) if _weight_file(c, root / c) is None]
-        if not missing:
-            break
-    return root  # with weights missing, load_stable_diffusion names what it expected
+    return _download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*",
+                                      f"scheduler/{CONFIG_FILES['scheduler']}"],
+                     {f"{c}/": c for c in (*COMPONENTS, SECOND_ENCODER)})
 
 
 def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None,
@@ -629,3 +679,36 @@ def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | 
     targets = abstract_params(sd)
     params = {name: load_component(name, root / name, targets[name], dtype) for name in components}
     return sd, params
+
+
+def _unet_folder(root: Path, subfolder: str | None) -> Path:
+    """The folder under `root` holding the UNet's config: `subfolder`, else root itself, else root/unet."""
+    config = CONFIG_FILES["unet"]
+    candidates = [root / subfolder] if subfolder is not None else [root, root / "unet"]
+    folder = next((c for c in candidates if (c / config).is_file()), None)
+    if folder is None:
+        where = " or ".join(str(c / config) for c in candidates)
+        raise FileNotFoundError(f"no UNet config at {where}: expected a diffusers UNet folder (config.json and "
+                                f"{' / '.join(WEIGHT_FILES['unet'])}) or a Stable Diffusion directory with unet/")
+    return folder
+
+
+def load_unet(path_or_hub_id, *, dtype=jnp.float32, attention: str = "auto", subfolder: str | None = None,
+              revision: str | None = None) -> tuple[UNet, dict]:
+    """(module, {"params": ...}) of a diffusers UNet2DConditionModel (SD 1.x, 2.x, SDXL) alone.
+
+    `path_or_hub_id` is a UNet folder (config.json and diffusion_pytorch_model.safetensors, .bin or
+    diffusion_flax_model.msgpack), a whole Stable Diffusion directory (its unet/ is read) or a hub id
+    of either; `subfolder` names the folder inside it explicitly. The module is the one
+    `load_stable_diffusion` builds: `module.apply(params, latents, timesteps, context,
+    added_cond_kwargs=...)` (SDXL: {"text_embeds": (B, P), "time_ids": (B, 6)}) gives `.sample`.
+    Float weights and the compute dtype become `dtype`. Raises FileNotFoundError for a missing
+    folder, config or weight file, UnsupportedConfigError, CheckpointMismatchError as that does.
+    """
+    root, name = _local_or_hub(path_or_hub_id, "UNet folder")
+    if root is None:
+        prefixes = [f"{subfolder.strip('/')}/"] if subfolder is not None else ["", "unet/"]
+        root = _download(name, revision, [], {p: "unet" for p in prefixes})
+    folder = _unet_folder(root, subfolder)
+    unet = build_unet(_read_json(folder / CONFIG_FILES["unet"]), dtype=dtype, attention=attention)
+    return unet, load_component("unet", folder, _abstract_unet(unet), dtype)
