@@ -22,6 +22,7 @@ mapping network's tokens are as wide as both text encoders together (768 + 1280)
 go into CLIP ViT-L, the rest into OpenCLIP bigG; with no negative prompt the unconditional branch is
 zeros (the pipeline's force_zeros_for_empty_prompt):
 
+    import torch
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
