@@ -1,4 +1,4 @@
-"""PyTorch side: Face2Diffusion's encoders conditioning a diffusers `StableDiffusionPipeline`.
+"""PyTorch side: Face2Diffusion's encoders conditioning diffusers' Stable Diffusion pipelines.
 
 Export a JAX training run's mapping network in the official layout (MSID is frozen in training:
 use the official msid.pt; official mapping.pt files load the same way), then drive diffusers:
@@ -12,10 +12,28 @@ use the official msid.pt; official mapping.pt files load the same way), then dri
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     f2d = Face2DiffusionEncoder.from_pretrained(msid="msid.pt", mapping="weights/mapping.pt", device="cuda")
     identity = f2d.identity(["me.jpg", "me_too.jpg"])             # photos of one person, averaged
-    embeds = f2d.prompt_embeds(pipe.text_encoder, pipe.tokenizer, "f l as a knight, oil painting", identity)
-    image = pipe(prompt_embeds=embeds, guidance_scale=7.0, num_inference_steps=30).images[0]
+    embeds = f2d.pipeline_embeds(pipe, "f l as a knight, oil painting", identity)
+    image = pipe(**embeds, guidance_scale=7.0, num_inference_steps=30).images[0]
 
-The pipeline's unconditional branch is then the empty prompt's embedding, as in the official code.
+`pipeline_embeds` gives every keyword the pipeline's own `encode_prompt` would compute: `prompt_embeds`
+and `negative_prompt_embeds` (the negative prompt's, the empty prompt's when none is given, as in the
+official code), for SDXL also `pooled_prompt_embeds` and `negative_pooled_prompt_embeds`. On SDXL the
+mapping network's tokens are as wide as both text encoders together (768 + 1280): the first 768 of each
+go into CLIP ViT-L, the rest into OpenCLIP bigG; with no negative prompt the unconditional branch is
+zeros (the pipeline's force_zeros_for_empty_prompt):
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
+                                                     torch_dtype=torch.float16).to("cuda")
+    f2d = Face2DiffusionEncoder.from_pretrained(msid="msid.pt", mapping="sdxl/mapping.pt", device="cuda",
+                                                dtype=torch.float16)
+    embeds = f2d.pipeline_embeds(pipe, "f l as a knight, oil painting", f2d.identity("me.jpg"),
+                                 negative_prompt="blurry")
+    image = pipe(**embeds, num_inference_steps=30).images[0]
+
+`prompt_embeds(text_encoder, tokenizer, ...)` is the SD v1 route through one text encoder alone.
 Needs only torch (the `torch` extra), transformers and the face aligner; jax is never imported.
 """
 from __future__ import annotations
@@ -226,9 +244,11 @@ def load_strict(module: nn.Module, state, what: str) -> nn.Module:
 # ----------------------------------------------------------------------------- text conditioning
 
 
-def encode_text(text_encoder, input_ids, positions=None, tokens=None) -> torch.Tensor:
-    """transformers CLIPTextModel's last_hidden_state (B, 77, D), with `tokens` (B, K, D) written over
-    the token + position embeddings at positions[b] .. positions[b] + K - 1 before the layers run."""
+def encode_text(text_encoder, input_ids, positions=None, tokens=None):
+    """transformers CLIPTextModel(WithProjection)'s whole output for (B, 77) ids, with every hidden state
+    (`last_hidden_state`, `hidden_states[-2]`, and `text_embeds` for the projected model), with `tokens`
+    (B, K, D) written over the token + position embeddings at positions[b] .. positions[b] + K - 1
+    before the layers run."""
     device = text_encoder.device
     input_ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
 
@@ -242,7 +262,7 @@ def encode_text(text_encoder, input_ids, positions=None, tokens=None) -> torch.T
 
     handle = text_encoder.text_model.embeddings.register_forward_hook(inject) if tokens is not None else None
     try:
-        return text_encoder(input_ids).last_hidden_state
+        return text_encoder(input_ids, output_hidden_states=True)
     finally:
         if handle is not None:
             handle.remove()
@@ -250,8 +270,28 @@ def encode_text(text_encoder, input_ids, positions=None, tokens=None) -> torch.T
 
 @torch.no_grad()
 def text_embeds(text_encoder, tokenizer, prompts: str | list[str]) -> torch.Tensor:
-    """Plain prompts (no identity) -> (B, 77, D), e.g. a negative prompt for `negative_prompt_embeds`."""
-    return encode_text(text_encoder, token_ids(prompts, tokenizer))
+    """Plain prompts (no identity) -> (B, 77, D), e.g. a negative prompt for an SD v1 pipeline's
+    `negative_prompt_embeds` (`Face2DiffusionEncoder.pipeline_embeds` makes those for any pipeline)."""
+    return encode_text(text_encoder, token_ids(prompts, tokenizer)).last_hidden_state
+
+
+def pipeline_text_encoders(pipe) -> list[tuple]:
+    """A diffusers pipeline's (text encoder, tokenizer) pairs, in the order their states are concatenated:
+    SDXL's CLIP ViT-L then OpenCLIP bigG, the one CLIP text encoder of SD 1.x and 2.x."""
+    pairs = [(getattr(pipe, encoder, None), getattr(pipe, tokenizer, None))
+             for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))]
+    return [(encoder, tokenizer) for encoder, tokenizer in pairs if encoder is not None]
+
+
+def _states(output, penultimate: bool) -> torch.Tensor:
+    """What the pipeline conditions on: SDXL's hidden_states[-2] (no final norm), else last_hidden_state."""
+    return output.hidden_states[-2] if penultimate else output.last_hidden_state
+
+
+def _pooled(outputs) -> torch.Tensor | None:
+    """SDXL's pooled embedding, as its encode_prompt picks it: the first output whose [0] is 2-D (the
+    projected encoder's text_embeds)."""
+    return next((output[0] for output in outputs if output[0].ndim == 2), None)
 
 
 # ----------------------------------------------------------------------------- the encoder
@@ -312,19 +352,69 @@ class Face2DiffusionEncoder(nn.Module):
     @torch.no_grad()
     def prompt_embeds(self, text_encoder, tokenizer, prompts: str | list[str], identity,
                       expression=None) -> torch.Tensor:
-        """Prompts with "f l" -> (B, 77, D) `prompt_embeds` for the pipeline of `text_encoder`/`tokenizer`.
+        """Prompts with "f l" -> (B, 77, D) `prompt_embeds` for the pipeline of `text_encoder`/`tokenizer`
+        (SD v1: the last hidden state of one CLIP text encoder).
 
         `identity` is (1, F) (shared by every prompt) or (B, F); raises f2d_jax.text.PromptError for a
         prompt without the identifier.
         """
-        input_ids, positions = identifier_prompts(prompts, tokenizer)
+        return _states(self._encode([(text_encoder, tokenizer)], prompts, identity, expression)[0], False)
+
+    @torch.no_grad()
+    def pipeline_embeds(self, pipe, prompts: str | list[str], identity, expression=None,
+                        negative_prompt: str | list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Prompts with "f l" -> the keyword arguments of `pipe(...)` (a diffusers StableDiffusionPipeline or
+        StableDiffusionXLPipeline): `prompt_embeds` and `negative_prompt_embeds`, for SDXL also
+        `pooled_prompt_embeds` and `negative_pooled_prompt_embeds`.
+
+        The same as the pipeline's own `encode_prompt` with the "f l" tokens injected: each tokenizer's ids
+        and padding; SD 1.x/2.x the text encoder's last hidden state; SDXL both encoders' hidden_states[-2]
+        side by side (the tokens' first widths into the first encoder, the rest into the second) and the
+        second's projected pooled state. The negative branch is `negative_prompt` encoded (one string, or one
+        per prompt), the empty prompt when None, or zeros when None and the pipeline's config sets
+        force_zeros_for_empty_prompt (SDXL). `identity` is (1, F) or (B, F), as in `prompt_embeds`.
+        """
+        pairs = pipeline_text_encoders(pipe)
+        penultimate = hasattr(pipe, "text_encoder_2")
+        outputs = self._encode(pairs, prompts, identity, expression)
+        embeds = torch.cat([_states(output, penultimate) for output in outputs], -1)
+        pooled = _pooled(outputs) if penultimate else None
+        count = len(embeds)
+        if negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False):
+            negative, negative_pooled = torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
+        else:
+            negatives = [negative_prompt or ""] * count if negative_prompt is None or isinstance(negative_prompt, str) \
+                else list(negative_prompt)
+            if len(negatives) != count:
+                raise ValueError(f"{len(negatives)} negative prompts for {count} prompts; give one or one per prompt")
+            uncond = [encode_text(encoder, token_ids(negatives, tokenizer)) for encoder, tokenizer in pairs]
+            negative = torch.cat([_states(output, penultimate) for output in uncond], -1)
+            negative_pooled = _pooled(uncond) if penultimate else None
+        dtype = pipe.text_encoder_2.dtype if penultimate and pipe.text_encoder_2 is not None else pipe.unet.dtype
+        out = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
+        if penultimate:
+            out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
+        return {name: value.to(dtype) for name, value in out.items()}
+
+    def _encode(self, pairs, prompts, identity, expression) -> list:
+        """Each (text encoder, tokenizer)'s `encode_text` output for the prompts, with its slice of the "f l"
+        tokens' width (in order) written at the identifier that tokenizer finds."""
+        widths = [encoder.config.hidden_size for encoder, _ in pairs]
         tokens = self.identity_tokens(identity, expression)
-        if tokens.shape[-1] != text_encoder.config.hidden_size:
-            raise ValueError(f"the mapping network writes {tokens.shape[-1]}-dim tokens but the text encoder is "
-                             f"{text_encoder.config.hidden_size} wide: weights for another Stable Diffusion")
-        if len(tokens) not in (1, len(input_ids)):
-            raise ValueError(f"{len(tokens)} identities for {len(input_ids)} prompts; give one or one per prompt")
-        return encode_text(text_encoder, input_ids, positions, tokens.expand(len(input_ids), -1, -1))
+        if tokens.shape[-1] != sum(widths):
+            wide = (f"text encoder is {widths[0]} wide" if len(widths) == 1 else
+                    f"text encoders are {' + '.join(map(str, widths))} = {sum(widths)} wide together")
+            raise ValueError(f"the mapping network writes {tokens.shape[-1]}-dim tokens but the {wide}: "
+                             f"weights for another Stable Diffusion")
+        outputs, offset = [], 0
+        for (encoder, tokenizer), width in zip(pairs, widths):
+            input_ids, positions = identifier_prompts(prompts, tokenizer)
+            if len(tokens) not in (1, len(input_ids)):
+                raise ValueError(f"{len(tokens)} identities for {len(input_ids)} prompts; give one or one per prompt")
+            part = tokens[..., offset:offset + width].expand(len(input_ids), -1, -1)
+            outputs.append(encode_text(encoder, input_ids, positions, part))
+            offset += width
+        return outputs
 
 
 def _rgb(image):

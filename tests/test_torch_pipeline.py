@@ -132,6 +132,21 @@ def test_end_to_end_diffusers_pipeline(f2d, pipe):
     assert np.isfinite(out.images).all()
 
 
+def test_pipeline_embeds_on_sd_v1(f2d, pipe):
+    """On an SD v1 pipeline, pipeline_embeds is prompt_embeds plus the empty (or given) negative prompt's."""
+    identity = f2d.identity(FACE)
+    embeds = f2d.pipeline_embeds(pipe, PROMPTS[:2], identity)
+    assert list(embeds) == ["prompt_embeds", "negative_prompt_embeds"]
+    torch.testing.assert_close(embeds["prompt_embeds"],
+                               f2d.prompt_embeds(pipe.text_encoder, pipe.tokenizer, PROMPTS[:2], identity),
+                               atol=0, rtol=0)
+    torch.testing.assert_close(embeds["negative_prompt_embeds"], text_embeds(pipe.text_encoder, pipe.tokenizer,
+                                                                             ["", ""]), atol=0, rtol=0)
+    negative = f2d.pipeline_embeds(pipe, PROMPTS[:2], identity, negative_prompt="blurry")["negative_prompt_embeds"]
+    torch.testing.assert_close(negative, text_embeds(pipe.text_encoder, pipe.tokenizer, ["blurry"] * 2),
+                               atol=0, rtol=0)
+
+
 def test_negative_embeds_are_the_pipelines_empty_prompt(pipe):
     expected = pipe.encode_prompt("", "cpu", 1, False)[0]
     torch.testing.assert_close(text_embeds(pipe.text_encoder, pipe.tokenizer, ""), expected, atol=0, rtol=0)
