@@ -42,7 +42,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
 
     enable(args.compile_cache)
-    encoders = Encoders.from_config(config.model)
+    text_encoders = None
+    if not config.weights.sd:  # the text encoders of the config's tiny random Stable Diffusion
+        from f2d_jax.models.stable_diffusion import TINY_BASES, build
+        text_encoders = build(TINY_BASES[config.model.get("tiny_base", "sd1")]).text_encoders
+    try:
+        encoders = Encoders.from_config(config.model, text_encoders)
+    except ValueError as e:
+        return cli.error(f"{e}. The demo builds the text encoder from the config alone (SD v1's, or a tiny "
+                         "config's); for another base run sample.py, which reads it from the SD directory")
     variables = encoders.init(jax.random.key(config.seed))
 
     @jax.jit

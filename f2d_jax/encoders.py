@@ -64,17 +64,20 @@ class Encoders:
                    text_encoders.get("text_encoder_2"))
 
     @functools.partial(jax.jit, static_argnums=(0, 2))
-    def init(self, rng: jax.Array, names: tuple[str, ...] = NAMES) -> dict[str, Any]:
-        """Random variables for the models in `names` (one compiled program; the dummy inputs are
-        the smallest the parameter shapes allow)."""
+    def init(self, rng: jax.Array, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Random variables for the models in `names` (default: all, SDXL's second text encoder too; one
+        compiled program; the dummy inputs are the smallest the parameter shapes allow)."""
+        names = names or (*NAMES, *(("text_encoder_2",) if self.text_encoder_2 is not None else ()))
         # Per-parameter draws from an "rbg" key: XLA's RngBitGenerator compiles several times faster
         # on CPU than the hundreds of inlined threefry hashes an init otherwise makes.
         keys = dict(zip(NAMES, jax.random.split(
             jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg"), len(NAMES))))
+        keys["text_encoder_2"] = jax.random.fold_in(keys["text_encoder"], 2)
         inputs = {
             "msid": jnp.zeros((1, self.msid.image_size, self.msid.image_size, 3)),
             "mapping": jnp.zeros((1, self.mapping.identity_dim)),
             "text_encoder": jnp.zeros((1, 1), jnp.int32),
+            "text_encoder_2": jnp.zeros((1, 1), jnp.int32),
             "expression": jnp.zeros((1, 32, 32, 3)),
         }
         return {name: getattr(self, name).init(keys[name], inputs[name]) for name in names}

@@ -239,7 +239,8 @@ def test_sample_py_missing_sd_directory_is_one_line(tmp_path, capsys):
 def test_sample_py_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    sampling = SimpleNamespace(config=load_config(TINY), generate=interrupt)
+    sampling = SimpleNamespace(config=load_config(TINY), generate=interrupt,
+                               settings=lambda *args: (7.0, "euler_a", 64, 64))
     monkeypatch.setattr(F2DPipeline, "load", classmethod(lambda *args, **kwargs: sampling))
     argv = ["--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--out", str(tmp_path / "o.png")]
     assert sample.main(argv) == 130
@@ -334,8 +335,8 @@ def test_euler_ancestral_steps_match_diffusers_with_the_same_noise(tiny_sd_pipel
         monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor",
                             lambda shape, **kwargs: torch.from_numpy(next(noise)))
         with torch.no_grad():
-            reference = theirs(prompt_embeds=torch.from_numpy(np.asarray(context)),
-                               negative_prompt_embeds=torch.from_numpy(np.asarray(uncond)),
+            reference = theirs(prompt_embeds=torch.from_numpy(np.asarray(context["context"])),
+                               negative_prompt_embeds=torch.from_numpy(np.asarray(uncond["context"])),
                                latents=torch.from_numpy(np.asarray(latents)), num_inference_steps=steps,
                                guidance_scale=7.0, output_type="latent").images
         parity(f"Euler-ancestral guided step(s) vs diffusers, {steps} step(s), latents", float(

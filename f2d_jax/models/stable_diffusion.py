@@ -263,9 +263,11 @@ class StableDiffusion:
         return {"text_encoder": self.text_encoder, **second}
 
     @property
-    def components(self) -> tuple[str, ...]:
-        """The variables keys of the bundle's models."""
-        return ("unet", "vae", *self.text_encoders)
+    def base(self) -> str:
+        """"sdxl" (two text encoders), "sd2" (OpenCLIP's GELU text encoder) or "sd1" (CLIP ViT-L's quick GELU)."""
+        if self.text_encoder_2 is not None:
+            return "sdxl"
+        return "sd2" if self.text_encoder.activation == "gelu" else "sd1"
 
     def with_size(self, conditioning: dict, height: int, width: int) -> dict:
         """The conditioning with SDXL's size micro-conditioning, `time_ids` (B, 6): original size, crop

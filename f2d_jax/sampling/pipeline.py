@@ -65,12 +65,12 @@ def base_defaults(sd) -> dict[str, Any]:
     """Sampling defaults of a Stable Diffusion base: the official Face2Diffusion settings on SD 1.x (Euler
     ancestral, guidance 7), diffusers' defaults on SD 2.x and SDXL (their scheduler's sampler, guidance 7.5
     and 5); images of the size the base was trained at."""
-    if sd.text_encoder_2 is None and sd.text_encoder.activation == "quick_gelu":
+    if sd.base == "sd1":
         sampler, guidance = "euler_a", 7.0
     else:
         sampler = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                    "DPMSolverMultistepScheduler": "dpm++2m"}.get(sd.scheduler_config.get("_class_name"), "ddim")
-        guidance = 5.0 if sd.text_encoder_2 is not None else 7.5
+        guidance = 5.0 if sd.base == "sdxl" else 7.5
     return dict(scheduler=sampler, guidance_scale=guidance, height=sd.default_size, width=sd.default_size)
 
 
@@ -299,8 +299,8 @@ class F2DPipeline:
         if not isinstance(conditioning, dict):
             conditioning = {"context": conditioning}
         conditioning = jax.tree.map(np.asarray, conditioning)
-        expected = jax.eval_shape(self._embed, self.variables, np.zeros((1, 77), np.int32))
-        if set(conditioning) != set(expected):
+        expected = {"context", "text_embeds"} if sd.text_encoder_2 is not None else {"context"}
+        if set(conditioning) != expected:
             raise ValueError(f"this {len(sd.text_encoders)}-text-encoder model's conditioning has "
                              f"{sorted(expected)}, got {sorted(conditioning)}")
         if conditioning["context"].shape[0] != n:

@@ -58,6 +58,16 @@ def latents_from_moments(moments, key, scaling_factor: float):
     return scaling_factor * jnp.transpose(sample, (0, 3, 1, 2))
 
 
+def prediction_target(prediction_type: str, z0, eps, abar):
+    """What the UNet learns to output for z_t = sqrt(abar) z0 + sqrt(1 - abar) eps: the noise (epsilon
+    models) or the velocity sqrt(abar) eps - sqrt(1 - abar) z0 (v-prediction, SD 2.1)."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * z0
+    raise ValueError(f"prediction_type={prediction_type!r}: training supports epsilon and v_prediction")
+
+
 def train_step(state: TrainState, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array], constants: Constants,
                *, models: Models, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig):
     """(state, frozen params, batch, constants) -> (new state, metrics)."""
@@ -68,12 +78,7 @@ def train_step(state: TrainState, frozen: Mapping[str, Any], batch: Mapping[str,
     eps = jax.random.normal(keys[2], z0.shape)
     abar = constants.alphas_cumprod[t][:, None, None, None]
     z_t = jnp.sqrt(abar) * z0 + jnp.sqrt(1 - abar) * eps
-    if cfg.prediction_type == "epsilon":
-        target = eps
-    elif cfg.prediction_type == "v_prediction":
-        target = jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * z0
-    else:
-        raise ValueError(f"prediction_type={cfg.prediction_type!r}: training supports epsilon and v_prediction")
+    target = prediction_target(cfg.prediction_type, z0, eps, abar)
     mask = jnp.transpose(batch["mask"], (0, 3, 1, 2))                           # (B, 1, h, w)
     keep_expression = jax.random.bernoulli(keys[3], 1 - cfg.p_uncond, (b,))
     caption = jax.random.randint(keys[4], (b,), 0, constants.prompt_ids.shape[0])
