@@ -261,7 +261,7 @@ class F2DPipeline:
         height = d["height"] if height is None else height
         return (d["guidance_scale"] if guidance_scale is None else guidance_scale,
                 d["scheduler"] if scheduler is None else scheduler, height,
-                (d["width"] if height == d["height"] else height) if width is None else width)
+                height if width is None else width)
 
     def generate(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str], num_images: int = 8,
                  seed: int = 0, steps: int = 30, guidance_scale: float | None = None, scheduler: str | None = None,
