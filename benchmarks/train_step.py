@@ -3,6 +3,8 @@
 
     python benchmarks/train_step.py                  # sd14 on an accelerator, the cpu preset otherwise
     python benchmarks/train_step.py --preset cpu --steps 5 --warmup 2
+    python benchmarks/train_step.py --preset sdxl    # SDXL 1.0 base, 1024 px
+    python benchmarks/train_step.py --preset sdxl --memory-only --devices 8 --fsdp 8 --batch 1
 
 Both sides run one training step of Face2Diffusion's CGDR objective on random weights and data of
 the same shapes (the numbers that matter for speed; nothing is downloaded):
@@ -28,6 +30,20 @@ Every measurement runs in its own child process (this script with --worker), one
 other, so peak memory is per measurement and the frameworks do not share the machine. Times are
 medians over --steps synchronized steps after --warmup steps. --batch is per device: ours runs
 batch x local devices, PyTorch batch on one device; the ratio compares images/s per device.
+
+SDXL (--preset sdxl): both text encoders, the "f l" tokens 768 + 1280 wide (CLIP ViT-L's slice, bigG's
+slice), the context their penultimate states side by side, the UNet's added conditioning bigG's
+projected pooled state and the time ids of the training size; PyTorch the same through
+transformers' CLIPTextModel and CLIPTextModelWithProjection (hidden_states[-2], text_embeds) and the
+UNet's added_cond_kwargs.
+
+--memory-only compiles ours' step (the same step_program, abstract=True) from ShapeDtypeStructs with
+shardings, so nothing is allocated, and prints XLA's buffer assignment per device (arguments,
+outputs less donated, temporaries), the frozen parameters and train state per device, and whether
+the total fits a 16 GB accelerator: --devices simulates that many devices on the CPU backend, and
+--fsdp > 1 shards the frozen parameters over the mesh's fsdp axis (mesh.frozen="fsdp"). The compute
+dtype defaults to bfloat16. On CPU the figures are XLA:CPU's buffer assignment, which is close to
+but not the GPU or TPU compiler's (other fusions, attention kernels and scheduling).
 """
 from __future__ import annotations
 
