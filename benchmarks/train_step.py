@@ -523,6 +523,8 @@ def main(argv=None) -> int:
                              "(mesh.frozen=fsdp) (default: %(default)s)")
     args = parser.parse_args(argv)
     check_comparison_arguments(parser, args)
+    if not args.memory_only and (args.devices or args.fsdp != 1):
+        parser.error("--devices and --fsdp go with --memory-only")
     if args.memory_only:
         if args.preset == "auto":
             parser.error("--memory-only needs a --preset")
