@@ -42,8 +42,10 @@ shardings, so nothing is allocated, and prints XLA's buffer assignment per devic
 outputs less donated, temporaries), the frozen parameters and train state per device, and whether
 the total fits a 16 GB accelerator: --devices simulates that many devices on the CPU backend, and
 --fsdp > 1 shards the frozen parameters over the mesh's fsdp axis (mesh.frozen="fsdp"). The compute
-dtype defaults to bfloat16. On CPU the figures are XLA:CPU's buffer assignment, which is close to
-but not the GPU or TPU compiler's (other fusions, attention kernels and scheduling).
+dtype defaults to bfloat16. On CPU the figures are XLA:CPU's buffer assignment, not the GPU or TPU
+compiler's: XLA:CPU computes bfloat16 convolutions and matmuls in float32 and moves those conversions
+ahead of the fsdp all-gathers, so its temporaries hold float32 copies of the gathered weights and
+activations (about twice what bfloat16 operands take), with other fusions and scheduling besides.
 """
 from __future__ import annotations
 
