@@ -14,7 +14,8 @@ embeddings precomputed (`prompt_embeds`, `negative_prompt_embeds`; SDXL also the
 negative ones zeros as its force_zeros_for_empty_prompt makes them) and returns numpy images, its
 attention diffusers' default (AttnProcessor2_0: PyTorch's scaled_dot_product_attention, recorded as
 "attention" in --json). On CUDA PyTorch runs in float16 (as diffusers recommends) and ours in bfloat16;
-on CPU both in float32.
+on CPU both in float32 (SDXL's PyTorch pipeline decodes in float32 on CUDA: its VAE config sets
+force_upcast, as the published one does).
 Compile time (our first call less a warm call) is reported apart; times are medians over --repeats
 calls after one warm-up call. Each side runs in its own child process.
 """
