@@ -9,7 +9,8 @@ and writes the best call's FLOP/s to FILE (JSON) as the measured peak, with the 
 (f2d_jax.train.metrics.PEAK_FLOPS) beside it.
 
 `table` merges DIR/raw/*.json (peak.json and the benchmarks' --json files, named
-<benchmark>[.<part>].json) into DIR/results.json, prints one table, a row per benchmark, and writes
+<benchmark>[-<variant>][.<part>].json, e.g. train_step-sdxl.ours.json) into DIR/results.json, prints one
+table, a row per benchmark (and per variant run, after its benchmark's), and writes
 it to DIR/table.md: ours' images/s per device, PyTorch's (eager and torch.compile), ours / PyTorch,
 MFU (XLA's FLOPs of ours' compiled step per second over the measured peak; in brackets over the
 datasheet's) and the peak memory per device of ours and of PyTorch eager.
@@ -96,7 +97,7 @@ def label(bench: str, runs: list[dict], results: list[dict]) -> str:
     """The row's name: the script, its preset and sizes (from the first results that give them)."""
     preset, steps = (next((run[key] for run in runs if key in run), None) for key in ("preset", "steps"))
     batch, identities = (next((r[key] for r in results if key in r), None) for key in ("batch", "identities"))
-    parts = [f"{bench}.py {preset or '?'}"]
+    parts = [f"{bench.split('-')[0]}.py {preset or '?'}"]
     if batch is not None:
         parts.append(f"batch {batch}")
     if steps is not None:  # sample
@@ -135,7 +136,8 @@ def report(results: dict[str, dict]) -> str:
     else:
         head = "measured matmul peak: no result (see accelerator.log)"
     rows, notes = [], []
-    for bench in BENCHMARKS:
+    runs = {k.split(".")[0] for k in results if k != "peak"}
+    for bench in [b for base in BENCHMARKS for b in (base, *sorted(r for r in runs if r.startswith(f"{base}-")))]:
         cells, more = row(bench, [v for k, v in results.items() if k.split(".")[0] == bench],
                           peak and peak["peak_flops"])
         rows.append(cells)

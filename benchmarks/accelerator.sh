@@ -4,8 +4,12 @@
 # SDPA) and the MSID pretraining step (msid_step.py, vit_b, 100k identities), with MFU against the
 # chip's measured bf16 matmul peak and the peak memory per device. Every measurement has a time
 # limit (below): on an accelerator they add up to 7.4 minutes, so the whole stays under 8.
+# --sdxl (or F2D_SDXL=1) adds SDXL 1.0 base at 1024 px (train_step.py and sample.py --preset sdxl, random
+# weights, batch 2), opt-in because it needs up to 18 more minutes (most of it building 3.4B random
+# parameters and compiling, on both sides); with --cpu-smoke it runs the tiny_sdxl train step only.
 #
 #   benchmarks/accelerator.sh               # on a machine with one GPU or TPU
+#   benchmarks/accelerator.sh --sdxl        # and the SDXL rows
 #   benchmarks/accelerator.sh --cpu-smoke   # the same pipeline on the cpu presets, fewest steps (or F2D_CPU_SMOKE=1)
 #
 # Writes to $OUT if set, else runs/accelerator/ (--out DIR overrides both): results.json (every
@@ -15,10 +19,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 smoke=${F2D_CPU_SMOKE:-0}
+sdxl=${F2D_SDXL:-0}
 out=${OUT:-runs/accelerator}
 while [ $# -gt 0 ]; do
   case $1 in
     --cpu-smoke) smoke=1 ;;
+    --sdxl) sdxl=1 ;;
     --out) out=$2; shift ;;
     -h|--help) sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) echo "benchmarks/accelerator.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -57,6 +63,7 @@ if [ "$smoke" = 1 ]; then
   sample_args=(--steps 2 --repeats 1 --batch 1)
   msid_args=(--steps 1 --warmup 0 --batch 2 --devices 1 --identities 1000)
   t_peak=60 t_train=(300 120 20) t_sample=300 t_msid=(120 60 20)
+  sdxl_train=tiny_sdxl sdxl_sample= t_sdxl_train=(300 120 20) t_sdxl_sample=0 sdxl_step_args=("${step_args[@]}")
 else
   sd=sd14 msid=vit_b torch_dtype=bf16
   peak_args=(--size 8192 --chain 16 --repeats 10 --dtype bfloat16)
@@ -64,6 +71,8 @@ else
   sample_args=(--steps 30 --repeats 2)
   msid_args=(--steps 10 --warmup 3 --identities 100000)
   t_peak=20 t_train=(115 35 75) t_sample=50 t_msid=(40 25 35)
+  sdxl_train=sdxl sdxl_sample=sdxl t_sdxl_train=(300 150 300) t_sdxl_sample=160
+  sdxl_step_args=(--steps 5 --warmup 2)
 fi
 
 # run NAME LIMIT MEASUREMENTS COMMAND...: COMMAND --timeout LIMIT --json $raw/NAME.json, so each of
@@ -79,15 +88,16 @@ run() {
     "$name" "$status" accelerator.log >"$raw/$name.json"
 }
 
-# compare SCRIPT PRESET OURS_LIMIT EAGER_LIMIT COMPILE_LIMIT ARGS...: ours, PyTorch eager and PyTorch
-# torch.compile, one run each (each with its own limit).
+# compare NAME PRESET OURS_LIMIT EAGER_LIMIT COMPILE_LIMIT ARGS...: ours, PyTorch eager and PyTorch
+# torch.compile, one run each (each with its own limit), of benchmarks/SCRIPT.py, NAME being SCRIPT or
+# SCRIPT-VARIANT (a row of its own).
 compare() {
-  local script=$1 preset=$2 limits=("$3" "$4" "$5")
+  local name=$1 preset=$2 limits=("$3" "$4" "$5")
   shift 5
-  local command=("$PYTHON" "benchmarks/$script.py" --preset "$preset" "$@")
-  run "$script.ours" "${limits[0]}" 1 "${command[@]}" --skip-torch
-  run "$script.eager" "${limits[1]}" 1 "${command[@]}" --skip-jax --torch-compile off --torch-dtypes "$torch_dtype"
-  run "$script.compile" "${limits[2]}" 1 "${command[@]}" --skip-jax --torch-compile only --torch-dtypes "$torch_dtype"
+  local command=("$PYTHON" "benchmarks/${name%%-*}.py" --preset "$preset" "$@")
+  run "$name.ours" "${limits[0]}" 1 "${command[@]}" --skip-torch
+  run "$name.eager" "${limits[1]}" 1 "${command[@]}" --skip-jax --torch-compile off --torch-dtypes "$torch_dtype"
+  run "$name.compile" "${limits[2]}" 1 "${command[@]}" --skip-jax --torch-compile only --torch-dtypes "$torch_dtype"
 }
 
 echo "== peak: at most $t_peak s"
@@ -96,6 +106,11 @@ echo "== peak: exit status $?, $((SECONDS - started)) s"
 compare train_step "$sd" "${t_train[@]}" "${step_args[@]}"
 run sample "$t_sample" 2 "$PYTHON" benchmarks/sample.py --preset "$sd" "${sample_args[@]}"
 compare msid_step "$msid" "${t_msid[@]}" "${msid_args[@]}"
+if [ "$sdxl" = 1 ]; then
+  compare train_step-sdxl "$sdxl_train" "${t_sdxl_train[@]}" "${sdxl_step_args[@]}"
+  [ -n "$sdxl_sample" ] && run sample-sdxl "$t_sdxl_sample" 2 "$PYTHON" benchmarks/sample.py --preset "$sdxl_sample" \
+    "${sample_args[@]}"
+fi
 
 echo
 "$PYTHON" benchmarks/accelerator.py table "$out" && rm -r "$raw"

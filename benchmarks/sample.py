@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""Sampling throughput: F2DPipeline (JAX) against diffusers' PyTorch StableDiffusionPipeline.
+"""Sampling throughput: F2DPipeline (JAX) against diffusers' PyTorch StableDiffusionPipeline (SDXL:
+StableDiffusionXLPipeline).
 
     python benchmarks/sample.py                 # sd14 on an accelerator, the cpu preset otherwise
     python benchmarks/sample.py --preset cpu --repeats 2
 
 Both sides generate `--batch` images with the same settings (Euler-ancestral, 30 steps, guidance 7,
-512x512 for sd14) from random weights of SD v1.4's shapes (nothing is downloaded). Ours is
+512x512 for sd14, 1024x1024 for sdxl) from random weights of SD v1.4's or SDXL 1.0 base's shapes
+(nothing is downloaded). Ours is
 `F2DPipeline.generate` on an aligned face (conditioning, the jitted denoising loop, VAE decode,
 images back on the host), the batch sharded over the local devices; PyTorch gets the prompt
-embeddings precomputed (`prompt_embeds`, `negative_prompt_embeds`) and returns numpy images, its
+embeddings precomputed (`prompt_embeds`, `negative_prompt_embeds`; SDXL also the pooled ones, the
+negative ones zeros as its force_zeros_for_empty_prompt makes them) and returns numpy images, its
 attention diffusers' default (AttnProcessor2_0: PyTorch's scaled_dot_product_attention, recorded as
 "attention" in --json). On CUDA PyTorch runs in float16 (as diffusers recommends) and ours in bfloat16;
-on CPU both in float32.
+on CPU both in float32 (SDXL's PyTorch pipeline decodes in float32 on CUDA: its VAE config sets
+force_upcast, as the published one does).
 Compile time (our first call less a warm call) is reported apart; times are medians over --repeats
 calls after one warm-up call. Each side runs in its own child process.
 """
@@ -24,13 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, add_attention_argument, fmt,
-                    fmt_bytes, jax_peak_bytes, log, max_rss_bytes, print_table, reduced, result_line, run_child, timed,
-                    torch_timed)
+from common import (ROOT, SD14_CLIP, SD14_SAMPLING_SCHEDULER, SD14_UNET, SD14_VAE, SDXL, add_attention_argument,
+                    fmt, fmt_bytes, jax_peak_bytes, log, max_rss_bytes, model_configs, print_table, reduced, result_line,
+                    run_child, timed, token_dim, torch_text_encoders, torch_timed)
 
 PRESETS = {
     "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8),
     "cpu": reduced(256, batch=2),
+    "sdxl": dict(SDXL, batch=2),   # SDXL 1.0 base, 1024 px
 }
 
 
@@ -64,11 +69,10 @@ def jax_worker(args) -> dict:
 
     spec = PRESETS[args.preset]
     dtype = compute_dtype("auto")
-    sd = sdm.build({k: spec[k] for k in ("unet", "vae", "text_encoder")} | {"scheduler": SD14_SAMPLING_SCHEDULER},
-                   dtype=dtype, attention=args.attention)
+    sd = sdm.build(model_configs(spec, SD14_SAMPLING_SCHEDULER), dtype=dtype, attention=args.attention)
     variables = sdm.random_params(sdm.abstract_params(sd), jax.random.key(0), dtype)
     model = load_config(ROOT / "configs" / "f2d_sd14.py").model
-    model.mapping.token_dim = spec["text_encoder"]["hidden_size"]
+    model.mapping.token_dim = token_dim(spec)   # SDXL: 768 + 1280
     model.attention = args.attention
     encoders = Encoders.from_config(model, sd.text_encoders)
     variables.update(encoders.init(jax.random.key(1), ("msid", "mapping")))
@@ -100,8 +104,7 @@ def torch_worker(args) -> dict:
 
     diffusers.utils.logging.set_verbosity_error()
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
 
     from f2d_jax.text import load_tokenizer
 
@@ -109,27 +112,33 @@ def torch_worker(args) -> dict:
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], bos_token_id=49406, eos_token_id=49407,
-                                        pad_token_id=49407))
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**spec["vae"]), text_encoder=text, tokenizer=load_tokenizer(),
-        unet=UNet2DConditionModel(**spec["unet"]),
-        scheduler=EulerAncestralDiscreteScheduler.from_config(SD14_SAMPLING_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False).to(device, dtype)
+    texts = torch_text_encoders(spec)
+    modules = dict(vae=AutoencoderKL(**spec["vae"]), unet=UNet2DConditionModel(**spec["unet"]),
+                   scheduler=EulerAncestralDiscreteScheduler.from_config(model_configs(spec, SD14_SAMPLING_SCHEDULER)[
+                       "scheduler"]), text_encoder=texts[0], tokenizer=load_tokenizer())
+    sdxl = len(texts) > 1
+    if sdxl:  # the prompt embeddings are given: the tokenizers are never called
+        pipeline = StableDiffusionXLPipeline(**modules, text_encoder_2=texts[1], tokenizer_2=load_tokenizer())
+    else:
+        pipeline = StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    pipe = pipeline.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    width = spec["text_encoder"]["hidden_size"]
-    embeds = torch.randn(args.batch, 77, width, device=device, dtype=dtype)
+    embeds = torch.randn(args.batch, 77, token_dim(spec), device=device, dtype=dtype)
+    kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
+    if sdxl:   # bigG's projected pooled state; the negative zeros (force_zeros_for_empty_prompt)
+        pooled = torch.randn(args.batch, spec["text_encoder_2"]["projection_dim"], device=device, dtype=dtype)
+        kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled))
     size = spec["resolution"]
 
     def call(seed=0):
         with torch.no_grad():
-            return pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), height=size,
-                        width=size, num_inference_steps=args.steps, guidance_scale=7.0, output_type="np",
-                        generator=torch.Generator(device).manual_seed(seed)).images
+            return pipe(**kwargs, height=size, width=size, num_inference_steps=args.steps, guidance_scale=7.0,
+                        output_type="np", generator=torch.Generator(device).manual_seed(seed)).images
 
     log(f"[PyTorch] {args.preset}, {dtype}, {device}: first call ...")
     first, times = torch_timed(call, 1, args.repeats)
-    return dict(name="diffusers StableDiffusionPipeline (PyTorch)", framework="torch", compiled=False,
+    return dict(name=f"diffusers {type(pipe).__name__} (PyTorch)", framework="torch", compiled=False,
                 dtype=str(dtype).removeprefix("torch."), batch=args.batch, devices=1,
                 attention=", ".join(sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})),
                 seconds=statistics.median(times), times=times, compile_s=None,
@@ -142,8 +151,8 @@ def torch_worker(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
-                        help="sd14 (SD v1.4, 512 px, batch 8) or cpu (widths / 5, 256 px, batch 2); auto: sd14 "
-                             "when JAX sees an accelerator")
+                        help="sd14 (SD v1.4, 512 px, batch 8), cpu (widths / 5, 256 px, batch 2) or sdxl (SDXL 1.0 "
+                             "base, 1024 px, batch 2); auto: sd14 when JAX sees an accelerator")
     parser.add_argument("--batch", type=int, help="images per call (default: the preset's)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up (default: %(default)s)")

@@ -3,6 +3,8 @@
 
     python benchmarks/train_step.py                  # sd14 on an accelerator, the cpu preset otherwise
     python benchmarks/train_step.py --preset cpu --steps 5 --warmup 2
+    python benchmarks/train_step.py --preset sdxl    # SDXL 1.0 base, 1024 px
+    python benchmarks/train_step.py --preset sdxl --memory-only --devices 8 --fsdp 8 --batch 1
 
 Both sides run one training step of Face2Diffusion's CGDR objective on random weights and data of
 the same shapes (the numbers that matter for speed; nothing is downloaded):
@@ -28,6 +30,22 @@ Every measurement runs in its own child process (this script with --worker), one
 other, so peak memory is per measurement and the frameworks do not share the machine. Times are
 medians over --steps synchronized steps after --warmup steps. --batch is per device: ours runs
 batch x local devices, PyTorch batch on one device; the ratio compares images/s per device.
+
+SDXL (--preset sdxl): both text encoders, the "f l" tokens 768 + 1280 wide (CLIP ViT-L's slice, bigG's
+slice), the context their penultimate states side by side, the UNet's added conditioning bigG's
+projected pooled state and the time ids of the training size; PyTorch the same through
+transformers' CLIPTextModel and CLIPTextModelWithProjection (hidden_states[-2], text_embeds) and the
+UNet's added_cond_kwargs.
+
+--memory-only compiles ours' step (the same step_program, abstract=True) from ShapeDtypeStructs with
+shardings, so nothing is allocated, and prints XLA's buffer assignment per device (arguments,
+outputs less donated, temporaries), the frozen parameters and train state per device, and whether
+the total fits a 16 GB accelerator: --devices simulates that many devices on the CPU backend, and
+--fsdp > 1 shards the frozen parameters over the mesh's fsdp axis (mesh.frozen="fsdp"). The compute
+dtype defaults to bfloat16. On CPU the figures are XLA:CPU's buffer assignment, not the GPU or TPU
+compiler's: XLA:CPU computes bfloat16 convolutions and matmuls in float32 and moves those conversions
+ahead of the fsdp all-gathers, so its temporaries hold float32 copies of the gathered weights and
+activations (about twice what bfloat16 operands take), with other fusions and scheduling besides.
 """
 from __future__ import annotations
 
@@ -39,25 +57,31 @@ import sys
 import time
 from pathlib import Path
 
-from common import (ROOT, SD14_CLIP, SD14_SCHEDULER, SD14_UNET, SD14_VAE, TORCH_DTYPES, add_comparison_arguments,
+from common import (ROOT, SD14_CLIP, SD14_SCHEDULER, SD14_UNET, SD14_VAE, SDXL, TORCH_DTYPES, add_comparison_arguments,
                     apply_preset, check_comparison_arguments, fmt, fmt_bytes, jax_peak_bytes, log, max_rss_bytes,
-                    per_device, print_table, reduced, result_line, run_torch_variants, run_worker, timed, torch_timed,
-                    torch_train_step, xla_step_memory)
+                    model_configs, per_device, print_table, reduced, result_line, run_torch_variants, run_worker, timed,
+                    token_dim, torch_text_encoders, torch_timed, torch_train_step, xla_step_memory)
+from f2d_jax.models.stable_diffusion import TINY_SDXL_CONFIGS
 
 PRESETS = {
     # The paper's set-up: SD v1.4 at 512 px (64x64x4 latents), the official mapping network 1536 -> 768.
     "sd14": dict(unet=SD14_UNET, vae=SD14_VAE, text_encoder=SD14_CLIP, resolution=512, batch=8, warmup=5, steps=20),
     # The same structure, widths / 5 (CLIP / 3), 256 px (32x32x4 latents): a few minutes on a 2-core CPU.
     "cpu": reduced(256, batch=2, warmup=2, steps=5),
+    # SDXL 1.0 base at 1024 px (128x128x4 latents): both text encoders, the mapping network 1536 -> 768 + 1280.
+    "sdxl": dict(SDXL, batch=2, warmup=3, steps=10),
+    # The tiny SDXL structure of the tests (64 px, 8x8x4 latents): --memory-only's test.
+    "tiny_sdxl": dict(TINY_SDXL_CONFIGS, resolution=64, batch=1, warmup=1, steps=2),
 }
+ACCELERATED = "sd14"   # --preset auto on an accelerator
 
 
 def train_config(args):
-    """configs/f2d_sd14.py with the mapping network sized for the preset's text encoder."""
+    """configs/f2d_sd14.py with the mapping network sized for the preset's text encoders."""
     from f2d_jax.config import load_config
 
     config = load_config(ROOT / "configs" / "f2d_sd14.py")
-    config.model.mapping.token_dim = PRESETS[args.preset]["text_encoder"]["hidden_size"]
+    config.model.mapping.token_dim = token_dim(PRESETS[args.preset])
     config.model.attention = args.attention
     if args.remat_unet != "config":
         config.train.remat_unet = args.remat_unet == "on"
@@ -85,14 +109,40 @@ def make_batch(preset: str, batch: int, identity_dim: int, expression_dim: int, 
 
 # ============================================================================ ours (JAX)
 
-def jax_worker(args) -> dict:
+def jax_models(args, config, dtype):
+    """(Models, abstract variables) of the preset: the SD bundle from its config dicts, the encoders from
+    `config`; ShapeDtypeStructs (nothing allocated) of the step's models, the UNet and text encoders in
+    `dtype`, the mapping network float32 (as load_models gives them)."""
     import jax
-    import jax.numpy as jnp
 
     # First among ours: it silences diffusers' Flax deprecation logging.
     from f2d_jax.models import stable_diffusion as sdm
     from f2d_jax.encoders import Encoders
-    from f2d_jax.models.bundle import Models, compute_dtype
+    from f2d_jax.models.bundle import Models
+
+    sd = sdm.build(model_configs(PRESETS[args.preset], SD14_SCHEDULER), dtype=dtype, attention=config.model.attention)
+    abstract = sdm.abstract_params(sd, dtype)
+    encoders = Encoders.from_config(config.model, sd.text_encoders)
+    variables = {k: abstract[k] for k in ("unet", *sd.text_encoders)}
+    variables.update(jax.eval_shape(lambda key: encoders.init(key, ("mapping",)), jax.random.key(config.seed + 1)))
+    return Models(encoders, sd), variables
+
+
+def feature_shapes(preset: str, encoders, global_batch: int, sharding) -> dict:
+    """The step's batch as ShapeDtypeStructs (make_batch's, `global_batch` rows) with `sharding`."""
+    import jax
+
+    example = make_batch(preset, 1, encoders.mapping.identity_dim, encoders.mapping.expression_dim)
+    return {k: jax.ShapeDtypeStruct((global_batch, *v.shape[1:]), v.dtype, sharding=sharding)
+            for k, v in example.items()}
+
+
+def jax_worker(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from f2d_jax.models import stable_diffusion as sdm
+    from f2d_jax.models.bundle import compute_dtype
     from f2d_jax.sharding import batch_sharding, make_mesh
     from f2d_jax.train.loop import step_program
     from f2d_jax.train.metrics import compiled_flops, mfu, peak_flops
@@ -100,18 +150,15 @@ def jax_worker(args) -> dict:
     jax.config.update("jax_threefry_partitionable", True)  # as loop.py
     rss_baseline = max_rss_bytes()  # Python + JAX + diffusers (+ the torch it imports), before any model
     config = train_config(args)
-    tc, spec = config.train, PRESETS[args.preset]
+    tc = config.train
     dtype = compute_dtype(args.dtype)
 
     # ---- models: the SD bundle from config dicts, random weights; the encoders from the config
     log(f"[ours] building {args.preset} models ({jnp.dtype(dtype).name}) ...")
-    sd = sdm.build({"unet": spec["unet"], "vae": spec["vae"], "text_encoder": spec["text_encoder"],
-                    "scheduler": SD14_SCHEDULER}, dtype=dtype, attention=config.model.attention)
-    abstract = sdm.abstract_params(sd)
-    variables = sdm.random_params({k: abstract[k] for k in ("unet", "text_encoder")}, jax.random.key(config.seed),
+    models, abstract = jax_models(args, config, dtype)
+    encoders = models.encoders
+    variables = sdm.random_params({k: v for k, v in abstract.items() if k != "mapping"}, jax.random.key(config.seed),
                                   dtype)
-    encoders = Encoders.from_config(config.model, sd.text_encoders)
-    models = Models(encoders, sd)
     variables.update(encoders.init(jax.random.key(config.seed + 1), ("mapping",)))
 
     # ---- exactly train.py's step: f2d_jax.train.loop.step_program
@@ -123,7 +170,7 @@ def jax_worker(args) -> dict:
     batch_sh = batch_sharding(mesh)
     batch = jax.device_put(make_batch(args.preset, global_batch, encoders.mapping.identity_dim,
                                       encoders.mapping.expression_dim), batch_sh)
-    features = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
+    features = feature_shapes(args.preset, encoders, global_batch, batch_sh)
 
     log(f"[ours] compiling the train step (batch {global_batch} over {mesh.size} device(s), "
         f"remat_unet={tc.remat_unet}) ...")
@@ -168,6 +215,90 @@ def jax_worker(args) -> dict:
         versions=f"jax {jax.__version__}, flax {__import__('flax').__version__}")
 
 
+# ============================================================================ ours: memory only
+
+GIB16 = 16 * 2 ** 30   # a 16 GB accelerator (V100 16GB, TPU v5e: 16 GiB of HBM)
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def bytes_total(tree) -> int:
+    import jax
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def memory_only(args) -> dict:
+    """Compile train.py's step for the preset over --devices devices (a mesh of data x --fsdp; the frozen
+    parameters sharded by mesh.frozen="fsdp" when --fsdp > 1) from abstract variables (nothing is allocated,
+    so any model size compiles on a small host), and report XLA's buffer assignment per device."""
+    import jax
+
+    if args.devices and jax.config.jax_num_cpu_devices != args.devices:   # on the CPU backend, simulated
+        jax.config.update("jax_num_cpu_devices", args.devices)              # devices (before JAX's backends start)
+    import jax.numpy as jnp
+
+    from f2d_jax.sharding import batch_sharding, make_mesh
+    from f2d_jax.train.loop import step_program
+
+    jax.config.update("jax_threefry_partitionable", True)  # as loop.py
+    config = train_config(args)
+    config.mesh.update(data=-1, fsdp=args.fsdp, frozen="fsdp" if args.fsdp > 1 else "replicate")
+    dtype = jnp.bfloat16 if args.dtype == "auto" else jnp.dtype(args.dtype)   # auto: an accelerator's
+    devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+    if args.devices and len(devices) < args.devices:
+        raise SystemExit(f"--devices {args.devices}: JAX has {len(devices)} {devices[0].platform} device(s)")
+    mesh = make_mesh(config.mesh, devices)
+    config.train.batch_size = global_batch = args.batch * mesh.size
+    spec = PRESETS[args.preset]
+    log(f"[memory] {args.preset}: train step at {spec['resolution']} px, batch {args.batch}/device over "
+        f"{mesh.size} {devices[0].platform} device(s), mesh {dict(mesh.shape)}, frozen={config.mesh.frozen}, "
+        f"{jnp.dtype(dtype).name}, abstract parameters ...")
+    start = time.perf_counter()
+    models, variables = jax_models(args, config, dtype)
+    program = step_program(config, models, variables, mesh, abstract=True)
+    features = feature_shapes(args.preset, models.encoders, global_batch, batch_sharding(mesh))
+    compiled, flops = program.compile(features, mesh.size)
+    compile_s = time.perf_counter() - start
+    xla = xla_step_memory(compiled)
+    total = sum(xla.values()) if xla else None
+    return dict(
+        mode="memory-only", preset=args.preset, resolution=spec["resolution"], batch_per_device=args.batch,
+        batch=global_batch, devices=mesh.size, platform=devices[0].platform, mesh=dict(mesh.shape),
+        frozen_rule=config.mesh.frozen, dtype=jnp.dtype(dtype).name, remat_unet=bool(config.train.remat_unet),
+        attention=config.model.attention, compile_s=compile_s, flops=flops,
+        frozen_total=bytes_total(program.frozen), frozen_per_device=bytes_per_device(program.frozen),
+        state_total=bytes_total(program.abstract_state), state_per_device=bytes_per_device(program.abstract_state),
+        xla_memory=xla, xla_total=total, fits_16gb=None if total is None else total <= GIB16,
+        max_rss=max_rss_bytes(), versions=f"jax {jax.__version__}, flax {__import__('flax').__version__}")
+
+
+def describe_memory(r: dict) -> str:
+    xla = r["xla_memory"]
+    lines = [
+        f"preset {r['preset']} (memory only: compiled, not run): train step at {r['resolution']} px, batch "
+        f"{r['batch_per_device']}/device ({r['batch']} in all) over {r['devices']} {r['platform']} device(s), mesh "
+        f"{r['mesh']}, frozen parameters {r['frozen_rule']}, {r['dtype']}, remat_unet={r['remat_unet']}, attention "
+        f"{r['attention']}; trace + lower + compile {r['compile_s']:.1f} s (max RSS {fmt_bytes(r['max_rss'])})",
+        f"frozen parameters: {fmt_bytes(r['frozen_total'])} in all, {fmt_bytes(r['frozen_per_device'])}/device; "
+        f"train state (mapping network + AdamW): {fmt_bytes(r['state_total'], 3)} in all, "
+        f"{fmt_bytes(r['state_per_device'], 3)}/device",
+    ]
+    if xla is None:
+        lines.append("XLA's buffer assignment: not available on this backend")
+    else:
+        lines.append(f"XLA buffers/device: arguments {fmt_bytes(xla['arguments'])}, outputs {fmt_bytes(xla['outputs'])} "
+                     f"(less donated), temporaries {fmt_bytes(xla['temporaries'])}; total {fmt_bytes(r['xla_total'])}: "
+                     f"{'fits' if r['fits_16gb'] else 'does not fit'} in 16 GiB per device")
+    return "\n".join(lines)
+
+
 # ============================================================================ PyTorch
 
 def torch_worker(args) -> dict:
@@ -180,7 +311,6 @@ def torch_worker(args) -> dict:
 
     diffusers.utils.logging.set_verbosity_error()  # Flax deprecation notices (diffusers imports its Flax side)
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
 
     from f2d_jax.text import identifier_prompts, load_tokenizer, token_ids
@@ -206,18 +336,16 @@ def torch_worker(args) -> dict:
     # ---- frozen models: same configs, random init, weights in the compute dtype, no gradients
     with torch.device(device):
         unet = UNet2DConditionModel(**spec["unet"])
-        clip_config = CLIPTextConfig(**spec["text_encoder"], bos_token_id=49406, eos_token_id=49407,
-                                     pad_token_id=49407)
-        text = CLIPTextModel(clip_config)
+        texts = torch_text_encoders(spec)   # SDXL: CLIP ViT-L and bigG (with its projection)
         m = config.model.mapping
         mapping = Mapping(identity=m.identity_dim, hidden=m.hidden_dim, out=m.token_dim, n_layer=m.num_layers,
                           dropout=m.dropout, exp=m.expression_dim)
-    for frozen in (unet, text):
+    for frozen in (unet, *texts):
         frozen.requires_grad_(False).eval().to(dtype)
     if tc.remat_unet:  # the same recomputation as ours (diffusers checkpoints per block)
         unet.enable_gradient_checkpointing()
     mapping.train()  # dropout on, as ours (train=True)
-    text_model = text.text_model
+    sdxl = len(texts) > 1
 
     # ---- optimizer: AdamW on the mapping network, global-norm clipping, linear warm-up
     opt = torch.optim.AdamW(mapping.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
@@ -226,16 +354,49 @@ def torch_worker(args) -> dict:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / warmup, 1.0) if warmup else 1.0)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
-    # ---- constants: captions, the class embedding, the noise schedule
+    # ---- constants: captions (each encoder's ids: SDXL's bigG pads with its tokenizer's "!"), the class
+    # conditioning, the noise schedule, SDXL's time ids (the training size: (h, w, 0, 0, h, w))
     tokenizer = load_tokenizer()
     ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
-    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    pads = [(spec.get(name) or {}).get("pad_token") for name in ("tokenizer", "tokenizer_2")[:len(texts)]]
+
+    def encoder_ids(ids):  # the ids each encoder reads: re-padded after the first end-of-text token
+        after_end = np.arange(ids.shape[-1]) > (ids == tokenizer.eos_token_id).argmax(-1, keepdims=True)
+        return [torch.as_tensor(ids if pad is None else np.where(after_end, tokenizer.convert_tokens_to_ids(pad), ids),
+                                dtype=torch.long, device=device) for pad in pads]
+    ids = encoder_ids(ids)
     positions = torch.as_tensor(positions, dtype=torch.long, device=device)
+    causal = _create_4d_causal_attention_mask((1, ids[0].shape[1]), dtype, device=device)
+    size = spec["resolution"]
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=device)
+
+    def conditioning(ids, tokens=None, positions=None):
+        """The UNet's (context, added_cond_kwargs) for each encoder's (B, 77) ids, with the (first, last)
+        "f l" tokens (B, D) written at `positions` (each encoder takes its slice of D, in order): SD v1 the
+        final layer norm's states; SDXL both penultimate states side by side, and bigG's projected pooled
+        state and the time ids."""
+        states, offset, added = [], 0, None
+        for text, input_ids in zip(texts, ids):
+            model = text.text_model
+            hidden = model.embeddings(input_ids=input_ids)
+            if tokens is not None:
+                width, rows = hidden.shape[-1], torch.arange(len(input_ids), device=device)
+                for i, token in enumerate(tokens):
+                    hidden[rows, positions + i] = token[:, offset:offset + width].to(hidden.dtype)
+                offset += width
+            out = model.encoder(inputs_embeds=hidden, causal_attention_mask=causal, output_hidden_states=sdxl)
+            final = model.final_layer_norm(out.last_hidden_state)
+            states.append(out.hidden_states[-2] if sdxl else final)
+            if hasattr(text, "text_projection"):   # pooled at the first end-of-text token
+                rows = torch.arange(len(input_ids), device=device)
+                pooled = final[rows, (input_ids == tokenizer.eos_token_id).int().argmax(-1)]
+                added = {"text_embeds": text.text_projection(pooled), "time_ids": time_ids.expand(len(rows), -1)}
+        return torch.cat(states, -1), added
+
     with torch.no_grad(), autocast():
-        class_ids = torch.as_tensor(token_ids(tc.class_prompt, tokenizer), dtype=torch.long, device=device)
-        class_embedding = text(input_ids=class_ids).last_hidden_state
-    alphas = DDPMScheduler(**SD14_SCHEDULER).alphas_cumprod.to(device=device, dtype=torch.float32)
-    causal = _create_4d_causal_attention_mask((1, ids.shape[1]), dtype, device=device)
+        class_context, class_added = conditioning(encoder_ids(token_ids(tc.class_prompt, tokenizer)))
+    alphas = DDPMScheduler.from_config(model_configs(spec, SD14_SCHEDULER)["scheduler"]).alphas_cumprod.to(
+        device=device, dtype=torch.float32)
 
     b = args.batch
     data = make_batch(args.preset, b, m.identity_dim, m.expression_dim)
@@ -244,6 +405,7 @@ def torch_worker(args) -> dict:
              "expression": torch.from_numpy(data["expression"]).to(device),
              "latent_moments": nchw(data["latent_moments"]), "mask": nchw(data["mask"])}
     scaling, lam, p_uncond = spec["vae"]["scaling_factor"], tc.cgdr_lambda, tc.p_uncond
+    class_added = class_added and {k: v.expand(b, -1) for k, v in class_added.items()}
 
     def loss_fn(batch):
         mean, logvar = batch["latent_moments"].chunk(2, dim=1)
@@ -253,18 +415,14 @@ def torch_worker(args) -> dict:
         abar = alphas[t].view(-1, 1, 1, 1)
         z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
         keep = (torch.rand(b, device=device) < 1 - p_uncond).float()
-        caption = torch.randint(0, ids.shape[0], (b,), device=device)
+        caption = torch.randint(0, ids[0].shape[0], (b,), device=device)
         with autocast():
             with torch.no_grad():
-                eps_class = unet(z_t, t, encoder_hidden_states=class_embedding.expand(b, -1, -1)).sample
-            first, last = mapping(batch["identity"], batch["expression"], keep)
-            hidden = text_model.embeddings(input_ids=ids[caption])
-            rows, pos = torch.arange(b, device=device), positions[caption]
-            hidden[rows, pos] = first.to(hidden.dtype)
-            hidden[rows, pos + 1] = last.to(hidden.dtype)
-            hidden = text_model.encoder(inputs_embeds=hidden, causal_attention_mask=causal).last_hidden_state
-            context = text_model.final_layer_norm(hidden)
-            pred = unet(z_t, t, encoder_hidden_states=context).sample
+                eps_class = unet(z_t, t, encoder_hidden_states=class_context.expand(b, -1, -1),
+                                 added_cond_kwargs=class_added).sample
+            tokens = mapping(batch["identity"], batch["expression"], keep)
+            context, added = conditioning([x[caption] for x in ids], tokens, positions[caption])
+            pred = unet(z_t, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
         pred, eps_class, mask = pred.float(), eps_class.float(), batch["mask"]
         fg = (mask * (pred - eps) ** 2).mean()
         bg = ((1 - mask) * (pred - eps_class) ** 2).mean()
@@ -345,21 +503,44 @@ def describe(r: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
-                        help="model sizes: sd14 (SD v1.4, 512 px, batch 8) or cpu (same structure, reduced "
-                             "widths: UNet (64, 128, 256, 256), CLIP 12 x 256, 256 px, batch 2); auto: sd14 "
-                             "when JAX sees an accelerator, else cpu")
-    add_comparison_arguments(parser, batch_help="per-device batch (default: the preset's, 8 or 2)",
-                             steps_help="timed steps, median reported (default: 20 sd14, 5 cpu)",
-                             warmup_help="untimed steps first (default: 5 sd14, 2 cpu)")
+                        help="model sizes: sd14 (SD v1.4, 512 px, batch 8), cpu (same structure, reduced "
+                             "widths: UNet (64, 128, 256, 256), CLIP 12 x 256, 256 px, batch 2), sdxl (SDXL 1.0 "
+                             "base, 1024 px, batch 2) or tiny_sdxl (the tests' tiny SDXL, 64 px, batch 1); auto: "
+                             "sd14 when JAX sees an accelerator, else cpu")
+    add_comparison_arguments(parser, batch_help="per-device batch (default: the preset's, 8, 2, 2 or 1)",
+                             steps_help="timed steps, median reported (default: 20 sd14, 5 cpu, 10 sdxl)",
+                             warmup_help="untimed steps first (default: 5 sd14, 2 cpu, 3 sdxl)")
     parser.add_argument("--remat-unet", choices=("config", "on", "off"), default="config",
                         help="recompute UNet activations in the backward pass, both sides (config: "
                              "configs/f2d_sd14.py's train.remat_unet, which is on)")
+    memory = parser.add_argument_group(
+        "memory only", "compile ours' step from abstract parameters (none allocated) and print XLA's buffer "
+        "assignment per device, e.g. SDXL over 8 simulated CPU devices: --preset sdxl --memory-only --devices 8 "
+        "--fsdp 8 --batch 1")
+    memory.add_argument("--memory-only", action="store_true", help="compile, do not run; nothing is timed")
+    memory.add_argument("--devices", type=int,
+                        help="compile for this many devices (on the CPU backend: simulated; default: all)")
+    memory.add_argument("--fsdp", type=int, default=1,
+                        help="the mesh's fsdp axis; above 1 the frozen parameters are sharded over it "
+                             "(mesh.frozen=fsdp) (default: %(default)s)")
     args = parser.parse_args(argv)
     check_comparison_arguments(parser, args)
+    if not args.memory_only and (args.devices or args.fsdp != 1):
+        parser.error("--devices and --fsdp go with --memory-only")
+    if args.memory_only:
+        if args.preset == "auto":
+            parser.error("--memory-only needs a --preset")
+        args.batch = args.batch or PRESETS[args.preset]["batch"]
+        result = memory_only(args)
+        print(describe_memory(result))
+        print(result_line(result), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
 
     if args.worker:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        apply_preset(args, PRESETS, "sd14", args.worker)
+        apply_preset(args, PRESETS, ACCELERATED, args.worker)
         result = jax_worker(args) if args.worker == "jax" else torch_worker(args)
         result.update(preset=args.preset)
         print(result_line(result), flush=True)
@@ -375,10 +556,10 @@ def main(argv=None) -> int:
             results.append(ours)
             platform, args.preset = ours["platform"], ours["preset"]
             log(describe(ours))
-    apply_preset(args, PRESETS, "sd14", "torch")   # (already resolved when ours ran)
+    apply_preset(args, PRESETS, ACCELERATED, "torch")   # (already resolved when ours ran)
 
     if not args.skip_torch:
-        accelerated = platform not in (None, "cpu") or (platform is None and args.preset == "sd14")
+        accelerated = platform not in (None, "cpu") or (platform is None and args.preset in ("sd14", "sdxl"))
         for label, r in run_torch_variants(args, accelerated, platform,
                                            lambda extra, env: measure("torch", args, extra, env)):
             if "failed" in r or "skipped" in r:

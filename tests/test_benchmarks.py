@@ -1,9 +1,13 @@
-"""benchmarks/accelerator.py's table from canned --json results (no benchmark runs here)."""
+"""benchmarks/accelerator.py's table from canned --json results, and train_step.py's memory-only mode
+on the tiny SDXL over 8 simulated devices."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import accelerator  # noqa: E402
 
 GIB = 2 ** 30
@@ -120,3 +124,36 @@ ENTRY %main (x: f32[2,8,8,4]) -> f32[4,4] {
 
     totals = op_profile.breakdown(op_profile.op_times(tmp_path / "trace"), op_profile.read_dumps(dump))
     assert totals == {"attention": 5.0, "convolutions": 3.0, "norms": 1.5, "other matmuls": 0.5, "other": 0.25}
+
+
+def test_variant_rows_follow_their_benchmark():
+    """A variant's runs (train_step-sdxl.*) make a row of their own after the benchmark's, named by its script."""
+    results = canned()
+    results["train_step-sdxl.ours"] = dict(preset="sdxl", results=[result(
+        "jax", 1.0, batch=2, flops=1e14, peak_flops=1e15, memory=40 * GIB, memory_kind="device peak_bytes_in_use")],
+        skipped=[])
+    lines = [line for line in accelerator.report(results).splitlines() if line.startswith("| ")]
+    assert [line.strip("|").split("|")[0].strip() for line in lines[1:]] == [
+        "train_step.py sd14, batch 8", "train_step.py sdxl, batch 2", "sample.py sd14, batch 8, 30 steps",
+        "msid_step"]
+
+
+def test_memory_only_sdxl_fsdp_over_8_simulated_devices(tmp_path):
+    """train_step.py --memory-only: the tiny SDXL's train step compiled from abstract parameters over 8
+    simulated CPU devices, the frozen parameters fsdp-sharded. XLA's per-device buffers are positive; each
+    device's arguments hold its shard of the frozen parameters and the (replicated) train state, less than
+    the whole of both, which replicating the frozen parameters would put on every device."""
+    out = tmp_path / "memory.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--preset", "tiny_sdxl", "--memory-only",
+               "--devices", "8", "--fsdp", "8", "--batch", "1", "--json", str(out)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = json.loads(out.read_text())
+    xla = r["xla_memory"]
+    assert (r["devices"], r["mesh"], r["frozen_rule"], r["dtype"]) == (8, {"data": 1, "fsdp": 8}, "fsdp", "bfloat16")
+    assert xla["arguments"] > 0 and xla["temporaries"] > 0 and r["xla_total"] == sum(xla.values())
+    assert 0 < r["frozen_per_device"] < r["frozen_total"] and r["state_per_device"] == r["state_total"] > 0
+    assert r["state_per_device"] + r["frozen_per_device"] <= xla["arguments"] < r["state_total"] + r["frozen_total"]
+    assert r["fits_16gb"] and "fits in 16 GiB per device" in done.stdout

@@ -423,14 +423,15 @@ def build(configs: dict, *, dtype=jnp.float32, tokenizer_path: str | None = None
                            encoders[1] if sdxl else None, bool(zeros))
 
 
-def abstract_params(sd: StableDiffusion) -> dict[str, Any]:
+def abstract_params(sd: StableDiffusion, dtype=None) -> dict[str, Any]:
     """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} variable trees as ShapeDtypeStructs (nothing is
-    allocated)."""
+    allocated), float leaves in `dtype` where given (as `random_params` and the loaders cast them)."""
     key = jax.random.key(0)
     tokens = jnp.zeros((1, sd.text_encoder.max_length), jnp.int32)
-    return {"unet": _abstract_unet(sd.unet),
+    tree = {"unet": _abstract_unet(sd.unet),
             "vae": {"params": jax.eval_shape(sd.vae.init_weights, key)},
             **{name: jax.eval_shape(encoder.init, key, tokens) for name, encoder in sd.text_encoders.items()}}
+    return tree if dtype is None else jax.eval_shape(lambda t: _cast(t, dtype), tree)
 
 
 def _abstract_unet(unet: UNet) -> dict[str, Any]:

@@ -220,7 +220,7 @@ class StepProgram:
     frozen: Any                    # the frozen parameters, sharded by config.mesh.frozen
     constants: Constants           # replicated
     abstract_state: Any            # the state's ShapeDtypeStructs with their shardings (for restore and lowering)
-    init: Callable[[], TrainState]  # a fresh state on the mesh
+    init: Callable[[], TrainState] | None  # a fresh state on the mesh (None: an abstract program, to compile only)
 
     def compile(self, features: dict[str, jax.ShapeDtypeStruct], devices: int):
         """Ahead-of-time compile for a batch of these shapes (with shardings) over `devices`:
@@ -238,9 +238,13 @@ def step_function(config, models: Models) -> tuple[Callable, Any]:
     return functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg), tx
 
 
-def step_program(config, models: Models, variables, mesh) -> StepProgram:
+def step_program(config, models: Models, variables, mesh, *, abstract: bool = False) -> StepProgram:
     """Split what trains from what is frozen, place both on `mesh` and jit the step with explicit
-    shardings (batch over all devices, constants replicated, the state donated)."""
+    shardings (batch over all devices, constants replicated, the state donated).
+
+    With `abstract`, `variables` may be ShapeDtypeStructs and nothing is computed or placed: `frozen` and
+    `constants` are ShapeDtypeStructs with their shardings, enough for `compile` (e.g. XLA's memory
+    analysis of a model too large for this host), and `init` is None."""
     tc = config.train
     trainable, frozen = partition({k: variables[k] for k in STEP_MODELS if k in variables}, tc.trainable)
     step_fn, tx = step_function(config, models)
@@ -249,17 +253,27 @@ def step_program(config, models: Models, variables, mesh) -> StepProgram:
     make_state = functools.partial(init_state, tx=tx)
     abstract_state = jax.eval_shape(make_state, trainable)
     state_shardings = param_shardings(abstract_state, mesh, "replicate")
-
-    tokenizer, sd = models.sd.tokenizer(), models.sd
-    ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
-    class_conditioning = jax.jit(models.encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
-    constants = jax.device_put(Constants(jnp.asarray(ids), jnp.asarray(positions), class_conditioning,
-                                         jnp.asarray(alphas_cumprod(sd.scheduler_config))), rep)
     step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=0)
-    return StepProgram(step, jax.device_put(frozen, frozen_shardings), constants,
-                       abstract_like(abstract_state, state_shardings),
+    abstract_state = abstract_like(abstract_state, state_shardings)
+    if abstract:
+        constants = jax.eval_shape(functools.partial(step_constants, config, models), variables)
+        return StepProgram(step, abstract_like(frozen, frozen_shardings),
+                           abstract_like(constants, param_shardings(constants, mesh, "replicate")), abstract_state, None)
+    return StepProgram(step, jax.device_put(frozen, frozen_shardings),
+                       jax.device_put(step_constants(config, models, variables), rep), abstract_state,
                        lambda: jax.jit(make_state, out_shardings=state_shardings)(trainable))
+
+
+def step_constants(config, models: Models, variables) -> Constants:
+    """The step's constants: the training captions' ids and identifier positions, the class prompt's
+    conditioning (through the frozen text encoders in `variables`), the noise schedule."""
+    tc, sd = config.train, models.sd
+    tokenizer = sd.tokenizer()
+    ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
+    class_conditioning = jax.jit(models.encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
+    return Constants(jnp.asarray(ids), jnp.asarray(positions), class_conditioning,
+                     jnp.asarray(alphas_cumprod(sd.scheduler_config)))
 
 
 def _models_and_data(config, dtype, say):
