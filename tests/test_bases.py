@@ -130,8 +130,11 @@ def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, sche
     assert value >= 40, f"PSNR {value:.1f} dB < 40 dB"
 
 
-def test_tiny_sdxl_trains_resumes_and_exports(tmp_path, capsys):
+def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys):
+    """Tiny SDXL: 2 + 2 resumed steps equal 4; 2 steps on a 4 x 2 mesh of 8 devices, the frozen UNet and text
+    encoders FSDP-sharded, equal 2 on one; the export loads strictly in PyTorch; the run samples."""
     import torch
+    from test_train import _assert_close, _train
 
     import torch_reference as ref
     from f2d_jax.convert.__main__ import main as convert_main
@@ -156,24 +159,20 @@ def test_tiny_sdxl_trains_resumes_and_exports(tmp_path, capsys):
     assert convert_main(["export", str(tmp_path / "whole"), "--out", str(tmp_path / "export")]) == 0
     reference = ref.Mapping(identity=128, hidden=64, out=80, exp=64)
     reference.load_state_dict(torch.load(tmp_path / "export" / "mapping.pt", weights_only=True), strict=True)
+
+    _train(tmp_path / "sharded", "--config.train.steps=2", "--config.log.every=2", "--config.checkpoint.every=2",
+           "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp", devices=8,
+           config=CONFIGS["sdxl"])
+    sharded = [json.loads(line) for line in (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()][:1]
+    assert [m["step"] for m in sharded] == [m["step"] for m in single] == [2]
+    for name in ("loss", "loss_fg", "loss_bg", "grad_norm"):
+        np.testing.assert_allclose(sharded[0][name], single[0][name], rtol=1e-5, err_msg=name)
+    _assert_close(load_trained(tmp_path / "sharded")[1], load_trained(tmp_path / "resumed", 2)[1], atol=1e-6)
     shutil.rmtree(tmp_path / "resumed")
     pipe = F2DPipeline.from_checkpoint(tmp_path / "whole")   # SDXL's size conditioning from height and width
     images = pipe.generate(FACE, "a photo of f l", num_images=1, steps=2, height=64, width=48, progress=False)
     assert images.shape == (1, 64, 48, 3)
-
-
-def test_the_sharded_sdxl_step_on_8_devices_equals_the_single_device_step(tmp_path):
-    """Tiny SDXL on a 4 x 2 mesh, its frozen UNet and text encoders FSDP-sharded, against one device."""
-    from test_train import _assert_close, _metrics, _params, _train
-
-    common = ["--config.train.steps=2", "--config.log.every=1"]
-    _train(tmp_path / "single", *common, config=CONFIGS["sdxl"], cache=tmp_path / "cache")
-    _train(tmp_path / "sharded", *common, "--config.mesh.data=4", "--config.mesh.fsdp=2",
-           "--config.mesh.frozen=fsdp", devices=8, config=CONFIGS["sdxl"], cache=tmp_path / "cache")
-    for a, b in zip(_metrics(tmp_path / "single"), _metrics(tmp_path / "sharded")):
-        for name in ("loss", "loss_fg", "loss_bg", "grad_norm"):
-            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=f"{name} at step {a['step']}")
-    _assert_close(_params(tmp_path / "sharded"), _params(tmp_path / "single"), atol=1e-6)
 
 
 def test_the_velocity_target_is_diffusers(parity):
@@ -194,17 +193,3 @@ def test_the_velocity_target_is_diffusers(parity):
     reference = theirs.get_velocity(torch.from_numpy(z0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
     parity("v-prediction training target (velocity)", float(np.abs(ours - reference).max()), 1e-5)
     np.testing.assert_array_equal(prediction_target("epsilon", z0, eps, abar), eps)
-
-
-def test_tiny_sd2_trains_and_samples_from_its_run(tmp_path):
-    """A v-prediction base end to end; the run's checkpoint samples with the base's defaults."""
-    from f2d_jax.train.launch import run
-
-    config = load_config(CONFIGS["sd2"], ["train.steps=2", "log.every=1", "log.sample_every=0"])
-    assert run(config, tmp_path) == 0
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
-    pipe = F2DPipeline.from_checkpoint(tmp_path)
-    assert pipe.models.sd.base == "sd2" and pipe.defaults["scheduler"] == "ddim"
-    images = pipe.generate(FACE, "a photo of f l", num_images=1, steps=2, progress=False)
-    assert images.shape == (1, 64, 64, 3)
