@@ -92,16 +92,12 @@ def test_sdxl_tokens_split_between_the_two_encoders(bases):
         pipe.sample(out["context"], [0, 1], steps=1)
 
 
-def _psnr(a, b):
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 @pytest.mark.parametrize("base", ["sd2", "sdxl"])
 def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, scheduler, parity):
     import torch
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    from test_pipeline import psnr
 
     ours, theirs = bases[base]
     theirs.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler].from_config(
@@ -123,7 +119,7 @@ def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, sche
                            latents=torch.from_numpy(latents), num_inference_steps=10, guidance_scale=guidance,
                            height=64, width=64, output_type="np").images
     reference = np.round(reference * 255).astype(np.uint8)
-    value = _psnr(mine, reference)
+    value = psnr(mine, reference)
     difference = np.abs(mine.astype(int) - reference.astype(int)).max() / 255
     parity(f"tiny {base} images vs diffusers, {scheduler} 10 steps, PSNR {value:.1f} dB (max diff / 255)",
            difference, 0.1)
@@ -134,7 +130,7 @@ def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys):
     """Tiny SDXL: 2 + 2 resumed steps equal 4; 2 steps on a 4 x 2 mesh of 8 devices, the frozen UNet and text
     encoders FSDP-sharded, equal 2 on one; the export loads strictly in PyTorch; the run samples."""
     import torch
-    from test_train import _assert_close, _train
+    from test_train import _assert_close, _metrics, _train
 
     import torch_reference as ref
     from f2d_jax.convert.__main__ import main as convert_main
@@ -151,7 +147,7 @@ def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys):
     whole, resumed = (load_trained(tmp_path / name)[1] for name in ("whole", "resumed"))
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-    metrics = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    metrics = _metrics(tmp_path / "whole")
     assert [m["step"] for m in metrics] == [2, 4] and all(np.isfinite(m["loss"]) for m in metrics)
     assert (tmp_path / "whole" / "samples" / "samples_0000004.png").is_file()
     assert whole["mapping"]["params"]["i2t_first"]["fc_out"]["kernel"].shape == (64, 80)
@@ -163,8 +159,7 @@ def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys):
     _train(tmp_path / "sharded", "--config.train.steps=2", "--config.log.every=2", "--config.checkpoint.every=2",
            "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp", devices=8,
            config=CONFIGS["sdxl"])
-    sharded = [json.loads(line) for line in (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()]
-    single = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()][:1]
+    sharded, single = _metrics(tmp_path / "sharded"), _metrics(tmp_path / "resumed")[:1]
     assert [m["step"] for m in sharded] == [m["step"] for m in single] == [2]
     for name in ("loss", "loss_fg", "loss_bg", "grad_norm"):
         np.testing.assert_allclose(sharded[0][name], single[0][name], rtol=1e-5, err_msg=name)
