@@ -7,6 +7,7 @@ checked, so that `--help` and a mistyped argument answer at once.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -34,6 +35,60 @@ def add_compile_cache(parser: argparse.ArgumentParser) -> None:
                         help="JAX's persistent compilation cache, so that later runs skip compiling what this "
                         "one compiles, or 'off' (default: $F2D_JAX_COMPILE_CACHE, else JAX's own "
                         "JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/f2d_jax/jax or ~/.cache/f2d_jax/jax)")
+
+
+WEIGHT_SOURCES = ("checkpoint", "config")  # the options that name the models' config, besides weight files
+
+
+def add_weights(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that load an F2DPipeline (sample, app): the weights, --dtype and
+    --compile-cache. `check_weights` checks them once parsed and `load_pipeline` loads what they name."""
+    weights = parser.add_argument_group("weights")
+    weights.add_argument("--checkpoint", metavar="WORKDIR", help="a train.py workdir (latest checkpoint)")
+    weights.add_argument("--config", metavar="NAME_OR_FILE",
+                         help="a named config (e.g. tiny) or config file giving the models and weights")
+    weights.add_argument("--sd", help="Stable Diffusion: local diffusers directory or hub id "
+                         "(default: the checkpoint's or config's, else CompVis/stable-diffusion-v1-4)")
+    weights.add_argument("--msid", help="MSID weights (msid.pt, .safetensors, .msgpack)")
+    weights.add_argument("--mapping", help="mapping-network weights (mapping.pt, .safetensors, .msgpack)")
+    weights.add_argument("--expression", help="Deep3DFaceRecon weights (epoch_20.pth), for an expression photo")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="SD compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
+    add_compile_cache(parser)
+
+
+def check_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [f"--{name}" for name in WEIGHT_SOURCES if getattr(args, name)]
+    if len(given) > 1:
+        parser.error(f"give {' or '.join(given)}, not both")
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The F2DPipeline that the `add_weights` options name."""
+    from f2d_jax.sampling import F2DPipeline
+
+    return F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
+                            mapping=args.mapping, expression=args.expression)
+
+
+def trained_resolution(args: argparse.Namespace, pipe) -> int | None:
+    """The image size the models were trained at where a config or checkpoint names them (None: the
+    base's own size)."""
+    return pipe.config.data.resolution if any(getattr(args, name) for name in WEIGHT_SOURCES) else None
+
+
+def png_text(args: argparse.Namespace, pipe, *, prompts: list[str], images: list[str], expression_image: str | None,
+             num_images: int, seed: int, steps: int, guidance: float, scheduler: str, negative_prompt: str,
+             height: int, width: int) -> dict[str, str]:
+    """The text chunks of a generated PNG: `f2d_jax`, every setting and the weights as JSON, and
+    `parameters`, the usual one-paragraph summary. `args`: the `add_weights` options."""
+    settings = dict(prompts=prompts, images=images, num_images=num_images, seed=seed, steps=steps, guidance=guidance,
+                    scheduler=scheduler, negative_prompt=negative_prompt, expression_image=expression_image,
+                    height=height, width=width, **{name: getattr(args, name) for name in WEIGHT_SOURCES},
+                    weights=dict(pipe.config.weights) if pipe.config is not None else None)
+    return {"f2d_jax": json.dumps(settings),
+            "parameters": f"{' | '.join(prompts)}\nNegative prompt: {negative_prompt}\nSteps: {steps}, "
+                          f"Sampler: {scheduler}, CFG scale: {guidance}, Seed: {seed}, Size: {width}x{height}"}
 
 
 def check_output(path, flag: str, folder: bool = False) -> None:

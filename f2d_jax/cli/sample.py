@@ -13,7 +13,6 @@ nothing). Writes a grid PNG with the settings in its metadata, and each image wi
 Every setting, the faces in the photos and the outputs' folders are checked before any weights load.
 """
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -50,21 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "training size, 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL, or the --config's or "
                         "--checkpoint's training resolution; SDXL's size conditioning follows it)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: as --height)")
-    weights = parser.add_argument_group("weights")
-    weights.add_argument("--checkpoint", metavar="WORKDIR", help="a train.py workdir (latest checkpoint)")
-    weights.add_argument("--config", metavar="NAME_OR_FILE",
-                         help="a named config (e.g. tiny) or config file giving the models and weights")
-    weights.add_argument("--sd", help="Stable Diffusion: local diffusers directory or hub id "
-                         "(default: the checkpoint's or config's, else CompVis/stable-diffusion-v1-4)")
-    weights.add_argument("--msid", help="MSID weights (msid.pt, .safetensors, .msgpack)")
-    weights.add_argument("--mapping", help="mapping-network weights (mapping.pt, .safetensors, .msgpack)")
-    weights.add_argument("--expression", help="Deep3DFaceRecon weights (epoch_20.pth), for --expression-image")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="SD compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
-    cli.add_compile_cache(parser)
+    cli.add_weights(parser)
     args = parser.parse_args(argv)
-    if args.checkpoint and args.config:
-        parser.error("give --checkpoint or --config, not both")
+    cli.check_weights(parser, args)
     return args
 
 
@@ -74,16 +61,13 @@ def save(images, args, pipe, out: Path) -> None:
 
     from f2d_jax.train.metrics import grid
 
-    settings = dict(prompts=args.prompt, images=[str(p) for p in args.image], num_images=args.num_images,
-                    seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                    negative_prompt=args.negative_prompt, expression_image=args.expression_image,
-                    height=images.shape[1], width=images.shape[2], checkpoint=args.checkpoint, config=args.config,
-                    weights=dict(pipe.config.weights) if pipe.config is not None else None)
+    text = cli.png_text(args, pipe, prompts=args.prompt, images=[str(p) for p in args.image],
+                        expression_image=args.expression_image, num_images=args.num_images, seed=args.seed,
+                        steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                        negative_prompt=args.negative_prompt, height=images.shape[1], width=images.shape[2])
     info = PngImagePlugin.PngInfo()
-    info.add_text("f2d_jax", json.dumps(settings))
-    info.add_text("parameters", f"{' | '.join(args.prompt)}\nNegative prompt: {args.negative_prompt}\n"
-                                f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, "
-                                f"Seed: {args.seed}, Size: {images.shape[2]}x{images.shape[1]}")
+    for key, value in text.items():
+        info.add_text(key, value)
     rows = len(args.prompt) if len(args.prompt) > 1 else max(1, int(math.sqrt(len(images))))
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid(np.asarray(images), rows=rows)).save(out, pnginfo=info)
@@ -139,11 +123,10 @@ def _sample(args) -> int:
     check(args)
     faces = [align_face(image) for image in args.image]
     expression = align_face(args.expression_image) if args.expression_image else None
-    from f2d_jax.sampling import F2DPipeline, check_sampling
+    from f2d_jax.sampling import check_sampling
 
-    pipe = F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
-                            mapping=args.mapping, expression=args.expression)
-    height = args.height or (pipe.config.data.resolution if args.config or args.checkpoint else None)
+    pipe = cli.load_pipeline(args)
+    height = args.height or cli.trained_resolution(args, pipe)
     args.guidance, args.scheduler, height, width = pipe.settings(args.guidance, args.scheduler, height, args.width)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     images = pipe.generate(faces, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,

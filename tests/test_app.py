@@ -1,0 +1,243 @@
+"""The web app (python -m f2d_jax.app): one server on the tiny config, on a free localhost port in a
+subprocess, driven by gradio's Python client and by a headless chromium; a user's mistakes are
+messages in the page and the next request works; the command line's mistakes are one `error:` line.
+
+The browser test needs Debian's chromium (apt-get install chromium); without it the test skips,
+unless F2D_REQUIRE_BROWSER is set (as in CI), which makes its absence a failure.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gradio_client
+import numpy as np
+import pytest
+from PIL import Image
+
+from f2d_jax.cli import app as app_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+FACE = str(ROOT / "f2d_jax/assets/face.jpg")
+FACES = [str(ROOT / "tests/data/faces/obama.jpg"), str(ROOT / "tests/data/faces/biden.jpg")]
+SCREENSHOT = ROOT / "docs/app.png"
+# The page's defaults on the tiny config (the programs the server compiled at start-up): images,
+# seed, steps, guidance, sampler, height, width, identity scale.
+DEFAULTS = [4, 0, 30, 7.0, "euler_a", 64, 64, 1.0]
+NO_FACE = "no face found in wall.png; use a photo with a clear, roughly frontal face"
+
+pytestmark = pytest.mark.xdist_group("app")  # one server: every test of the file in one worker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The running app: its url, port and folder. Stopping it (SIGTERM, as Ctrl-C) removes the folder."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("app") / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "f2d_jax.app", "--config", "tiny", "--port", str(port)],
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400
+    while "Running on local URL" not in log_path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.5)
+    folder = Path(re.search(r"files in (\S+)", log_path.read_text()).group(1))
+    assert folder.is_dir()
+    yield type("Server", (), dict(url=f"http://127.0.0.1:{port}", port=port, folder=folder, process=process))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 130, log_path.read_text()
+    assert log_path.read_text().endswith("interrupted: the server stopped\n") and not folder.exists()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    client = gradio_client.Client(server.url, verbose=False, download_files=True)
+    yield client
+    client.close()  # its heartbeat connection would hold the server's shutdown
+
+
+@pytest.fixture(scope="module")
+def wall(tmp_path_factory) -> str:
+    """A flat grey photo: no face."""
+    path = tmp_path_factory.mktemp("photos") / "wall.png"
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(path)
+    return str(path)
+
+
+def generate(client, photos, prompt, *settings, expression=None, negative=""):
+    settings = settings or DEFAULTS
+    return client.predict([gradio_client.handle_file(p) for p in photos],
+                          gradio_client.handle_file(expression) if expression else None, prompt, negative, *settings,
+                          api_name="/generate")
+
+
+def app_error(client, *args, **kwargs) -> str:
+    with pytest.raises(gradio_client.exceptions.AppError) as raised:
+        generate(client, *args, **kwargs)
+    return str(raised.value)
+
+
+# ----------------------------------------------------------------------------- gradio's client
+
+def test_client_gets_images_with_their_settings_and_the_faces_used(client):
+    gallery, crops = generate(client, FACES, "a photo of f l on the moon", negative="blurry")
+    assert [item["caption"] for item in gallery] == ["seed 0", "seed 1", "seed 2", "seed 3"]
+    images = [Image.open(item["image"]) for item in gallery]
+    assert all(image.format == "PNG" and image.size == (64, 64) for image in images)
+    assert len({image.tobytes() for image in images}) == 4
+    settings = json.loads(images[0].text["f2d_jax"])
+    assert settings["prompts"] == ["a photo of f l on the moon"] and settings["images"] == ["obama.jpg", "biden.jpg"]
+    assert settings["negative_prompt"] == "blurry" and settings["config"] == "tiny"
+    assert (settings["num_images"], settings["seed"], settings["steps"], settings["scheduler"]) == (4, 0, 30, "euler_a")
+    assert images[0].text["parameters"].startswith("a photo of f l on the moon\nNegative prompt: blurry\nSteps: 30")
+    # the aligned 112x112 crop of each photo, named
+    assert [item["caption"] for item in crops] == ["obama.jpg", "biden.jpg"]
+    assert all(Image.open(item["image"]).size == (112, 112) for item in crops)
+
+
+def test_progress_follows_the_denoising_steps(client):
+    job = client.submit([gradio_client.handle_file(FACE)], None, "f l as a knight", "", *DEFAULTS,
+                        api_name="/generate")
+    seen = set()
+    while not job.done():
+        for unit in job.status().progress_data or []:
+            seen.add((unit.unit, unit.length, unit.desc))
+        time.sleep(0.005)
+    assert len(job.result()[0]) == 4
+    assert ("step", 30, "sampling 4 images") in seen, seen
+
+
+def test_a_photo_without_a_face_is_a_message_and_the_next_request_works(client, wall):
+    assert app_error(client, [wall], "a photo of f l").endswith(NO_FACE)
+    gallery, crops = generate(client, [FACE], "a photo of f l")
+    assert len(gallery) == 4 and len(crops) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompt="a photo of a person"), "the prompt has no identifier 'f l'"),
+    (dict(photos=[]), "upload at least one photo of the person's face"),
+    (dict(expression=FACE), "an expression photo needs the expression encoder's weights: start the app with "
+                            "--expression"),
+    (dict(settings={0: 9}), "Value 9 is greater than maximum value 8."),
+    (dict(settings={0: 0}), "Value 0 is less than minimum value 1."),
+    (dict(settings={2: 151}), "Value 151 is greater than maximum value 150."),
+    (dict(settings={2: 2.5}), "steps must be a whole number, got 2.5"),
+    (dict(settings={5: 144}), "Value 144 is greater than maximum value 128."),
+    (dict(settings={6: 40}), "width must be a multiple of 16, got 40"),
+    (dict(settings={4: "heun"}), "Value: heun is not in the list of choices: ['euler_a', 'euler', 'ddim', 'dpm++2m']"),
+    (dict(settings={7: 2.0}), "Value 2.0 is greater than maximum value 1.5."),
+    (dict(settings={1: -1}), "seeds must be between 0 and 4294967295 (2^32 - 1), got -1"),
+    (dict(settings={1: 2 ** 32 - 2}), "got 4294967294 to 4294967297 (image j uses seed + j, for 4 images)"),
+])
+def test_bad_requests_are_messages(client, change, message):
+    settings = list(DEFAULTS)
+    for index, value in change.pop("settings", {}).items():
+        settings[index] = value
+    request = dict(photos=[FACE], prompt="a photo of f l", expression=None) | change
+    assert message in app_error(client, request["photos"], request["prompt"], *settings,
+                                expression=request["expression"])
+
+
+def test_photos_over_the_pixel_limit_are_refused_unread(client, tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("L", (6000, 5000)).save(path)
+    assert app_error(client, [str(path)], "a photo of f l").endswith(
+        "huge.png is 6000x5000 pixels: photos may have up to 25 megapixels")
+
+
+def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(os.urandom(21 * 2 ** 20))
+    with pytest.raises(Exception, match="(?i)maximum|too large|exceed|413"):
+        generate(client, [str(path)], "a photo of f l")
+
+
+# ----------------------------------------------------------------------------- a browser
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        if os.environ.get("F2D_REQUIRE_BROWSER"):
+            pytest.fail("F2D_REQUIRE_BROWSER is set but there is no chromium: apt-get install chromium")
+        pytest.skip("the browser test needs Debian's chromium: apt-get install chromium (F2D_REQUIRE_BROWSER=1 "
+                    "makes its absence a failure)")
+    return path
+
+
+def test_browser_upload_type_click_see_the_gallery_then_an_error_then_images(server, wall):
+    chromium = _chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url)
+        expect(page.get_by_text('write "f l" where the person goes')).to_be_visible()
+        photos, gallery = page.locator("#photos"), page.locator("#gallery img")
+
+        def run(photo: str, prompt: str) -> None:
+            photos.locator("input[type=file]").set_input_files(photo)
+            page.locator("#prompt textarea").fill(prompt)
+            page.locator("#generate").click()
+
+        run(FACE, "a photo of f l on the moon")
+        expect(gallery).to_have_count(4, timeout=120_000)
+        expect(page.locator("#crops img")).to_have_count(1)
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=SCREENSHOT, full_page=True)
+        first = {img.get_attribute("src") for img in gallery.all()}
+
+        photos.get_by_label("Clear").click()
+        run(wall, "a photo of f l on the moon")
+        expect(page.get_by_text(NO_FACE)).to_be_visible(timeout=60_000)
+
+        photos.get_by_label("Clear").click()
+        run(FACE, "f l as a knight")
+        expect(gallery).to_have_count(4, timeout=120_000)
+        page.wait_for_function("srcs => [...document.querySelectorAll('#gallery img')].every("
+                               "img => !srcs.includes(img.getAttribute('src')))", arg=list(first), timeout=120_000)
+        browser.close()
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_a_bad_port_is_one_line_and_status_2():
+    result = subprocess.run([sys.executable, "-m", "f2d_jax.app", "--port", "-1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, "error: --port must be between 1 and 65535, got -1\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "nothing"], "error: no config file at nothing, and no named config 'nothing'"),
+    (["--port", "{port}"], "error: cannot listen on 127.0.0.1 port {port}: Address already in use"),
+    (["--port", "{port}", "--host", "0.0.0.0"], "error: cannot listen on 0.0.0.0 port {port}: Address already in use"),
+])
+def test_command_line_mistakes_are_one_line(server, capsys, argv, message):
+    argv = [arg.format(port=server.port) for arg in argv]
+    assert app_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(port=server.port)) and err.count("\n") == 1, err
+
+
+def test_without_gradio_the_app_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    assert app_cli.main(["--port", str(_free_port())]) == 2
+    assert capsys.readouterr().err == "error: the web app needs gradio: pip install 'f2d-jax[app]'\n"
+
+
+def test_checkpoint_and_config_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as raised:
+        app_cli.main(["--checkpoint", "runs/x", "--config", "tiny"])
+    assert raised.value.code == 2 and "give --checkpoint or --config, not both" in capsys.readouterr().err
