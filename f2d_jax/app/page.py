@@ -124,7 +124,7 @@ def with_text(image: np.ndarray, text: dict[str, str]) -> Image.Image:
 
 
 def generate_images(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits, photos: list[str],
-                    expression_photo: str | None, prompt: str, negative_prompt: str, *sampling,
+                    expression_photo: str | None, prompt: str, negative_prompt: str | None, *sampling,
                     progress: bool = True) -> tuple[list[tuple[Image.Image, str]], list[tuple[np.ndarray, str]]]:
     """One request: the gallery's (image, caption) pairs and the aligned crops used with their
     photos' names. `sampling`: checked_settings' arguments after `limits`."""
@@ -156,7 +156,7 @@ def generate_images(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits,
 def warm_up(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits) -> None:
     """Compiles the programs the page's default settings run, on the packaged portrait."""
     d = limits.defaults
-    generate_images(pipe, args, limits, [EXAMPLE_FACE], None, EXAMPLE_PROMPT, "", d.num_images, d.seed,
+    generate_images(pipe, args, limits, [EXAMPLE_FACE], None, EXAMPLE_PROMPT, None, d.num_images, d.seed,
                     d.steps, d.guidance, d.scheduler, d.height, d.width, d.identity_scale, progress=False)
 
 
@@ -175,7 +175,7 @@ def build(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits) -> gr.Blo
     def generate(photos, expression_photo, prompt, negative_prompt, num_images, seed, steps, guidance, sampler,
                  height, width, identity_scale, progress=gr.Progress(track_tqdm=True)):
         photos, expression = _paths(photos), (_paths(expression_photo) or [None])[0]
-        prompt, negative_prompt = prompt or "", negative_prompt or ""
+        prompt, negative_prompt = prompt or "", negative_prompt or None  # none: as diffusers (zeros on SDXL)
         progress(0, desc="aligning the faces")
         try:
             return generate_images(pipe, args, limits, photos, expression, prompt, negative_prompt,
