@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import gradio_client
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -157,11 +158,20 @@ def test_photos_over_the_pixel_limit_are_refused_unread(client, tmp_path):
         "huge.png is 6000x5000 pixels: photos may have up to 25 megapixels")
 
 
-def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
-    path = tmp_path / "big.png"
-    path.write_bytes(os.urandom(21 * 2 ** 20))
-    with pytest.raises(Exception, match="(?i)maximum|too large|exceed|413"):
-        generate(client, [str(path)], "a photo of f l")
+def test_uploads_are_limited_and_only_the_apps_folder_is_served(server, tmp_path):
+    def upload(path: Path) -> httpx.Response:
+        with open(path, "rb") as f:
+            return httpx.post(f"{server.url}/gradio_api/upload", files={"files": (path.name, f)}, timeout=60)
+
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(20 * 2 ** 20 + 1))
+    refused = upload(big)
+    assert (refused.status_code, refused.text) == (413, "File size exceeded maximum allowed size of 20971520 bytes.")
+    [stored] = upload(Path(FACE)).json()
+    assert Path(stored).parent.parent == server.folder
+    assert httpx.get(f"{server.url}/gradio_api/file={stored}").content == Path(FACE).read_bytes()
+    for path in [ROOT / "README.md", Path("/etc/passwd")]:  # the server's working directory, and elsewhere
+        assert httpx.get(f"{server.url}/gradio_api/file={path}").status_code == 403
 
 
 # ----------------------------------------------------------------------------- a browser

@@ -18,7 +18,6 @@ import socket
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from f2d_jax import cli
 from f2d_jax.compile_cache import enable
