@@ -152,11 +152,14 @@ def test_run_packaged_as_one_folder_loads_in_jax_and_pytorch(tiny_run, tmp_path,
     parity("packaged model vs its workdir, JAX prompt embeddings", float(np.max(np.abs(embeddings - expected))), 1e-6)
 
     # Weights given with the folder replace its own (its base, when that is a path on another machine); the
-    # folder given as a Stable Diffusion is refused, saying where it goes.
+    # folder given as a Stable Diffusion is refused, saying where it goes, and a workdir given as a folder.
     with pytest.raises(OSError, match=re.escape(f"no Stable Diffusion directory at {tmp_path / 'sd'}")):
         F2DPipeline.from_pretrained(model=out, sd=str(tmp_path / "sd"))
     with pytest.raises(WeightsError, match="is a packaged model, not a Stable Diffusion: pass it as model="):
         F2DPipeline.from_pretrained(str(out))
+    with pytest.raises(FileNotFoundError, match=r"is not a packaged model \(no f2d_model.json\); write one with "
+                                                "`f2d-convert package WORKDIR --out DIR`"):
+        F2DPipeline.from_pretrained(model=workdir)
 
     # PyTorch: the folder's encoders, with the tiny SD's text encoder in transformers.
     f2d = Face2DiffusionEncoder.from_pretrained(model=out)

@@ -185,9 +185,12 @@ class F2DPipeline:
         needed only for `expression_image`. `config`: model sizes (default: the paper's). With `model`, the
         weights given replace the folder's (sd= when its base is a path on another machine)."""
         if model is not None:
-            given = {k: v for k, v in dict(sd=sd, msid=msid, mapping=mapping, expression=expression).items() if v}
-            packaged = load_config(Path(model) / FILES["config"])
-            return cls.from_config(with_weights(packaged, **{**package_weights(model), **given}), dtype)
+            if config is not None:
+                raise WeightsError("a packaged model brings its own config: give model= or config=, not both")
+            weights = package_weights(model)  # first: it says what is wrong with a folder that is no package
+            given = dict(sd=sd, msid=msid, mapping=mapping, expression=expression)
+            weights.update((k, v) for k, v in given.items() if v)
+            return cls.from_config(with_weights(load_config(Path(model) / FILES["config"]), **weights), dtype)
         if sd is not None and is_package(sd):
             raise WeightsError(f"{sd} is a packaged model, not a Stable Diffusion: pass it as model= "
                                "(f2d-sample --model)")
