@@ -190,6 +190,11 @@ def test_run_packaged_as_one_folder_loads_in_jax_and_pytorch(tiny_run, tmp_path,
     assert convert_main(["package", str(workdir), "--out", str(out), "--step", "8", "--force"]) == 0
     assert json.loads((out / "f2d_model.json").read_text())["step"] == 8
     assert (out / "mapping.safetensors").read_bytes() != before["mapping.safetensors"]
+    assert convert_main(["package", str(workdir), "--out", str(tmp_path / "other"), "--msid",
+                         str(out / "msid.safetensors")]) == 0  # the MSID the run's config names, given explicitly
+    other = tmp_path / "other"
+    assert (other / "msid.safetensors").read_bytes() == before["msid.safetensors"]
+    assert json.loads((other / "f2d_model.json").read_text())["msid_source"] == str(out / "msid.safetensors")
     assert convert_main(["package", str(workdir), "--out", str(tmp_path / "hub"), "--push-to-hub", "not/a/repo"]) == 2
     assert "not/a/repo" in capsys.readouterr().err and not (tmp_path / "hub").exists()
 

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     pkg.add_argument("workdir", metavar="WORKDIR", help="a train.py workdir of a Face2Diffusion run")
     pkg.add_argument("--out", required=True, metavar="DIR", help="the folder to write (absent or empty)")
     pkg.add_argument("--step", type=int, help="the checkpoint to package (default: the latest)")
+    pkg.add_argument("--msid", metavar="PATH", help="MSID weights in place of those the run's config names "
+                                                    "(e.g. a path only the machine that trained it has)")
     pkg.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files of "
                                                           "the same names")
     pkg.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hugging Face Hub "
@@ -106,7 +108,7 @@ def _package(args) -> None:
         from huggingface_hub.utils import validate_repo_id
 
         validate_repo_id(args.push_to_hub)  # before any work: a mistyped id is a ValueError
-    out = package_workdir(args.workdir, args.out, args.step, args.force)
+    out = package_workdir(args.workdir, args.out, args.step, args.force, args.msid)
     print(f"wrote {out}")
     if args.push_to_hub:
         from huggingface_hub import HfApi

@@ -95,9 +95,11 @@ def save_package(directory, config, models: Mapping[str, tuple[Any, Any]], step:
     return directory
 
 
-def trained_models(workdir, step: int | None = None, log=lambda msg: None) -> tuple[Any, dict[str, tuple], int]:
+def trained_models(workdir, step: int | None = None, msid=None,
+                   log=lambda msg: None) -> tuple[Any, dict[str, tuple], int]:
     """(config, {"msid", "mapping": (Flax module, variables)}, step) of a Face2Diffusion run's checkpoint
-    (default: the latest): MSID as its config names it (random init where empty), with what the run trained."""
+    (default: the latest): MSID from `msid` or as its config names it (random init where empty), with what
+    the run trained."""
     from f2d_jax.config import config_from_dict
     from f2d_jax.encoders import Encoders
     from f2d_jax.models.bundle import encoder_variables
@@ -111,15 +113,18 @@ def trained_models(workdir, step: int | None = None, log=lambda msg: None) -> tu
         raise ValueError(f"{workdir} trained {', '.join(others)} too: a packaged model holds only MSID and the "
                          "mapping network")
     config = config_from_dict(config)
+    if msid:
+        config.weights.msid = str(msid)
     encoders = Encoders.from_config(config.model)
     variables = with_trained(encoder_variables(config, encoders, log=log), params)
     return config, {name: (getattr(encoders, name), variables[name]) for name in ("msid", "mapping")}, step
 
 
-def package_workdir(workdir, directory, step: int | None = None, force: bool = False) -> Path:
-    """`f2d-convert package`: a run's checkpoint (default: the latest) as a packaged model in `directory`."""
+def package_workdir(workdir, directory, step: int | None = None, force: bool = False, msid=None) -> Path:
+    """`f2d-convert package`: a run's checkpoint (default: the latest) as a packaged model in `directory`;
+    `msid`: MSID weights in place of those the run's config names (a path on the machine that trained it)."""
     check_out(directory, force)  # before any weights load
-    config, models, step = trained_models(workdir, step)
+    config, models, step = trained_models(workdir, step, msid)
     return save_package(directory, config, models, step, workdir, force)
 
 
