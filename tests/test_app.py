@@ -231,6 +231,7 @@ def test_a_bad_port_is_one_line_and_status_2():
 
 @pytest.mark.parametrize("argv, message", [
     (["--config", "nothing"], "error: no config file at nothing, and no named config 'nothing'"),
+    (["--model", "nothing"], "error: nothing is not a packaged model (no f2d_model.json)"),
     (["--port", "{port}"], "error: cannot listen on 127.0.0.1 port {port}: Address already in use"),
     (["--port", "{port}", "--host", "0.0.0.0"], "error: cannot listen on 0.0.0.0 port {port}: Address already in use"),
 ])
@@ -247,7 +248,8 @@ def test_without_gradio_the_app_says_how_to_install_it(capsys, monkeypatch):
     assert capsys.readouterr().err == "error: the web app needs gradio: pip install 'f2d-jax[app]'\n"
 
 
-def test_checkpoint_and_config_together_are_refused(capsys):
+def test_one_weights_source_at_most(capsys):
     with pytest.raises(SystemExit) as raised:
-        app_cli.main(["--checkpoint", "runs/x", "--config", "tiny"])
-    assert raised.value.code == 2 and "give --checkpoint or --config, not both" in capsys.readouterr().err
+        app_cli.main(["--model", "my-model", "--config", "tiny"])
+    assert raised.value.code == 2
+    assert "give one of --checkpoint, --config and --model, not --config and --model" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def add_compile_cache(parser: argparse.ArgumentParser) -> None:
                         "JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/f2d_jax/jax or ~/.cache/f2d_jax/jax)")
 
 
-WEIGHT_SOURCES = ("checkpoint", "config")  # the options that name the models' config, besides weight files
+WEIGHT_SOURCES = ("checkpoint", "config", "model")  # the options that name the models' config (one at most)
 
 
 def add_weights(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +47,10 @@ def add_weights(parser: argparse.ArgumentParser) -> None:
     weights.add_argument("--checkpoint", metavar="WORKDIR", help="a train.py workdir (latest checkpoint)")
     weights.add_argument("--config", metavar="NAME_OR_FILE",
                          help="a named config (e.g. tiny) or config file giving the models and weights")
+    weights.add_argument("--model", metavar="DIR", help="a packaged model folder (f2d-convert package, "
+                         "save_pretrained): its config, MSID and mapping weights, on the base it names")
     weights.add_argument("--sd", help="Stable Diffusion: local diffusers directory or hub id "
-                         "(default: the checkpoint's or config's, else CompVis/stable-diffusion-v1-4)")
+                         "(default: the model's, checkpoint's or config's, else CompVis/stable-diffusion-v1-4)")
     weights.add_argument("--msid", help="MSID weights (msid.pt, .safetensors, .msgpack)")
     weights.add_argument("--mapping", help="mapping-network weights (mapping.pt, .safetensors, .msgpack)")
     weights.add_argument("--expression", help="Deep3DFaceRecon weights (epoch_20.pth), for an expression photo")
@@ -60,20 +62,20 @@ def add_weights(parser: argparse.ArgumentParser) -> None:
 def check_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     given = [f"--{name}" for name in WEIGHT_SOURCES if getattr(args, name)]
     if len(given) > 1:
-        parser.error(f"give {' or '.join(given)}, not both")
+        parser.error(f"give one of --checkpoint, --config and --model, not {' and '.join(given)}")
 
 
 def load_pipeline(args: argparse.Namespace):
     """The F2DPipeline that the `add_weights` options name."""
     from f2d_jax.sampling import F2DPipeline
 
-    return F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
+    return F2DPipeline.load(args.checkpoint, args.config, args.dtype, args.model, sd=args.sd, msid=args.msid,
                             mapping=args.mapping, expression=args.expression)
 
 
 def trained_resolution(args: argparse.Namespace, pipe) -> int | None:
-    """The image size the models were trained at where a config or checkpoint names them (None: the
-    base's own size)."""
+    """The image size the models were trained at where a config, checkpoint or model folder names them
+    (None: the base's own size)."""
     return pipe.config.data.resolution if any(getattr(args, name) for name in WEIGHT_SOURCES) else None
 
 

@@ -3,9 +3,10 @@
     f2d-app                                   # the tiny random config, offline (the pictures are noise)
     f2d-app --config tiny --port 7860
     f2d-app --checkpoint runs/f2d --sd CompVis/stable-diffusion-v1-4 --host 0.0.0.0
+    f2d-app --model my-model
 
-Weights as f2d-sample takes them (--checkpoint, --config, --sd/--msid/--mapping/--expression); with
-none, the tiny random config. The models load and compile once, before the server starts (a
+Weights as f2d-sample takes them (--model, --checkpoint, --config, --sd/--msid/--mapping/--expression);
+with none, the tiny random config. The models load and compile once, before the server starts (a
 warm-up generation with the page's default settings); one generation runs at a time. The server
 listens on 127.0.0.1 unless --host or --share says otherwise, takes uploads up to 20 MB and photos
 up to 25 megapixels, and serves files only from its own temporary folder, removed when it stops.
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_weights(parser)
     args = parser.parse_args(argv)
     cli.check_weights(parser, args)
-    if not (args.checkpoint or args.config or args.sd or args.msid or args.mapping):
+    if not (args.checkpoint or args.config or args.model or args.sd or args.msid or args.mapping):
         args.config = OFFLINE_CONFIG
     return args
 
@@ -61,6 +62,10 @@ def check(args) -> None:
         from f2d_jax.config import load_config
 
         load_config(args.config)
+    if args.model:
+        from f2d_jax.convert.package import read_package
+
+        read_package(args.model)
 
 
 def _stop(signum, frame):

@@ -3,11 +3,13 @@
     f2d-sample --image face.jpg --prompt "f l eating bread in front of the Eiffel Tower" \\
         --msid msid.pt --mapping mapping.pt --out out.png -n 8 --seed 0
     f2d-sample --image face.jpg --prompt "a photo of f l" --checkpoint runs/demo --out out.png
+    f2d-sample --image face.jpg --prompt "a photo of f l" --model my-model --out out.png
     f2d-sample --config tiny --image face.jpg --prompt "a photo of f l" --out out.png
 
-Weights: --checkpoint (a train.py workdir: its config and trained mapping network) or
---msid/--mapping (the official .pt, .safetensors, our .msgpack or a `convert import` directory)
-with --sd (a local diffusers directory or hub id; default CompVis/stable-diffusion-v1-4).
+Weights: --model (a packaged model folder: `f2d-convert package`), --checkpoint (a train.py workdir:
+its config and trained mapping network) or --msid/--mapping (the official .pt, .safetensors, our
+.msgpack or a `convert import` directory) with --sd (a local diffusers directory or hub id; default
+CompVis/stable-diffusion-v1-4); given with --model or --checkpoint, these replace what it names.
 --config tiny runs the embedded tiny random-init models (offline; the picture means
 nothing). Writes a grid PNG with the settings in its metadata, and each image with --out-dir.
 Every setting, the faces in the photos and the outputs' folders are checked before any weights load.
@@ -105,7 +107,11 @@ def check(args) -> None:
 
 
 def _configured_expression(args) -> str:
-    """The expression weights that the --checkpoint's or --config's config names ("" for none)."""
+    """The expression weights that the --model, --checkpoint's or --config's config names ("" for none)."""
+    if args.model:
+        from f2d_jax.convert.package import package_weights
+
+        return package_weights(args.model)["expression"]
     if args.checkpoint:
         from f2d_jax.workdir import trained_config
 
