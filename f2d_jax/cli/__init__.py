@@ -60,6 +60,7 @@ def add_weights(parser: argparse.ArgumentParser) -> None:
 
 
 def check_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """At most one of --checkpoint, --config and --model (else argparse's error, status 2)."""
     given = [f"--{name}" for name in WEIGHT_SOURCES if getattr(args, name)]
     if len(given) > 1:
         parser.error(f"give one of --checkpoint, --config and --model, not {' and '.join(given)}")
