@@ -208,13 +208,15 @@ def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
     out = tmp_path / "grid.png"
     result = run_sample("--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--prompt",
                         "f l on the moon", "-n", "2", "--steps", "2", "--batch-size", "3", "--out", str(out),
-                        "--out-dir", str(tmp_path / "single"))
+                        "--out-dir", str(tmp_path / "single"), "--identity-scale", "1.5")
     assert result.returncode == 0, result.stderr
+    assert "UserWarning: identity scale 1.5 > 1 extrapolates" in result.stderr
     grid = Image.open(out)
     assert grid.size == (2 * 64, 2 * 64)  # rows: prompts, columns: images
     settings = json.loads(grid.text["f2d_jax"])
     assert settings["prompts"] == ["a photo of f l", "f l on the moon"] and settings["steps"] == 2
-    assert settings["scheduler"] == "euler_a" and settings["seed"] == 0
+    assert settings["scheduler"] == "euler_a" and settings["seed"] == 0 and settings["identity_scale"] == 1.5
+    assert grid.text["parameters"].endswith("Identity scale: 1.5")
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
         "p00_000.png", "p00_001.png", "p01_000.png", "p01_001.png"]
 
@@ -247,6 +249,9 @@ def sample_errors(capsys, argv) -> list[str]:
     (["--seed", str(2 ** 40)], "error: seeds must be between 0 and 4294967295 (2^32 - 1), got 1099511627776"),
     (["--seed", "4294967295", "-n", "2"], "error: seeds must be between 0 and 4294967295 (2^32 - 1), got "
      "4294967295 to 4294967296 (image j uses seed + j, for 2 images)"),
+    (["--identity-scale", "-1"], "error: the identity scale must be a finite number of at least 0 (0: the class "
+     "'a person', 1: the person as trained), got -1.0"),
+    (["--identity-scale", "nan"], "error: the identity scale must be a finite number of at least 0"),
     (["--expression-image", FACE], "error: --expression-image needs the expression encoder's weights: give "
      "--expression"),
 ])
