@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import sd_fixtures
 from f2d_jax.config import load_config
 from f2d_jax.convert import save_mapping, save_msid
 from f2d_jax.encoders import Encoders
+from f2d_jax.eval.__main__ import main as eval_main
+from f2d_jax.eval.manifest import read_manifest
 from f2d_jax.models.stable_diffusion import load_stable_diffusion
 from f2d_jax.sampling import F2DPipeline
 from f2d_jax.text import identifier_prompts, token_ids
@@ -109,7 +112,7 @@ def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, sche
                          progress=False)
     sd = ours.models.sd
     cond = ours.encode_prompt(FACE, prompts)
-    uncond = sd.negative_conditioning(ours._embed(ours.variables, token_ids(["", ""], ours.tokenizer)), "")
+    uncond = sd.negative_conditioning(ours._embed(ours.variables, token_ids(["", ""], ours.tokenizer)), None)
     embeds = dict(prompt_embeds=cond["context"], negative_prompt_embeds=uncond["context"])
     if base == "sdxl":   # no negative prompt: zeros, as diffusers' force_zeros_for_empty_prompt
         assert not np.any(uncond["context"]) and not np.any(uncond["text_embeds"])
@@ -165,9 +168,20 @@ def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys):
         np.testing.assert_allclose(sharded[0][name], single[0][name], rtol=1e-5, err_msg=name)
     _assert_close(load_trained(tmp_path / "sharded")[1], load_trained(tmp_path / "resumed", 2)[1], atol=1e-6)
     shutil.rmtree(tmp_path / "resumed")
-    pipe = F2DPipeline.from_checkpoint(tmp_path / "whole")   # SDXL's size conditioning from height and width
-    images = pipe.generate(FACE, "a photo of f l", num_images=1, steps=2, height=64, width=48, progress=False)
-    assert images.shape == (1, 64, 48, 3)
+    # eval generate samples from the run with the base's defaults (SDXL's size conditioning from the size)
+    faces, gen = tmp_path / "faces", tmp_path / "gen"
+    faces.mkdir()
+    shutil.copy(FACE, faces)
+    (tmp_path / "prompts.txt").write_text("a photo of f l\n")
+    args = ["generate", "--config", str(tmp_path / "whole"), "--faces", str(faces), "--prompts",
+            str(tmp_path / "prompts.txt"), "--seeds", "1", "--steps", "2", "--height", "64", "--width", "48"]
+    assert eval_main([*args, "--out", str(gen)]) == 0
+    settings, entries = read_manifest(gen)
+    assert (settings["guidance_scale"], settings["scheduler"]) == (5.0, "euler")
+    assert len(entries) == 1 and Image.open(entries[0].image).size == (48, 64)
+    capsys.readouterr()
+    assert eval_main([*args, "--guidance", "6", "--out", str(gen)]) == 2
+    assert "other settings (guidance_scale: 5.0 -> 6.0)" in capsys.readouterr().err
 
 
 def test_the_velocity_target_is_diffusers(parity):

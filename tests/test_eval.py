@@ -258,7 +258,8 @@ def test_ctrl_c_in_generate_is_one_line_and_keeps_the_finished_images(tmp_path, 
     def encode_prompt(face, prompts, identity_scale):
         return {"context": np.zeros((len(prompts), 77, 32))}
 
-    pipe = SimpleNamespace(encode_prompt=encode_prompt, sample=sample)
+    pipe = SimpleNamespace(encode_prompt=encode_prompt, sample=sample,
+                           settings=lambda guidance, scheduler: (7.0, "euler_a", 64, 64))
     monkeypatch.setattr(F2DPipeline, "from_config", classmethod(lambda *a, **k: pipe))
     faces = tmp_path / "faces"
     faces.mkdir()

@@ -60,16 +60,16 @@ def bases(tmp_path_factory):
 def _jax_embeds(ours, prompts, negative_prompt=None) -> dict[str, np.ndarray]:
     """Our JAX pipeline's conditioning and unconditional branch, named as diffusers' keyword arguments."""
     cond = ours.encode_prompt(FACE, prompts)
-    negative = negative_prompt or ""
     uncond = ours.models.sd.negative_conditioning(
-        ours._embed(ours.variables, token_ids([negative] * len(prompts), ours.tokenizer)), negative)
+        ours._embed(ours.variables, token_ids([negative_prompt or ""] * len(prompts), ours.tokenizer)), negative_prompt)
     out = dict(prompt_embeds=cond["context"], negative_prompt_embeds=uncond["context"])
     if "text_embeds" in cond:
         out.update(pooled_prompt_embeds=cond["text_embeds"], negative_pooled_prompt_embeds=uncond["text_embeds"])
     return {name: np.asarray(value) for name, value in out.items()}
 
 
-@pytest.mark.parametrize("negative_prompt", [None, NEGATIVE], ids=["no negative prompt", "negative prompt"])
+@pytest.mark.parametrize("negative_prompt", [None, "", NEGATIVE],
+                         ids=["no negative prompt", "empty negative prompt", "negative prompt"])
 @pytest.mark.parametrize("base", ["sd2", "sdxl"])
 def test_pipeline_embeds_match_jax(bases, parity, base, negative_prompt):
     ours, pipe, f2d = bases[base]
@@ -81,10 +81,10 @@ def test_pipeline_embeds_match_jax(bases, parity, base, negative_prompt):
     assert theirs["prompt_embeds"].shape == theirs["negative_prompt_embeds"].shape == (2, 77, width)
     if base == "sdxl":
         assert theirs["pooled_prompt_embeds"].shape == theirs["negative_pooled_prompt_embeds"].shape == (2, 48)
-        # no negative prompt: zeros, as diffusers' force_zeros_for_empty_prompt
+        # no negative prompt: zeros, as diffusers' force_zeros_for_empty_prompt; an empty one is encoded
         for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
             assert bool(theirs[name].any()) == (negative_prompt is not None), name
-    label = "no negative prompt" if negative_prompt is None else "negative prompt"
+    label = {None: "no negative prompt", "": "empty negative prompt"}.get(negative_prompt, "negative prompt")
     parity(f"torch pipeline_embeds vs JAX encode_prompt ({base}, {label})",
            max(_max_err(theirs[name], expected[name]) for name in expected), 1e-5)
 

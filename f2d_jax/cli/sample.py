@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the base's: 7 on SD 1.x (official), 7.5 on SD 2.x, 5 on SDXL)")
     parser.add_argument("--scheduler", default=None, help="euler_a, euler, ddim or dpm++2m (default: the base's: "
                         "euler_a on SD 1.x (official), the scheduler its directory names on SD 2.x and SDXL)")
-    parser.add_argument("--negative-prompt", default="", help="(default: empty)")
+    parser.add_argument("--negative-prompt", help="(default: none: the empty prompt's conditioning, zeros on SDXL, as "
+                        "diffusers' pipelines; --negative-prompt '' encodes the empty prompt on SDXL too)")
     parser.add_argument("--identity-scale", type=float, default=1.0, help="how much of the person the \"f l\" "
                         "tokens carry: 0 draws the class (the prompt with \"a person\" for \"f l\"), 1 the person "
                         "as trained, values in between interpolate the tokens; above 1 extrapolates (with a "
@@ -85,7 +86,7 @@ def save(images, args, pipe, out: Path) -> None:
                     weights=dict(pipe.config.weights) if pipe.config is not None else None)
     info = PngImagePlugin.PngInfo()
     info.add_text("f2d_jax", json.dumps(settings))
-    info.add_text("parameters", f"{' | '.join(args.prompt)}\nNegative prompt: {args.negative_prompt}\n"
+    info.add_text("parameters", f"{' | '.join(args.prompt)}\nNegative prompt: {args.negative_prompt or ''}\n"
                                 f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, "
                                 f"Seed: {args.seed}, Size: {images.shape[2]}x{images.shape[1]}, "
                                 f"Identity scale: {args.identity_scale}")

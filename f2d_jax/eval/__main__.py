@@ -48,9 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, metavar="DIR", help="images, manifest.jsonl and settings.json")
     g.add_argument("--name", help="system name in reports (default: the config's or workdir's name)")
     g.add_argument("--steps", type=int, default=30, help="1 to 1000 (default: %(default)s)")
-    g.add_argument("--guidance", type=float, default=7.0, help="(default: %(default)s)")
-    g.add_argument("--scheduler", default="euler_a", help="euler_a, euler, ddim, dpm++2m (default: %(default)s)")
-    g.add_argument("--negative-prompt", default="", help="(default: empty)")
+    g.add_argument("--guidance", type=float, help="(default: the base's, as f2d-sample's: 7 on SD 1.x, 7.5 on "
+                   "SD 2.x, 5 on SDXL)")
+    g.add_argument("--scheduler", help="euler_a, euler, ddim, dpm++2m (default: the base's, as f2d-sample's)")
+    g.add_argument("--negative-prompt", help="(default: none, as f2d-sample's)")
     g.add_argument("--identity-scale", default="1.0", metavar="S[,S...]", help="identity strength(s), comma-"
                    "separated: images are made at each (0: the class \"a person\", 1: the person as trained; see "
                    "f2d-sample --identity-scale). A rerun with other scales adds the missing ones to --out "
@@ -110,7 +111,7 @@ def _generate(args) -> None:
                     weights=dict(config.weights), steps=args.steps, guidance_scale=args.guidance,
                     scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=height,
                     width=args.width or height, identity_scales=scales)
-    check_resume(args.out, settings)
+    check_resume(args.out, settings)  # what is given; the base's defaults once the model has loaded
     faces = align_references(args.faces)
     enable(args.compile_cache)
     if generator["checkpoint"]:
@@ -118,6 +119,7 @@ def _generate(args) -> None:
                                            mapping=args.mapping)
     else:
         pipe = F2DPipeline.from_config(config, args.dtype)
+    settings["guidance_scale"], settings["scheduler"], *_ = pipe.settings(args.guidance, args.scheduler)
     made = generate(pipe, faces, prompts, list(range(args.seeds)), args.out, settings, args.batch_size)
     total = len(faces) * len(prompts) * args.seeds * len(scales)
     print(f"{args.out}: {made} images generated, {total - made} already there", file=sys.stderr)

@@ -31,6 +31,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 GENERATOR_KEYS = ("system", "config", "checkpoint", "step", "weights")
 # and how it samples (`pipe.sample`'s arguments):
 SAMPLING_KEYS = ("steps", "guidance_scale", "scheduler", "negative_prompt", "height", "width")
+BASE_DEFAULTS = ("guidance_scale", "scheduler")  # None: the base's, known once the model has loaded
 
 
 class GenerateError(ValueError):
@@ -96,13 +97,14 @@ def _compared(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume(out, settings: dict[str, Any]) -> None:
-    """A GenerateError naming what changed if `out` holds images generated with other settings."""
+    """A GenerateError naming what changed if `out` holds images generated with other settings. A sampling
+    setting that is None (the base's default, known once the model has loaded) is not compared."""
     path = Path(out) / SETTINGS
     if not path.is_file():
         return
     before, now = _compared(json.loads(path.read_text())), _compared(settings)
     changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in dict.fromkeys([*before, *now])
-               if before.get(k) != now.get(k)]
+               if before.get(k) != now.get(k) and not (k in BASE_DEFAULTS and now.get(k) is None)]
     if changed:
         raise GenerateError(f"{out} holds images generated with other settings ({'; '.join(changed)}); use "
                             "another --out, or the same settings to resume")

@@ -279,10 +279,10 @@ class StableDiffusion:
         ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
         return {**conditioning, "time_ids": jnp.broadcast_to(ids, (rows, 6))}
 
-    def negative_conditioning(self, conditioning: dict, negative_prompt: str) -> dict:
-        """The unconditional branch's conditioning, given the negative prompt's: zeros for SDXL when the
-        negative prompt is empty (diffusers' force_zeros_for_empty_prompt), else unchanged."""
-        if negative_prompt or not self.force_zeros_for_empty_prompt:
+    def negative_conditioning(self, conditioning: dict, negative_prompt: str | None) -> dict:
+        """The unconditional branch's conditioning, given the negative prompt's (the empty prompt's when it is
+        None): zeros for SDXL when none is given (diffusers' force_zeros_for_empty_prompt), else unchanged."""
+        if negative_prompt is not None or not self.force_zeros_for_empty_prompt:
             return conditioning
         return jax.tree.map(jnp.zeros_like, conditioning)
 

@@ -285,13 +285,15 @@ class F2DPipeline:
 
     def generate(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str], num_images: int = 8,
                  seed: int = 0, steps: int = 30, guidance_scale: float | None = None, scheduler: str | None = None,
-                 negative_prompt: str = "", expression_image: FaceInput | None = None, latents=None,
+                 negative_prompt: str | None = None, expression_image: FaceInput | None = None, latents=None,
                  height: int | None = None, width: int | None = None, progress: bool = True,
                  batch_size: int = DEFAULT_BATCH_SIZE, identity_scale: float = 1.0) -> np.ndarray:
         """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major; image j of every prompt
         uses seed + j. `latents`: (that many, 4, height / 8, width / 8) initial noise (default: from the seeds).
         `batch_size` images are made at a time; it changes neither the seeds nor the pictures. Settings left
-        None are the base's defaults (a width left None is the height). `identity_scale`: see `encode_prompt`."""
+        None are the base's defaults (a width left None is the height). Without a negative prompt the
+        unconditional branch is the empty prompt's, zeros on SDXL (as diffusers' pipelines do).
+        `identity_scale`: see `encode_prompt`."""
         guidance_scale, scheduler, height, width = self.settings(guidance_scale, scheduler, height, width)
         check_size(height, width, self.size_multiple)
         prompts = _as_list(prompt)
@@ -303,7 +305,7 @@ class F2DPipeline:
                            width, progress, batch_size)
 
     def sample(self, conditioning, seeds: Sequence[int], steps: int = 30, guidance_scale: float | None = None,
-               scheduler: str | None = None, negative_prompt: str = "", latents=None, height: int | None = None,
+               scheduler: str | None = None, negative_prompt: str | None = None, latents=None, height: int | None = None,
                width: int | None = None, progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s dict, or its (N, 77, D)
         context alone for SD 1.x and 2.x) and N seeds (each in 0..2^32 - 1), `batch_size` at a time.
@@ -327,7 +329,7 @@ class F2DPipeline:
             raise ValueError(f"{conditioning['context'].shape[0]} conditionings but {n} seeds: give one seed per image")
         schedule = make_scheduler(scheduler, sd.scheduler_config, steps)
         shape = self._check_latents(latents, n, height, width)
-        uncond = sd.negative_conditioning(self._embed(self.variables, token_ids([negative_prompt], self.tokenizer)),
+        uncond = sd.negative_conditioning(self._embed(self.variables, token_ids([negative_prompt or ""], self.tokenizer)),
                                           negative_prompt)
         uncond = sd.with_size(jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape[1:])), uncond), height, width)
         conditioning = sd.with_size(conditioning, height, width)
@@ -377,7 +379,7 @@ class F2DPipeline:
         return shape
 
     def __call__(self, image, prompt, num_images: int = 8, seed: int = 0, steps: int = 30,
-                 guidance_scale: float | None = None, scheduler: str | None = None, negative_prompt: str = "",
+                 guidance_scale: float | None = None, scheduler: str | None = None, negative_prompt: str | None = None,
                  expression_image=None, latents=None, height: int | None = None, width: int | None = None,
                  progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
                  identity_scale: float = 1.0) -> list[Image.Image]:

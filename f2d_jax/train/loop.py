@@ -337,7 +337,7 @@ def _sampler(config, models: Models, variables, frozen, data, mesh):
             encoders.identity_features(c["encoder_vars"], msid_input(c["holdout"]["face"]))
         tokens = encoders.identity_tokens(params, identity[face_index])
         conditioning = encoders.prompt_embeddings(params, c["ids"], c["positions"], tokens)
-        uncond = sd.negative_conditioning(encoders.prompt_embeddings(params, c["uncond"]), "")
+        uncond = sd.negative_conditioning(encoders.prompt_embeddings(params, c["uncond"]), None)
         size = config.data.resolution
         latents = denoise(sd.unet, params["unet"], scheduler, c["noise"], sd.with_size(conditioning, size, size),
                           sd.with_size(uncond, size, size), lc.sample_guidance)
