@@ -1,7 +1,8 @@
 """Configs: python files with a `get_config()` returning a ConfigDict, by name or by path.
 
 The named configs ship in the package (f2d_jax/configs/: `tiny`, `f2d_sd14`, `msid_arcface`,
-`msid_tiny`) and load from anywhere; any other file loads by its path. Command lines take
+`msid_tiny`) and load from anywhere; any other file loads by its path, a .json one (a config as a
+checkpoint or a packaged model stores it) too. Command lines take
 ``--config NAME_OR_FILE`` plus any number of ``--config.dotted.key=value`` overrides
 (`add_config_arguments` / `config_from_args`).
 """
@@ -11,6 +12,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -25,6 +27,15 @@ def config_names() -> list[str]:
     """The named configs shipped in f2d_jax/configs/."""
     files = resources.files("f2d_jax.configs").iterdir()
     return sorted(f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_"))
+
+
+def config_from_dict(config) -> ml_collections.ConfigDict:
+    """A ConfigDict of a config as JSON gives it (lists become tuples: module fields must hash)."""
+    def tuples(tree):
+        if isinstance(tree, dict):
+            return {k: tuples(v) for k, v in tree.items()}
+        return tuple(tuples(v) for v in tree) if isinstance(tree, list) else tree
+    return ml_collections.ConfigDict(tuples(config))
 
 
 def _config_module(name_or_path: str | os.PathLike):
@@ -61,10 +72,13 @@ def load_config(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) 
     """`get_config()` of a named config or of the file at a path, then `dotted.key=value` overrides.
 
     A key that is not a field, or a value of another type than the field's, is a ValueError."""
-    module = _config_module(name_or_path)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{name_or_path} has no get_config()")
-    config = module.get_config()
+    if Path(name_or_path).suffix.lower() == ".json" and Path(name_or_path).is_file():
+        config = config_from_dict(json.loads(Path(name_or_path).read_text()))
+    else:
+        module = _config_module(name_or_path)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"{name_or_path} has no get_config()")
+        config = module.get_config()
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep:

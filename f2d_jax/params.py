@@ -5,6 +5,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 from flax import traverse_util
 
 
@@ -26,3 +27,11 @@ def merge(*trees: Mapping[str, Any]) -> dict:
     for tree in trees:
         flat.update(traverse_util.flatten_dict(dict(tree), sep="/"))
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def with_trained(variables: Mapping[str, Any], trained: Mapping[str, Any]) -> dict:
+    """`variables` with the `trained` leaves (a sub-tree of it, as a checkpoint holds them) in their place,
+    in the dtypes of the leaves they replace."""
+    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    new = traverse_util.flatten_dict(dict(trained), sep="/")
+    return traverse_util.unflatten_dict({**flat, **{k: jnp.asarray(v, flat[k].dtype) for k, v in new.items()}}, sep="/")

@@ -4,6 +4,7 @@ Export a JAX training run's mapping network in the official layout (MSID is froz
 use the official msid.pt; official mapping.pt files load the same way), then drive diffusers:
 
     python -m f2d_jax.convert export runs/f2d --out weights        # -> weights/mapping.pt
+    (or `python -m f2d_jax.convert package runs/f2d --out my-model` and from_pretrained(model="my-model"))
 
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
     from f2d_jax.torch import Face2DiffusionEncoder
@@ -305,13 +306,24 @@ class Face2DiffusionEncoder(nn.Module):
         self.msid, self.mapping = msid, mapping
 
     @classmethod
-    def from_pretrained(cls, msid, mapping, *, msid_heads: int | None = None, device=None,
+    def from_pretrained(cls, msid=None, mapping=None, *, model=None, msid_heads: int | None = None, device=None,
                         dtype: torch.dtype = torch.float32) -> Face2DiffusionEncoder:
-        """From msid.pt and mapping.pt (official layout, .pt/.pth or .safetensors), loaded strictly.
+        """From msid.pt and mapping.pt (official layout, .pt/.pth or .safetensors), or a packaged `model`
+        folder (`f2d-convert package`: its msid.safetensors and mapping.safetensors, and its config's head
+        count), loaded strictly.
 
         Model sizes come from the weights' shapes; `msid_heads` is the MSID's attention head count
-        (not visible in the shapes; default: heads of size 32, as the official 12 of width 384).
+        (not visible in the shapes; default: the packaged config's, else heads of size 32, as the
+        official 12 of width 384).
         """
+        if model is not None:
+            from f2d_jax.convert.package import package_config, package_weights
+
+            weights = package_weights(model)
+            msid, mapping = msid or weights["msid"], mapping or weights["mapping"]
+            msid_heads = msid_heads or package_config(model)["model"]["msid"]["num_heads"]
+        if msid is None or mapping is None:
+            raise ValueError("Face2DiffusionEncoder.from_pretrained needs msid= and mapping= weights, or model=")
         msid_state, mapping_state = read_weights(msid), read_weights(mapping)
         encoder = MSID(**msid_sizes(msid_state, f"MSID weights {msid}", msid_heads))
         load_strict(encoder, msid_state, f"MSID weights {msid}")

@@ -41,6 +41,14 @@ def task(config: dict) -> str:
     return config.get("task", "f2d")
 
 
+def check_f2d_run(workdir, config: dict) -> None:
+    """A CheckpointError, saying what to do instead, for a run that trained no mapping network (MSID pretraining)."""
+    if task(config) != "f2d":
+        raise CheckpointError(f"{workdir} is an MSID pretraining run (task {task(config)}): it holds MSID weights, not "
+                              f"a mapping network. Export them with `f2d-convert export {workdir} --out DIR` and give "
+                              "DIR/msid.pt as --msid (msid=, weights.msid) with the mapping network's weights")
+
+
 def _manager(workdir):
     import orbax.checkpoint as ocp
 

@@ -101,6 +101,9 @@ def test_msid_tiny_trains_resumes_and_exports(tmp_path, capsys):
                           f"not a mapping network. Export them with `f2d-convert export {full} --out DIR` and give "
                           "DIR/msid.pt as --msid"), err
     assert not (tmp_path / "out.png").exists()
+    assert convert_main(["package", str(full), "--out", str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {full} is an MSID pretraining run (task msid_arcface)")
+    assert not (tmp_path / "model").exists()
 
 
 def _train(workdir, *overrides, devices=1):

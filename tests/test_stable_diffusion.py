@@ -3,6 +3,7 @@ parity with diffusers' / transformers' PyTorch models on the same random weights
 and the tiny random-init bundle."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -323,3 +324,27 @@ def test_tiny_stable_diffusion_runs(loaded):
     assert sd.tokenizer_path is None and sd.vae_scale_factor == 8
     # The same structure as the PyTorch fixture written from TINY_CONFIGS.
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, loaded[1])
+
+
+@pytest.mark.parametrize("base", ["sd1", "sdxl"])
+def test_remat_recomputes_each_layer_and_changes_no_gradient(base):
+    """`UNet.remat` (training's remat_unet): one checkpointed call per ResNet block and transformer layer,
+    whose recomputation in the backward pass gives the gradients of the plain UNet."""
+    sd, params = sdm.tiny_stable_diffusion(jax.random.key(0), base=base)
+    x, t = jax.random.normal(jax.random.key(1), (2, 4, 8, 8)), jnp.array([10, 500])
+    conditioning = {"context": jax.random.normal(jax.random.key(2), (2, 77, sd.unet.cross_attention_dim))}
+    if base == "sdxl":
+        pooled = jax.random.normal(jax.random.key(3), (2, sd.text_encoder_2.projection_dim))
+        conditioning = sd.with_size({**conditioning, "text_embeds": pooled}, 64, 64)
+
+    def grad(unet):
+        return jax.jit(jax.grad(lambda c: jnp.sum(sdm.unet_output(unet, params["unet"], x, t, c) ** 2)))
+
+    remat = sd.unet.clone(remat=True)
+    for a, b in zip(jax.tree.leaves(grad(sd.unet)(conditioning)), jax.tree.leaves(grad(remat)(conditioning))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+    checkpointed = str(jax.make_jaxpr(grad(remat))(conditioning)).count("remat2[")
+    paths = {"/".join(str(k.key) for k in path[:-1]) for path, _ in jax.tree_util.tree_leaves_with_path(params["unet"])}
+    layers = {re.sub(r"(resnets_\d+|transformer_blocks_\d+)/.*", r"\1", p) for p in paths
+              if re.search(r"/(resnets|transformer_blocks)_\d+/", p)}
+    assert checkpointed == len(layers) > 0, (checkpointed, sorted(layers))

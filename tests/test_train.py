@@ -1,6 +1,9 @@
 """Training: the tiny config end to end, sharding, multi-process, preemption and resume, bad
-checkpoints, and export of the trained mapping network."""
+checkpoints, and export of the trained mapping network (official layouts, one model folder)."""
+import contextlib
+import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -61,41 +64,146 @@ def _assert_close(a, b, atol):
         np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-def test_tiny_config_end_to_end_and_export(tmp_path, capsys):
-    config = load_config(TINY, ["train.steps=12", "log.every=4", "log.sample_every=12", "checkpoint.every=8"])
-    assert run(config, tmp_path) == 0
-    metrics = _metrics(tmp_path)
+TINY_RUN = ["train.steps=12", "log.every=4", "log.sample_every=12", "checkpoint.every=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(workdir, what the run wrote on stderr): the tiny config trained 12 steps in this process."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run(load_config(TINY, TINY_RUN), workdir) == 0, err.getvalue()[-3000:]
+    return workdir, err.getvalue()
+
+
+def test_tiny_config_end_to_end_and_export(tiny_run, tmp_path, capsys):
+    workdir, err = tiny_run
+    metrics = _metrics(workdir)
     assert [m["step"] for m in metrics] == [4, 8, 12]
     for name in ("loss", "loss_fg", "loss_bg", "grad_norm", "lr", "step_time", "examples_per_second"):
         assert all(np.isfinite(m[name]) for m in metrics), name
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    sample = tmp_path / "samples" / "samples_0000012.png"
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    sample = workdir / "samples" / "samples_0000012.png"
     assert sample.is_file()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12", "8"]
-    assert "compiled the train step in" in capsys.readouterr().err
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "8"]
+    assert "compiled the train step in" in err
 
     # The trained mapping network exports to the official layout and loads strictly in PyTorch.
-    assert convert_main(["export", str(tmp_path), "--out", str(tmp_path / "export")]) == 0
+    assert convert_main(["export", str(workdir), "--out", str(tmp_path / "export")]) == 0
     reference = ref.Mapping(identity=128, hidden=64, out=32, exp=64)
     reference.load_state_dict(torch.load(tmp_path / "export" / "mapping.pt", weights_only=True), strict=True)
-    trained = _params(tmp_path)["mapping"]["params"]
+    trained = _params(workdir)["mapping"]["params"]
     np.testing.assert_array_equal(reference.null_exp.detach().numpy(), trained["null_exp"])
 
     # Running again is a no-op: the run is complete.
-    assert run(config, tmp_path) == 0
+    assert run(load_config(TINY, TINY_RUN), workdir) == 0
     assert "already trained" in capsys.readouterr().err
 
     # The sampling pipeline picks up the run's config and trained weights.
     from f2d_jax.sampling import F2DPipeline
 
-    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    pipe = F2DPipeline.from_checkpoint(tmp_path)
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files  # reading a run writes nothing
+    files = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    pipe = F2DPipeline.from_checkpoint(workdir)
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == files  # reading a run writes nothing
     np.testing.assert_array_equal(np.asarray(pipe.variables["mapping"]["params"]["null_exp"]), trained["null_exp"])
     latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     images = pipe.generate(FACE, "a photo of f l", num_images=1, steps=2, height=64, width=64, latents=latents,
                            progress=False)
     assert images.shape == (1, 64, 64, 3)
+
+
+def test_run_packaged_as_one_folder_loads_in_jax_and_pytorch(tiny_run, tmp_path, capsys, parity):
+    """f2d-convert package: the run's folder loads in JAX to the checkpoint's own embeddings, and in
+    f2d_jax.torch to the same embeddings (float32)."""
+    from PIL import Image
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from f2d_jax.cli.sample import main as sample_main
+    from f2d_jax.convert import torch_state_dict
+    from f2d_jax.models.stable_diffusion import TINY_CONFIGS
+    from f2d_jax.sampling import F2DPipeline, WeightsError
+    from f2d_jax.torch import Face2DiffusionEncoder, load_strict
+
+    workdir, out = tiny_run[0], tmp_path / "model"
+    assert convert_main(["package", str(workdir), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "f2d_model.json",
+                                                     "mapping.safetensors", "msid.safetensors"]
+    manifest = json.loads((out / "f2d_model.json").read_text())
+    assert manifest | {"workdir": None} == {"format": "f2d-jax model", "version": 1, "base": "", "msid_source": "",
+                                            "expression": "", "step": 12, "workdir": None, "files": {
+                                                "config": "config.json", "msid": "msid.safetensors",
+                                                "mapping": "mapping.safetensors"}}
+    card = (out / "README.md").read_text()
+    last = _metrics(workdir)[-1]
+    for line in ["| checkpoint step | 12 of train.steps=12 |", "| learning rate | 0.001 (constant, 10 warm-up steps) |",
+                 "| batch size | 8 |", "| CGDR lambda (background term) | 1.0 |",
+                 "| data | synthetic: 256 examples of 8 identities |",
+                 f"| training loss at the last logged step | {last['loss']:.4f} (step 12) |",
+                 "None: the run's folder holds no score report"]:
+        assert line in card, line
+
+    # JAX: the package gives the checkpoint's own embeddings.
+    prompts = ["a photo of f l", "f l eating bread in front of the Eiffel Tower"]
+    packaged = F2DPipeline.from_pretrained(model=out)
+    embeddings = np.asarray(packaged.encode_prompt(FACE, prompts)["context"])
+    trained = F2DPipeline.from_checkpoint(workdir)
+    expected = np.asarray(trained.encode_prompt(FACE, prompts)["context"])
+    parity("packaged model vs its workdir, JAX prompt embeddings", float(np.max(np.abs(embeddings - expected))), 1e-6)
+
+    # Weights given with the folder replace its own (its base, when that is a path on another machine); the
+    # folder given as a Stable Diffusion is refused, saying where it goes, and a workdir given as a folder.
+    with pytest.raises(OSError, match=re.escape(f"no Stable Diffusion directory at {tmp_path / 'sd'}")):
+        F2DPipeline.from_pretrained(model=out, sd=str(tmp_path / "sd"))
+    with pytest.raises(WeightsError, match="is a packaged model, not a Stable Diffusion: pass it as model="):
+        F2DPipeline.from_pretrained(str(out))
+    with pytest.raises(FileNotFoundError, match=r"is not a packaged model \(no f2d_model.json\); write one with "
+                                                "`f2d-convert package WORKDIR --out DIR`"):
+        F2DPipeline.from_pretrained(model=workdir)
+
+    # PyTorch: the folder's encoders, with the tiny SD's text encoder in transformers.
+    f2d = Face2DiffusionEncoder.from_pretrained(model=out)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CONFIGS["text_encoder"])).eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in
+             torch_state_dict("text_encoder", packaged.variables["text_encoder"]).items()}
+    load_strict(text_encoder, state, "the tiny text encoder")
+    ours = f2d.prompt_embeds(text_encoder, packaged.tokenizer, prompts, f2d.identity(FACE)).numpy()
+    parity("packaged model in f2d_jax.torch vs JAX, prompt embeddings", float(np.max(np.abs(ours - embeddings))), 1e-5)
+
+    # f2d-sample --model: one image from the folder; --model goes with no --checkpoint or --config.
+    args = ["--image", FACE, "--prompt", "a photo of f l", "--out", str(tmp_path / "out.png")]
+    with pytest.raises(SystemExit) as exited:
+        sample_main([*args, "--model", str(out), "--checkpoint", str(workdir)])
+    assert exited.value.code == 2
+    assert "give one of --checkpoint, --config and --model, not --checkpoint and --model" in capsys.readouterr().err
+    assert sample_main([*args, "--model", str(out), "-n", "1", "--steps", "2", "--height", "64"]) == 0
+    settings = json.loads(Image.open(tmp_path / "out.png").text["f2d_jax"])
+    assert settings["model"] == str(out) and settings["weights"]["mapping"] == str(out / "mapping.safetensors")
+
+    # A non-empty folder is kept unless --force; an MSID pretraining run is refused in test_pretrain.
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert convert_main(["package", str(workdir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: {out} is not empty; choose another folder, or pass --force "
+                                       "(force=True) to write the model into it, replacing its files of the same "
+                                       "names\n")
+    assert convert_main(["package", str(workdir), "--out", str(out), "--step", "8", "--force"]) == 0
+    assert json.loads((out / "f2d_model.json").read_text())["step"] == 8
+    assert (out / "mapping.safetensors").read_bytes() != before["mapping.safetensors"]
+    assert convert_main(["package", str(workdir), "--out", str(tmp_path / "other"), "--msid",
+                         str(out / "msid.safetensors")]) == 0  # the MSID the run's config names, given explicitly
+    other = tmp_path / "other"
+    assert (other / "msid.safetensors").read_bytes() == before["msid.safetensors"]
+    assert json.loads((other / "f2d_model.json").read_text())["msid_source"] == str(out / "msid.safetensors")
+    assert convert_main(["package", str(workdir), "--out", str(tmp_path / "hub"), "--push-to-hub", "not/a/repo"]) == 2
+    assert "not/a/repo" in capsys.readouterr().err and not (tmp_path / "hub").exists()
+
+    # save_pretrained writes the same folder from the checkpoint's pipeline.
+    saved = trained.save_pretrained(tmp_path / "saved")
+    assert json.loads((saved / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+    assert json.loads((saved / "f2d_model.json").read_text()) == manifest
+    for name in ("msid.safetensors", "mapping.safetensors"):
+        assert (saved / name).read_bytes() == before[name]
 
 
 def test_sharded_run_and_restore_onto_another_mesh_match_single_device(tmp_path):

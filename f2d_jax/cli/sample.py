@@ -3,11 +3,13 @@
     f2d-sample --image face.jpg --prompt "f l eating bread in front of the Eiffel Tower" \\
         --msid msid.pt --mapping mapping.pt --out out.png -n 8 --seed 0
     f2d-sample --image face.jpg --prompt "a photo of f l" --checkpoint runs/demo --out out.png
+    f2d-sample --image face.jpg --prompt "a photo of f l" --model my-model --out out.png
     f2d-sample --config tiny --image face.jpg --prompt "a photo of f l" --out out.png
 
-Weights: --checkpoint (a train.py workdir: its config and trained mapping network) or
---msid/--mapping (the official .pt, .safetensors, our .msgpack or a `convert import` directory)
-with --sd (a local diffusers directory or hub id; default CompVis/stable-diffusion-v1-4).
+Weights: --model (a packaged model folder: `f2d-convert package`), --checkpoint (a train.py workdir:
+its config and trained mapping network) or --msid/--mapping (the official .pt, .safetensors, our
+.msgpack or a `convert import` directory) with --sd (a local diffusers directory or hub id; default
+CompVis/stable-diffusion-v1-4); given with --model or --checkpoint, these replace what it names.
 --config tiny runs the embedded tiny random-init models (offline; the picture means
 nothing). Writes a grid PNG with the settings in its metadata, and each image with --out-dir.
 Every setting, the faces in the photos and the outputs' folders are checked before any weights load.
@@ -59,8 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     weights.add_argument("--checkpoint", metavar="WORKDIR", help="a train.py workdir (latest checkpoint)")
     weights.add_argument("--config", metavar="NAME_OR_FILE",
                          help="a named config (e.g. tiny) or config file giving the models and weights")
+    weights.add_argument("--model", metavar="DIR", help="a packaged model folder (f2d-convert package, "
+                         "save_pretrained): its config, MSID and mapping weights, on the base it names")
     weights.add_argument("--sd", help="Stable Diffusion: local diffusers directory or hub id "
-                         "(default: the checkpoint's or config's, else CompVis/stable-diffusion-v1-4)")
+                         "(default: the model's, checkpoint's or config's, else CompVis/stable-diffusion-v1-4)")
     weights.add_argument("--msid", help="MSID weights (msid.pt, .safetensors, .msgpack)")
     weights.add_argument("--mapping", help="mapping-network weights (mapping.pt, .safetensors, .msgpack)")
     weights.add_argument("--expression", help="Deep3DFaceRecon weights (epoch_20.pth), for --expression-image")
@@ -68,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="SD compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
     cli.add_compile_cache(parser)
     args = parser.parse_args(argv)
-    if args.checkpoint and args.config:
-        parser.error("give --checkpoint or --config, not both")
+    given = [flag for flag in ("--checkpoint", "--config", "--model") if getattr(args, flag[2:])]
+    if len(given) > 1:
+        parser.error(f"give one of --checkpoint, --config and --model, not {' and '.join(given)}")
     return args
 
 
@@ -83,6 +88,7 @@ def save(images, args, pipe, out: Path) -> None:
                     seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                     identity_scale=args.identity_scale, negative_prompt=args.negative_prompt, expression_image=args.expression_image,
                     height=images.shape[1], width=images.shape[2], checkpoint=args.checkpoint, config=args.config,
+                    model=args.model,
                     weights=dict(pipe.config.weights) if pipe.config is not None else None)
     info = PngImagePlugin.PngInfo()
     info.add_text("f2d_jax", json.dumps(settings))
@@ -127,7 +133,11 @@ def check(args) -> None:
 
 
 def _configured_expression(args) -> str:
-    """The expression weights that the --checkpoint's or --config's config names ("" for none)."""
+    """The expression weights that the --model, --checkpoint's or --config's config names ("" for none)."""
+    if args.model:
+        from f2d_jax.convert.package import package_weights
+
+        return package_weights(args.model)["expression"]
     if args.checkpoint:
         from f2d_jax.workdir import trained_config
 
@@ -148,9 +158,9 @@ def _sample(args) -> int:
     expression = align_face(args.expression_image) if args.expression_image else None
     from f2d_jax.sampling import F2DPipeline, check_sampling
 
-    pipe = F2DPipeline.load(args.checkpoint, args.config, args.dtype, sd=args.sd, msid=args.msid,
+    pipe = F2DPipeline.load(args.checkpoint, args.config, args.dtype, args.model, sd=args.sd, msid=args.msid,
                             mapping=args.mapping, expression=args.expression)
-    height = args.height or (pipe.config.data.resolution if args.config or args.checkpoint else None)
+    height = args.height or (pipe.config.data.resolution if args.config or args.checkpoint or args.model else None)
     args.guidance, args.scheduler, height, width = pipe.settings(args.guidance, args.scheduler, height, args.width)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     images = pipe.generate(faces, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,

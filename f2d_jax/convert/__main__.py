@@ -1,4 +1,5 @@
-"""f2d-convert (python -m f2d_jax.convert): import official checkpoints into a weights directory, export back."""
+"""f2d-convert (python -m f2d_jax.convert): import official checkpoints into a weights directory, export back,
+package a training run as one folder."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, metavar="DIR", help="directory for the exported files")
     exp.add_argument("--format", choices=("pt", "safetensors"), default="pt")
     exp.add_argument("--only", nargs="+", choices=sorted(EXPORT_NAMES), help="export only these models")
+
+    pkg = sub.add_parser("package", help="a training run -> one self-contained model folder",
+                         description="Write a Face2Diffusion run's checkpoint as one folder: f2d_model.json (the base "
+                                     "Stable Diffusion it needs), config.json, msid.safetensors and "
+                                     "mapping.safetensors (official layouts) and a model card, README.md. "
+                                     "Load it with f2d-sample --model DIR or F2DPipeline.from_pretrained(model=DIR).")
+    pkg.add_argument("workdir", metavar="WORKDIR", help="a train.py workdir of a Face2Diffusion run")
+    pkg.add_argument("--out", required=True, metavar="DIR", help="the folder to write (absent or empty)")
+    pkg.add_argument("--step", type=int, help="the checkpoint to package (default: the latest)")
+    pkg.add_argument("--msid", metavar="PATH", help="MSID weights in place of those the run's config names "
+                                                    "(e.g. a path only the machine that trained it has)")
+    pkg.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files of "
+                                                          "the same names")
+    pkg.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hugging Face Hub "
+                                                              "model repository (created if needed; needs a login)")
 
     ins = sub.add_parser("inspect", help="list the tensors of a weight file or weights directory")
     ins.add_argument("path", help=".pt/.pth/.bin/.safetensors/.msgpack file or weights directory")
@@ -85,6 +101,24 @@ def _export(args) -> None:
         print(f"{name} -> {path}")
 
 
+def _package(args) -> None:
+    from f2d_jax.convert.package import package_workdir
+
+    if args.push_to_hub:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(args.push_to_hub)  # before any work: a mistyped id is a ValueError
+    out = package_workdir(args.workdir, args.out, args.step, args.force, args.msid)
+    print(f"wrote {out}")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.push_to_hub, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(folder_path=out, repo_id=args.push_to_hub, repo_type="model")
+        print(f"uploaded to {commit.repo_url}")
+
+
 def _inspect(args) -> None:
     from flax import traverse_util
 
@@ -106,7 +140,7 @@ def _inspect(args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    command = {"import": _import, "export": _export, "inspect": _inspect}[args.command]
+    command = {"import": _import, "export": _export, "package": _package, "inspect": _inspect}[args.command]
     return cli.run(lambda: command(args), errors=(*cli.USER_ERRORS, ImportError))  # a missing torch included
 
 

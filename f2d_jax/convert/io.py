@@ -6,6 +6,7 @@ torch and the PyTorch side (f2d_jax.torch) never loads JAX.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -121,3 +122,17 @@ def write_flax(variables: Any, path) -> Path:
     tmp.write_bytes(serialization.to_bytes(variables))
     tmp.replace(path)  # never leave a half-written file under the final name
     return path
+
+
+def read_manifest(path, kind: str, missing: str) -> dict[str, Any]:
+    """The JSON manifest at `path` whose "format" is `kind`; FileNotFoundError(`missing`) where there is none."""
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != kind:
+        raise ValueError(f"{path} is not an {kind} manifest")
+    return manifest

@@ -73,17 +73,9 @@ def _write_manifest(directory: Path, entries: Mapping[str, Any]) -> None:
 
 
 def read_manifest(directory) -> dict[str, Any]:
-    path = Path(os.fspath(directory)) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not an f2d-jax weights directory (no {MANIFEST}); "
-                                f"create one with `python -m f2d_jax.convert import`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an f2d-jax weights manifest")
-    return manifest
+    return io.read_manifest(Path(os.fspath(directory)) / MANIFEST, FORMAT,
+                            f"{directory} is not an f2d-jax weights directory (no {MANIFEST}); create one with "
+                            "`python -m f2d_jax.convert import`")
 
 
 def stored_models(directory) -> dict[str, Any]:

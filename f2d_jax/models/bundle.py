@@ -46,11 +46,20 @@ def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "ma
         sd, variables = tiny_stable_diffusion(jax.random.key(config["seed"]), dtype=dtype, attention=attention,
                                               base=base)
     encoders = Encoders.from_config(config["model"], sd.text_encoders)
+    variables.update(encoder_variables(config, encoders, names, log))
+    return Models(encoders, sd), variables
+
+
+def encoder_variables(config: Mapping[str, Any], encoders: Encoders, names=("msid", "mapping"),
+                      log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+    """{name: float32 variables} of the Face2Diffusion models in `names`: read from the config's weights
+    paths, random init (from the config's seed) where a path is empty."""
+    weights = config["weights"]
     random = tuple(n for n in names if not weights[n])
     for name in random:
         log(f"{name}: random init (weights.{name} is empty)")
-    variables.update(encoders.init(jax.random.key(config["seed"] + 1), random) if random else {})
+    variables = encoders.init(jax.random.key(config["seed"] + 1), random) if random else {}
     for name in names:
         if weights[name]:
             variables[name] = convert.load(name, weights[name], getattr(encoders, name))
-    return Models(encoders, sd), variables
+    return variables

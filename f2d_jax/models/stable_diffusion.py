@@ -49,7 +49,9 @@ for _handler in logging.getLogger("diffusers").handlers:
 
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
-from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
+from diffusers.models.attention_flax import (  # noqa: E402
+    FlaxAttention, FlaxBasicTransformerBlock, FlaxGEGLU, FlaxTransformer2DModel)
+from diffusers.models.resnet_flax import FlaxResnetBlock2D  # noqa: E402
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 SECOND_ENCODER = "text_encoder_2"   # SDXL's OpenCLIP bigG, beside CLIP ViT-L
@@ -156,11 +158,13 @@ _EQUIVALENT = {"act_fn": {"swish": "silu"}}
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
 
-def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto", upcast=False):
+def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto", upcast=False, remat=False):
     """Method interceptor giving diffusers' Flax UNet layers PyTorch's numerics and our attention (see UNet)."""
     module = context.module
     if context.method_name != "__call__" or module.is_initializing():
         return next_fun(*args, **kwargs)
+    if remat and isinstance(module, (FlaxBasicTransformerBlock, FlaxResnetBlock2D)) and module.path:
+        return _recomputed(module, args, kwargs)
     if isinstance(module, FlaxAttention):
         return _attention_layer(module, implementation, upcast, *args, **kwargs)
     if isinstance(module, FlaxGEGLU):  # GEGLU with exact GELU
@@ -170,6 +174,23 @@ def _torch_numerics(next_fun, args, kwargs, context, *, implementation="auto", u
     if isinstance(module, nn.GroupNorm) and isinstance(module.parent, FlaxTransformer2DModel):
         return module.clone(parent=None, epsilon=1e-6).apply({"params": module.variables["params"]}, *args, **kwargs)
     return next_fun(*args, **kwargs)
+
+
+def _recomputed(module: nn.Module, args, kwargs):
+    """module(*args, **kwargs) under jax.checkpoint: the backward pass keeps only the layer's inputs and
+    computes its forward pass again (its weights gathered again where they are sharded), one layer at a
+    time. The layer runs as a clone at the root of its own parameters, whose call this interceptor passes."""
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+
+    def layer(params, *values):
+        filled = list(leaves)
+        for i, value in zip(arrays, values):
+            filled[i] = value
+        call_args, call_kwargs = jax.tree.unflatten(tree, filled)
+        return module.clone(parent=None).apply({"params": params}, *call_args, **call_kwargs)
+
+    return jax.checkpoint(layer)(module.variables["params"], *(leaves[i] for i in arrays))
 
 
 def _attention_layer(module: FlaxAttention, implementation: str, upcast: bool, hidden_states, context=None,
@@ -196,7 +217,9 @@ class UNet(FlaxUNet2DConditionModel):
     its attention is replaced by f2d_jax.models.attention (`attention` names the implementation).
     `upcast_attention` (PyTorch's config option, SD 2.1 768-v) computes the attention scores, the
     softmax and P V in float32 whatever the module dtype; the Flax original has no such option.
-    Neither field is part of the diffusers Flax config: `build_unet` sets them.
+    `remat` recomputes each transformer layer and ResNet block in the backward pass, one at a time
+    (training's `remat_unet`). None of these fields is part of the diffusers Flax config: `build_unet`
+    sets the first two.
 
     SD 2.x (linear projections, per-level head counts) and SDXL (several transformer layers per
     block, the "text_time" added embedding) compute as PyTorch with no further change: the
@@ -208,15 +231,16 @@ class UNet(FlaxUNet2DConditionModel):
 
     attention: str = "auto"
     upcast_attention: bool = False
-    _flax_internal_args = (*FlaxUNet2DConditionModel._flax_internal_args, "attention", "upcast_attention")
+    remat: bool = False
+    _flax_internal_args = (*FlaxUNet2DConditionModel._flax_internal_args, "attention", "upcast_attention", "remat")
 
     def register_to_config(self, **kwargs):
-        # What clone passes beyond the config: the Flax internals, `attention` and `upcast_attention`.
+        # What clone passes beyond the config: the Flax internals and our fields.
         super().register_to_config(**{k: v for k, v in kwargs.items() if k not in self._flax_internal_args})
 
     def __call__(self, *args, **kwargs):
         with nn.intercept_methods(functools.partial(_torch_numerics, implementation=self.attention,
-                                                    upcast=self.upcast_attention)):
+                                                    upcast=self.upcast_attention, remat=self.remat)):
             return super().__call__(*args, **kwargs)
 
 

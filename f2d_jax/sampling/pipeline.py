@@ -2,6 +2,7 @@
 
     pipe = F2DPipeline.from_pretrained(sd="CompVis/stable-diffusion-v1-4", msid="msid.pt", mapping="mapping.pt")
     images = pipe("face.jpg", "f l eating bread in front of the Eiffel Tower", num_images=8, seed=0)
+    pipe.save_pretrained("my-model")                       # one folder: F2DPipeline.from_pretrained(model="my-model")
 
     photos -> aligned 112 crops -> MSID features, averaged over the photos
            -> mapping(identity, expression code | null_exp) -> "f l" tokens
@@ -30,6 +31,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,15 +42,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
-from f2d_jax.config import OFFICIAL_CONFIG, load_config
-from f2d_jax.convert.checkpoints import cast_like
+from f2d_jax.config import OFFICIAL_CONFIG, config_from_dict, load_config
+from f2d_jax.convert.package import FILES, is_package, package_weights, save_package
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.models.bundle import Models, compute_dtype, load_models
-from f2d_jax.params import merge
+from f2d_jax.params import with_trained
 from f2d_jax.sampling.loop import decode_images, start, steps
 from f2d_jax.sampling.schedulers import make_scheduler
 from f2d_jax.text import CLASS_WORDS, class_ids, identifier_prompts, token_ids
-from f2d_jax.workdir import is_workdir, load_trained, task
+from f2d_jax.workdir import check_f2d_run, is_workdir, load_trained
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
 # Fits SD v1.4 at 512 px on a 16 GB accelerator: 8 images are 16 UNet rows with classifier-free guidance,
@@ -136,9 +138,7 @@ def as_seeds(seeds: Sequence[int]) -> np.ndarray:
 def with_weights(config, **weights) -> ml_collections.ConfigDict:
     """A copy of `config` (a ConfigDict, or a dict as a checkpoint stores it) whose weights paths are the
     non-empty ones of `weights` (sd=, msid=, mapping=, expression=) in place of its own."""
-    # a checkpoint's JSON gave lists: module fields must hash
-    plain = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else _tuples(config)
-    config = ml_collections.ConfigDict(plain)
+    config = config_from_dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
     config.weights.update({k: str(v) for k, v in weights.items() if v})
     return config
 
@@ -149,6 +149,7 @@ class F2DPipeline:
     def __init__(self, models: Models, variables: dict[str, Any], config: ml_collections.ConfigDict | None = None,
                  detector=None):
         self.models, self.config, self.detector = models, config, detector
+        self.checkpoint = None  # (workdir, step) where the trained weights come from (`from_checkpoint`)
         self.mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
         self._replicated = NamedSharding(self.mesh, P())
         self._batch = NamedSharding(self.mesh, P("data"))
@@ -183,18 +184,33 @@ class F2DPipeline:
         return cls(models, variables, config)
 
     @classmethod
-    def from_pretrained(cls, sd: str = DEFAULT_SD, mapping: str | None = None, msid: str | None = None,
-                        expression: str | None = None, *, config=None, dtype: str = "auto") -> F2DPipeline:
-        """Stable Diffusion from a local diffusers directory or hub id; MSID and mapping weights as the
-        official .pt / .safetensors, our .msgpack or an `f2d_jax.convert import` directory; `mapping`
-        may also be a training workdir (its latest checkpoint). `expression`: Deep3DFaceRecon's
-        checkpoint, needed only for `expression_image`. `config`: model sizes (default: the paper's)."""
+    def from_pretrained(cls, sd: str | None = None, mapping: str | None = None, msid: str | None = None,
+                        expression: str | None = None, *, model=None, config=None, dtype: str = "auto") -> F2DPipeline:
+        """`model`: a packaged model's folder (`save_pretrained`, `f2d-convert package`): its config and
+        weights, on the base Stable Diffusion it names. Without it: Stable Diffusion `sd` (default
+        CompVis/stable-diffusion-v1-4) from a local diffusers directory or hub id; MSID and mapping weights
+        as the official .pt / .safetensors, our .msgpack or an `f2d_jax.convert import` directory; `mapping`
+        may also be a training workdir (its latest checkpoint). `expression`: Deep3DFaceRecon's checkpoint,
+        needed only for `expression_image`. `config`: model sizes (default: the paper's). With `model`, the
+        weights given replace the folder's (sd= when its base is a path on another machine)."""
+        if model is not None:
+            if config is not None:
+                raise WeightsError("a packaged model brings its own config: give model= or config=, not both")
+            weights = package_weights(model)  # first: it says what is wrong with a folder that is no package
+            given = dict(sd=sd, msid=msid, mapping=mapping, expression=expression)
+            weights.update((k, v) for k, v in given.items() if v)
+            return cls.from_config(with_weights(load_config(Path(model) / FILES["config"]), **weights), dtype)
+        if sd is not None and is_package(sd):
+            raise WeightsError(f"{sd} is a packaged model, not a Stable Diffusion: pass it as model= "
+                               "(f2d-sample --model)")
         if mapping is not None and is_workdir(mapping):
-            return cls.from_checkpoint(mapping, dtype=dtype, sd=sd, msid=msid, expression=expression)
+            return cls.from_checkpoint(mapping, dtype=dtype, sd=DEFAULT_SD if sd is None else sd, msid=msid,
+                                       expression=expression)
         config = (load_config(config) if isinstance(config, (str, os.PathLike)) else config) if config is not None \
             else load_config(OFFICIAL_CONFIG)
         config = ml_collections.ConfigDict(config.to_dict())
-        config.weights.update(sd=sd or "", msid=msid or "", mapping=mapping or "", expression=expression or "")
+        config.weights.update(sd=DEFAULT_SD if sd is None else sd, msid=msid or "", mapping=mapping or "",
+                              expression=expression or "")
         missing = [name for name in ("msid", "mapping") if not config.weights[name]]
         if missing:
             raise WeightsError(f"F2DPipeline.from_pretrained needs {' and '.join(missing)} weights (the official "
@@ -205,28 +221,39 @@ class F2DPipeline:
     def from_checkpoint(cls, workdir, step: int | None = None, dtype: str = "auto", **weights) -> F2DPipeline:
         """A training run's config and its trained parameters (latest checkpoint or `step`); `weights`
         (sd=, msid=, expression=) replace the paths its config names."""
-        config, params, _ = load_trained(workdir, step)
-        if task(config) != "f2d":
-            raise WeightsError(f"{workdir} is an MSID pretraining run (task {task(config)}): it holds MSID weights, not a "
-                               f"mapping network. Export them with `f2d-convert export {workdir} --out DIR` and give "
-                               "DIR/msid.pt as --msid (msid=) with the mapping network's weights")
+        config, params, step = load_trained(workdir, step)
+        check_f2d_run(workdir, config)
         pipe = cls.from_config(with_weights(config, **weights), dtype,
                                log=lambda msg: None if msg.startswith("mapping:") else print(msg, file=sys.stderr))
-        trained = cast_like(params, {k: _subtree(pipe.variables[k], params[k]) for k in params})
-        pipe.variables = jax.device_put(merge(pipe.variables, trained), pipe._replicated)
+        pipe.variables = jax.device_put(with_trained(pipe.variables, params), pipe._replicated)
+        pipe.checkpoint = (workdir, step)
         return pipe
 
     @classmethod
-    def load(cls, checkpoint=None, config=None, dtype: str = "auto", **weights) -> F2DPipeline:
-        """What the command lines give: a training workdir (`checkpoint`) or a `config` (name or file), whose
-        weights paths those given replace (sd=, msid=, mapping=, expression=; empty ones are ignored), or
-        weight paths alone (the paper's model sizes)."""
+    def load(cls, checkpoint=None, config=None, dtype: str = "auto", model=None, **weights) -> F2DPipeline:
+        """What the command lines give: a training workdir (`checkpoint`), a `config` (name or file) or a
+        packaged `model` folder, whose weights paths those given replace (sd=, msid=, mapping=, expression=;
+        empty ones are ignored), or weight paths alone (the paper's model sizes)."""
         weights = {k: v for k, v in weights.items() if v}
+        if model:
+            return cls.from_pretrained(model=model, dtype=dtype, **weights)
         if checkpoint:
             return cls.from_checkpoint(checkpoint, dtype=dtype, **weights)
         if config:
             return cls.from_config(with_weights(load_config(config), **weights), dtype=dtype)
         return cls.from_pretrained(**weights, dtype=dtype)
+
+    def save_pretrained(self, directory, force: bool = False) -> Path:
+        """Write this model as one folder (f2d_jax/convert/package.py): its config, MSID and mapping weights
+        (official layouts, .safetensors), f2d_model.json naming the base Stable Diffusion, a model card.
+        `from_pretrained(model=directory)` loads it. A non-empty `directory` needs `force`."""
+        if self.config is None:
+            raise WeightsError("save_pretrained needs the pipeline's config: build it with from_pretrained, "
+                               "from_checkpoint or from_config")
+        encoders = self.models.encoders
+        models = {name: (getattr(encoders, name), self.variables[name]) for name in ("msid", "mapping")}
+        workdir, step = self.checkpoint or (None, None)
+        return save_package(directory, self.config, models, step, workdir, force)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -387,19 +414,6 @@ class F2DPipeline:
         images = self.generate(image, prompt, num_images, seed, steps, guidance_scale, scheduler, negative_prompt,
                                expression_image, latents, height, width, progress, batch_size, identity_scale)
         return [Image.fromarray(x) for x in images]
-
-
-def _tuples(tree):
-    if isinstance(tree, dict):
-        return {k: _tuples(v) for k, v in tree.items()}
-    return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
-
-
-def _subtree(tree, like):
-    """The part of `tree` with the keys of `like` (nested dicts)."""
-    if isinstance(like, dict):
-        return {k: _subtree(tree[k], v) for k, v in like.items()}
-    return tree
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SD", "F2DPipeline", "MAX_SEED", "WeightsError", "as_seeds",

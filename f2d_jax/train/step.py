@@ -14,6 +14,7 @@ All randomness comes from fold_in(key(seed), step), so a step is a function of (
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,9 +92,9 @@ def train_step(state: TrainState, frozen: Mapping[str, Any], batch: Mapping[str,
     sd = models.sd
     size = [n * sd.vae_scale_factor for n in z_t.shape[2:]]
 
-    def predict(params, conditioning):
-        return unet_output(sd.unet, params, z_t, t, sd.with_size(conditioning, *size))
-    predict_with_grad = jax.checkpoint(predict) if cfg.remat_unet else predict
+    def predict(params, conditioning, unet=sd.unet):
+        return unet_output(unet, params, z_t, t, sd.with_size(conditioning, *size))
+    predict_with_grad = functools.partial(predict, unet=sd.unet.clone(remat=True)) if cfg.remat_unet else predict
 
     all_params = merge(state.params, frozen)
     class_conditioning = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), constants.class_conditioning)
