@@ -98,6 +98,24 @@ class Encoders:
                                          train=train, rngs=rngs)
         return jnp.stack([first, last], axis=1)
 
+    def class_tokens(self, variables, input_ids, positions, class_ids) -> jax.Array:
+        """(B, K, D): the text encoders' input at the K positions from (B,) `positions` when the K words
+        `class_ids` (K,) stand there, token + position embeddings as the encoders embed any word, each
+        encoder's in its slice of the width."""
+        index = jnp.asarray(positions)[:, None] + jnp.arange(jnp.shape(class_ids)[-1])  # (B, K)
+        ids = jnp.asarray(input_ids).at[jnp.arange(index.shape[0])[:, None], index].set(class_ids)
+        embedded = [encoder.apply(variables[name], ids, method=encoder.embed)
+                    for name, encoder in self.text_encoders.items()]
+        return jnp.take_along_axis(jnp.concatenate(embedded, axis=-1), index[..., None], axis=1)
+
+    def scaled_identity_tokens(self, variables, tokens, input_ids, positions, class_ids, scale) -> jax.Array:
+        """Identity strength: (B, K, D) tokens to write at (B,) `positions` of (B, T) `input_ids` ->
+        (1 - scale) * class + scale * tokens, class: `class_tokens` of the words `class_ids`. Scale 0 makes
+        the conditioning that of the prompt with the class words in place of "f l", 1 leaves the tokens as
+        they are (both exactly); a traced scale: one program serves every value."""
+        scale = jnp.asarray(scale, jnp.float32)
+        return (1 - scale) * self.class_tokens(variables, input_ids, positions, class_ids) + scale * tokens
+
     def prompt_embeddings(self, variables, input_ids, positions=None, tokens=None) -> dict[str, jax.Array]:
         """(B, 77) ids [+ (B, K, D) tokens written at (B,) positions] -> the conditioning {"context": (B, 77, D)},
         and with SDXL's second encoder {"text_embeds": (B, P)}, its projected pooled state. Each encoder

@@ -21,6 +21,7 @@ import numpy as np
 
 MAX_LENGTH = 77
 IDENTIFIER = "f l"
+CLASS_WORDS = "a person"  # the identifier's words in the class prompt "a photo of a person"
 
 
 class PromptError(ValueError):
@@ -90,11 +91,23 @@ def token_ids(prompts: str | list[str], tokenizer=None) -> np.ndarray:
     return np.asarray(rows, np.int32)
 
 
+def word_ids(words: str, tokenizer=None) -> tuple[int, ...]:
+    """Token ids of the words of `words`, each a single token."""
+    tokenizer = tokenizer or load_tokenizer()
+    ids = [tokenizer(word).input_ids[1:-1] for word in words.split()]
+    assert all(len(i) == 1 for i in ids), f"{words!r}: every word must be one token"
+    return tuple(i[0] for i in ids)
+
+
 def identifier_ids(tokenizer=None) -> tuple[int, int]:
     """Token ids of the identifier's two words (SD v1: "f" = 325, "l" = 331)."""
-    tokenizer = tokenizer or load_tokenizer()
-    first, last = (tokenizer(word).input_ids[1] for word in IDENTIFIER.split())
-    return first, last
+    return word_ids(IDENTIFIER, tokenizer)
+
+
+def class_ids(tokenizer=None) -> tuple[int, int]:
+    """Token ids of the class words that stand where the identifier stands in CGDR's class prompt
+    (SD v1: "a" = 320, "person" = 2533)."""
+    return word_ids(CLASS_WORDS, tokenizer)
 
 
 def identifier_prompts(prompts: str | list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:

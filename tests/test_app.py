@@ -108,6 +108,17 @@ def test_client_gets_images_with_their_settings_and_the_faces_used(client):
     assert all(Image.open(item["image"]).size == (112, 112) for item in crops)
 
 
+def test_identity_scale_reaches_the_pipeline(client):
+    def first_image(scale: float) -> Image.Image:
+        gallery, _ = generate(client, [FACE], "a photo of f l", *DEFAULTS[:-1], scale)
+        return Image.open(gallery[0]["image"])
+
+    person, neutral = first_image(1.0), first_image(0.0)
+    assert json.loads(neutral.text["f2d_jax"])["identity_scale"] == 0.0
+    assert neutral.text["parameters"].endswith("Identity scale: 0.0")
+    assert np.abs(np.asarray(person, np.int16) - np.asarray(neutral, np.int16)).mean() > 1
+
+
 def test_progress_follows_the_denoising_steps(client):
     job = client.submit([gradio_client.handle_file(FACE)], None, "f l as a knight", "", *DEFAULTS,
                         api_name="/generate")

@@ -13,6 +13,7 @@ from PIL import Image
 from f2d_jax.eval import ClipScorer, ManifestError, ScoreError, load_prompts, neutral_prompt, score_images
 from f2d_jax.eval.__main__ import main
 from f2d_jax.eval.manifest import Entry, append_entries, read_manifest
+from f2d_jax.eval.report import tradeoff_points
 from f2d_jax.eval.recognizers import DlibRecognizer, cosine, msid_recognizer
 from f2d_jax.eval.score import hmean, gmean, landmark_spread
 from f2d_jax.faces import align_face, load_image
@@ -157,9 +158,15 @@ def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys)
     assert main(args) == 0
     settings, entries = read_manifest(gen)
     assert len(entries) == 8 and settings["system"] == "tiny" and settings["height"] == 64
-    assert {(e.face_id, e.prompt, e.seed) for e in entries} == {
-        (f, p, s) for f in ("obama", "biden") for p in ("a photo of f l", "f l looking shocked") for s in (0, 1)}
+    assert {e.key() for e in entries} == {(f, p, s, 1.0) for f in ("obama", "biden")
+                                          for p in ("a photo of f l", "f l looking shocked") for s in (0, 1)}
+    assert all(e.image.endswith("_scale1.0.png") for e in entries) and settings["identity_scales"] == [1.0]
     first = np.asarray(Image.open(entries[3].image))
+    # A folder made before the identity scales (no scale in its settings and manifest) holds scale 1.
+    rows = [json.loads(line) for line in (gen / "manifest.jsonl").read_text().splitlines()]
+    (gen / "manifest.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if k != "identity_scale"})
+                                                + "\n" for row in rows))
+    (gen / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "identity_scales"}))
     # Resuming: nothing is redone; a lost image is made again, the same picture (up to batch rounding).
     Path(entries[3].image).unlink()
     capsys.readouterr()
@@ -185,23 +192,37 @@ def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys)
             err = capsys.readouterr().err
             assert "holds images generated with other settings (" + message in err, err
     assert json.loads((gen / "settings.json").read_text())["config"] == tiny
+    # A sweep adds the scales the folder lacks (scale 1 is there), each image named and listed with its scale.
+    assert main([*args, "--identity-scale", "0,1"]) == 0
+    assert "8 images generated, 8 already there" in capsys.readouterr().err
+    settings, entries = read_manifest(gen)
+    assert settings["identity_scales"] == [0.0, 1.0] and len(entries) == 16
+    person = {e.key()[:3]: e.image for e in entries if e.identity_scale == 1.0}
+    classes = [e for e in entries if e.identity_scale == 0.0]
+    assert {e.key()[:3] for e in classes} == set(person) and all(e.image.endswith("_scale0.0.png") for e in classes)
+    assert not np.array_equal(*(np.asarray(Image.open(f)) for f in (classes[0].image, person[classes[0].key()[:3]])))
 
     assert main(["score", "--generated", str(gen), "--out", str(tmp_path / "tiny.json"), "--clip", "tiny"]) == 0
     report = json.loads((tmp_path / "tiny.json").read_text())
-    assert report["system"] == "tiny" and report["overall"]["images"] == 8
+    assert report["system"] == "tiny" and report["overall"]["images"] == 16
     assert report["recognizers"] == ["dlib", "msid"] and len(report["per_face"]) == 2
+    assert {k: v["images"] for k, v in report["per_scale"].items()} == {"0.0": 8, "1.0": 8}
     # random tiny models make no faces: all failures, scored as 0, not a crash
     assert report["overall"]["no_face_rate"] == 1.0 and report["overall"]["identity"]["dlib"]["mean"] == 0.0
-    other = dict(report, system="tiny again")
+    assert tradeoff_points(report) == [(f"tiny s={s}", 0.0, report["per_scale"][f"{s}.0"]["clip_score"])
+                                       for s in (0, 1)]
+    # A report scored before the sweeps (no per-scale figures) is one point, at scale 1.
+    other = {k: v for k, v in report.items() if k != "per_scale"} | {"system": "tiny again"}
     (tmp_path / "again.json").write_text(json.dumps(other))
     out = tmp_path / "report"
     assert main(["report", "--inputs", str(tmp_path / "tiny.json"), str(tmp_path / "again.json"),
                  "--out", str(out)]) == 0
     table = (out / "report.md").read_text()
-    assert "| tiny | 8 |" in table and "| tiny again | 8 |" in table and "identity (dlib)" in table
+    assert "| tiny | 0 | 8 |" in table and "| tiny | 1 | 8 |" in table and "| tiny again | 1 | 16 |" in table
+    assert "identity (dlib)" in table and "| system | identity scale | images |" in table
     assert Image.open(out / "tradeoff.png").size[0] > 300
     sheets = sorted((out / "sheets" / "tiny").glob("*.png"))
-    assert len(sheets) == 2 and Image.open(sheets[0]).size == (3 * 128, 24 + 2 * 128)
+    assert len(sheets) == 2 and Image.open(sheets[0]).size == (5 * 128, 24 + 2 * 128)
     assert [r["system"] for r in json.loads((out / "report.json").read_text())] == ["tiny", "tiny again"]
 
 
@@ -234,8 +255,11 @@ def test_ctrl_c_in_generate_is_one_line_and_keeps_the_finished_images(tmp_path, 
             raise KeyboardInterrupt
         return np.zeros((len(seeds), 64, 64, 3), np.uint8)
 
-    pipe = SimpleNamespace(encode_prompt=lambda face, prompts: {"context": np.zeros((len(prompts), 77, 32))},
-                           sample=sample, settings=lambda guidance, scheduler: (7.0, "euler_a", 64, 64))
+    def encode_prompt(face, prompts, identity_scale):
+        return {"context": np.zeros((len(prompts), 77, 32))}
+
+    pipe = SimpleNamespace(encode_prompt=encode_prompt, sample=sample,
+                           settings=lambda guidance, scheduler: (7.0, "euler_a", 64, 64))
     monkeypatch.setattr(F2DPipeline, "from_config", classmethod(lambda *a, **k: pipe))
     faces = tmp_path / "faces"
     faces.mkdir()
@@ -293,6 +317,12 @@ def test_a_weights_mismatch_shows_its_key_list(tmp_path, capsys):
      "--out .*/p.txt/g cannot be written: .*/p.txt is a file, not a directory"),
     (["generate", "--config", "{tmp}/nothing", "--faces", "{obama}", "--out", "{tmp}/g"],
      "no config file at .*/nothing, and no named config"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--identity-scale", "0.5,-1", "--out",
+      "{tmp}/g"], "the identity scale must be a finite number of at least 0 .*, got -1.0"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--identity-scale", "0.5,x", "--out",
+      "{tmp}/g"], "--identity-scale takes numbers separated by commas \\(such as 0.6,0.8,1.0\\), got '0.5,x'"),
+    (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--identity-scale", "1,0.5,1.0", "--out",
+      "{tmp}/g"], "--identity-scale names a scale twice: 1,0.5,1.0"),
     (["report", "--inputs", "{tmp}/p.txt", "--out", "{tmp}/r"], "is not JSON"),
     (["report", "--inputs", "{tmp}/plain.json", "--out", "{tmp}/r"], "is not a score report"),
 ])

@@ -79,6 +79,50 @@ def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
     assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.parametrize("config", ["tiny", "tiny_sdxl"])
+def test_identity_scale_moves_the_tokens_from_the_class_words_to_the_person(pipe, face, config):
+    """1: the conditioning as without the knob, bit for bit; 0: that of the prompt with "a person" for "f l"
+    (only the identifier's "f l": the second prompt has another); 0.5: the tokens' midpoint. On SDXL each
+    encoder's slice of the tokens moves toward that encoder's own class words. One program for every scale."""
+    pipe = pipe if config == "tiny" else F2DPipeline.from_config(str(ROOT / "configs" / f"{config}.py"))
+    prompts = ["a photo of f l", "f l surfing, drawn by f l"]
+    ids, positions = identifier_prompts(prompts, pipe.tokenizer)
+    encoders, variables = pipe.models.encoders, pipe.variables
+    tokens = encoders.identity_tokens(variables, jnp.repeat(pipe.identity(face), 2, 0))
+
+    def injected(v, identity, ids, positions):  # the conditioning without the knob
+        tokens = encoders.identity_tokens(v, jnp.broadcast_to(identity, (ids.shape[0], identity.shape[-1])))
+        return encoders.prompt_embeddings(v, ids, positions, tokens)
+
+    compiled = pipe._condition._cache_size()
+    at = {s: pipe.encode_prompt(face, prompts, identity_scale=s) for s in (0, 0.5, 1)}
+    assert pipe._condition._cache_size() == max(compiled, 1)
+    person = jax.jit(injected)(variables, pipe.identity(face), ids, positions)
+    classes = pipe._embed(variables, token_ids(["a photo of a person", "a person surfing, drawn by f l"],
+                                               pipe.tokenizer))
+    midpoint = (encoders.class_tokens(variables, ids, positions, pipe.class_ids) + tokens) / 2
+    halfway = encoders.prompt_embeddings(variables, ids, positions, midpoint)
+    assert set(at[1]) == set(person) == ({"context", "text_embeds"} if config == "tiny_sdxl" else {"context"})
+    for key in person:
+        np.testing.assert_array_equal(at[1][key], person[key])
+        np.testing.assert_allclose(at[0][key], classes[key], rtol=0, atol=1e-6)  # measured: equal
+        np.testing.assert_allclose(at[0.5][key], halfway[key], rtol=0, atol=1e-5)
+        assert not np.allclose(at[0][key], at[1][key], atol=0.1)
+
+
+@pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf")])
+def test_identity_scale_must_be_finite_and_not_negative(pipe, face, scale):
+    with pytest.raises(ValueError, match=f"the identity scale must be a finite number of at least 0 .*, got {scale}"):
+        pipe.encode_prompt(face, "a photo of f l", identity_scale=scale)
+
+
+def test_identity_scale_above_one_extrapolates_with_a_warning(pipe, face):
+    with pytest.warns(UserWarning, match="identity scale 1.5 > 1 extrapolates"):
+        beyond = pipe.encode_prompt(face, "a photo of f l", identity_scale=1.5)["context"]
+    person, middle = (pipe.encode_prompt(face, "a photo of f l", identity_scale=s)["context"] for s in (1, 0.5))
+    assert not np.allclose(beyond, person, atol=1e-3) and not np.allclose(middle, person, atol=1e-3)
+
+
 def test_an_expression_photo_needs_expression_weights(pipe, face):
     """A random-init expression encoder's code means nothing: without weights.expression there is none."""
     assert "expression" not in pipe.variables
@@ -164,13 +208,15 @@ def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
     out = tmp_path / "grid.png"
     result = run_sample("--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--prompt",
                         "f l on the moon", "-n", "2", "--steps", "2", "--batch-size", "3", "--out", str(out),
-                        "--out-dir", str(tmp_path / "single"))
+                        "--out-dir", str(tmp_path / "single"), "--identity-scale", "1.5")
     assert result.returncode == 0, result.stderr
+    assert "UserWarning: identity scale 1.5 > 1 extrapolates" in result.stderr
     grid = Image.open(out)
     assert grid.size == (2 * 64, 2 * 64)  # rows: prompts, columns: images
     settings = json.loads(grid.text["f2d_jax"])
     assert settings["prompts"] == ["a photo of f l", "f l on the moon"] and settings["steps"] == 2
-    assert settings["scheduler"] == "euler_a" and settings["seed"] == 0
+    assert settings["scheduler"] == "euler_a" and settings["seed"] == 0 and settings["identity_scale"] == 1.5
+    assert grid.text["parameters"].endswith("Identity scale: 1.5")
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
         "p00_000.png", "p00_001.png", "p01_000.png", "p01_001.png"]
 
@@ -203,6 +249,9 @@ def sample_errors(capsys, argv) -> list[str]:
     (["--seed", str(2 ** 40)], "error: seeds must be between 0 and 4294967295 (2^32 - 1), got 1099511627776"),
     (["--seed", "4294967295", "-n", "2"], "error: seeds must be between 0 and 4294967295 (2^32 - 1), got "
      "4294967295 to 4294967296 (image j uses seed + j, for 2 images)"),
+    (["--identity-scale", "-1"], "error: the identity scale must be a finite number of at least 0 (0: the class "
+     "'a person', 1: the person as trained), got -1.0"),
+    (["--identity-scale", "nan"], "error: the identity scale must be a finite number of at least 0"),
     (["--expression-image", FACE], "error: --expression-image needs the expression encoder's weights: give "
      "--expression"),
 ])

@@ -10,7 +10,7 @@ from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_ma
 
 from f2d_jax import convert
 from f2d_jax.models import CLIPTextEncoder, inject_tokens
-from f2d_jax.text import PromptError, identifier_ids, identifier_prompts, load_tokenizer, token_ids
+from f2d_jax.text import PromptError, class_ids, identifier_ids, identifier_prompts, load_tokenizer, token_ids
 
 TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                  num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -20,7 +20,7 @@ def test_bundled_tokenizer_is_sd_v1():
     tokenizer = load_tokenizer()
     assert len(tokenizer) == 49408
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (49406, 49407, 49407)
-    assert identifier_ids(tokenizer) == (325, 331)
+    assert identifier_ids(tokenizer) == (325, 331) and class_ids(tokenizer) == (320, 2533)  # "a person"
     # Same ids as the Hugging Face call the official code makes (truncation to 77 included).
     for prompt in ["f l eating bread in front of the Eiffel Tower", "a photo of a person", "",
                    " ".join(["word"] * 100) + " f l"]:

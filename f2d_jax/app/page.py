@@ -139,12 +139,13 @@ def generate_images(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits,
     images = pipe.generate(faces, prompt, num_images=settings.num_images, seed=settings.seed, steps=settings.steps,
                            guidance_scale=settings.guidance, scheduler=settings.scheduler,
                            negative_prompt=negative_prompt, expression_image=expression, height=settings.height,
-                           width=settings.width, progress=progress)
+                           width=settings.width, progress=progress, identity_scale=settings.identity_scale)
     names = [Path(path).name for path in photos]
     text = cli.png_text(args, pipe, prompts=[prompt], images=names,
                         expression_image=Path(expression_photo).name if expression_photo else None,
                         num_images=settings.num_images, seed=settings.seed, steps=settings.steps,
-                        guidance=settings.guidance, scheduler=settings.scheduler, negative_prompt=negative_prompt,
+                        guidance=settings.guidance, scheduler=settings.scheduler,
+                        identity_scale=settings.identity_scale, negative_prompt=negative_prompt,
                         height=settings.height, width=settings.width)
     gallery = [(with_text(image, text), f"seed {settings.seed + j}") for j, image in enumerate(images)]
     crops = [(face.crop, name) for face, name in zip(faces, names)]

@@ -81,17 +81,18 @@ def trained_resolution(args: argparse.Namespace, pipe) -> int | None:
 
 
 def png_text(args: argparse.Namespace, pipe, *, prompts: list[str], images: list[str], expression_image: str | None,
-             num_images: int, seed: int, steps: int, guidance: float, scheduler: str, negative_prompt: str | None,
-             height: int, width: int) -> dict[str, str]:
+             num_images: int, seed: int, steps: int, guidance: float, scheduler: str, identity_scale: float,
+             negative_prompt: str | None, height: int, width: int) -> dict[str, str]:
     """The text chunks of a generated PNG: `f2d_jax`, every setting and the weights as JSON, and
     `parameters`, the usual one-paragraph summary. `args`: the `add_weights` options."""
     settings = dict(prompts=prompts, images=images, num_images=num_images, seed=seed, steps=steps, guidance=guidance,
-                    scheduler=scheduler, negative_prompt=negative_prompt, expression_image=expression_image,
-                    height=height, width=width, **{name: getattr(args, name) for name in WEIGHT_SOURCES},
+                    scheduler=scheduler, identity_scale=identity_scale, negative_prompt=negative_prompt,
+                    expression_image=expression_image, height=height, width=width, **{name: getattr(args, name) for name in WEIGHT_SOURCES},
                     weights=dict(pipe.config.weights) if pipe.config is not None else None)
     return {"f2d_jax": json.dumps(settings),
             "parameters": f"{' | '.join(prompts)}\nNegative prompt: {negative_prompt or ''}\nSteps: {steps}, "
-                          f"Sampler: {scheduler}, CFG scale: {guidance}, Seed: {seed}, Size: {width}x{height}"}
+                          f"Sampler: {scheduler}, CFG scale: {guidance}, Seed: {seed}, Size: {width}x{height}, "
+                          f"Identity scale: {identity_scale}"}
 
 
 def check_output(path, flag: str, folder: bool = False) -> None:

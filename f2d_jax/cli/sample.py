@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "euler_a on SD 1.x (official), the scheduler its directory names on SD 2.x and SDXL)")
     parser.add_argument("--negative-prompt", help="(default: none: the empty prompt's conditioning, zeros on SDXL, as "
                         "diffusers' pipelines; --negative-prompt '' encodes the empty prompt on SDXL too)")
+    parser.add_argument("--identity-scale", type=float, default=1.0, help="how much of the person the \"f l\" "
+                        "tokens carry: 0 draws the class (the prompt with \"a person\" for \"f l\"), 1 the person "
+                        "as trained, values in between interpolate the tokens; above 1 extrapolates (with a "
+                        "warning); at least 0 (default: %(default)s)")
     parser.add_argument("--expression-image", help="photo whose facial expression to use (needs --expression)")
     parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the base's "
                         "training size, 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL, or the --config's or "
@@ -67,7 +71,8 @@ def save(images, args, pipe, out: Path) -> None:
     text = cli.png_text(args, pipe, prompts=args.prompt, images=[str(p) for p in args.image],
                         expression_image=args.expression_image, num_images=args.num_images, seed=args.seed,
                         steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                        negative_prompt=args.negative_prompt, height=images.shape[1], width=images.shape[2])
+                        identity_scale=args.identity_scale, negative_prompt=args.negative_prompt,
+                        height=images.shape[1], width=images.shape[2])
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
 
 def check(args) -> None:
     """The cheap checks, before any weights load: a ValueError names the first mistake."""
-    from f2d_jax.sampling import check_sampling, check_size, seed_range
+    from f2d_jax.sampling import check_identity_scale, check_sampling, check_size, seed_range
     from f2d_jax.text import identifier_prompts
 
     if Path(args.out).suffix.lower() != ".png":
@@ -101,6 +106,7 @@ def check(args) -> None:
     check_size(args.height or 8, args.width or 8, 8)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     seed_range(args.seed, args.num_images)
+    check_identity_scale(args.identity_scale)
     if args.expression_image and not (args.expression or _configured_expression(args)):
         raise ValueError("--expression-image needs the expression encoder's weights: give --expression "
                          "(Deep3DFaceRecon's epoch_20.pth)")
@@ -139,7 +145,8 @@ def _sample(args) -> int:
     images = pipe.generate(faces, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
                            guidance_scale=args.guidance, scheduler=args.scheduler,
                            negative_prompt=args.negative_prompt, expression_image=expression,
-                           height=height, width=width, batch_size=args.batch_size)
+                           height=height, width=width, batch_size=args.batch_size,
+                           identity_scale=args.identity_scale)
     out = Path(args.out)
     save(images, args, pipe, out)
     print(f"wrote {out}" + (f" and {len(images)} images in {args.out_dir}" if args.out_dir else ""), file=sys.stderr)

@@ -1,16 +1,18 @@
 """Evaluation of identity fidelity vs text fidelity (the paper's protocol), for our outputs and anyone else's.
 
     python -m f2d_jax.eval generate --config CONFIG_OR_WORKDIR --faces DIR --seeds 4 --out gen/
+    python -m f2d_jax.eval generate ... --identity-scale 0.6,0.8,1.0 --out sweep/   # identity strength sweep
     python -m f2d_jax.eval score --generated gen/ --out gen.json
     python -m f2d_jax.eval report --inputs gen.json other.json --out report/
 
 generate: every face photo in --faces x every prompt (default: the 40 shipped in
-f2d_jax/assets/eval_prompts.txt) x seeds 0..N-1 with the JAX pipeline, resumable; writes images and
-a manifest. score: any folder with such a manifest (f2d_jax/eval/manifest.py; other systems' images
+f2d_jax/assets/eval_prompts.txt) x seeds 0..N-1 x identity scales with the JAX pipeline, resumable;
+writes images and a manifest. score: any folder with such a manifest (f2d_jax/eval/manifest.py; other systems' images
 too): identity similarity with dlib's face descriptor (independent of the generator), our MSID and
 optionally an ArcFace IResNet; the CLIP score of the prompt with "f l" -> "a person"; their harmonic
-and geometric means; the landmark spread over seeds. report: a JSON, a markdown table, the trade-off
-scatter plot and contact sheets. `--config tiny` and `score --clip tiny` run offline.
+and geometric means; the landmark spread over seeds; per identity scale too. report: a JSON, a markdown
+table (a row per system and identity scale), the trade-off plot (a curve through a sweep's scales) and
+contact sheets. `--config tiny` and `score --clip tiny` run offline.
 """
 from __future__ import annotations
 
@@ -50,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                    "SD 2.x, 5 on SDXL)")
     g.add_argument("--scheduler", help="euler_a, euler, ddim, dpm++2m (default: the base's, as f2d-sample's)")
     g.add_argument("--negative-prompt", help="(default: none, as f2d-sample's)")
+    g.add_argument("--identity-scale", default="1.0", metavar="S[,S...]", help="identity strength(s), comma-"
+                   "separated: images are made at each (0: the class \"a person\", 1: the person as trained; see "
+                   "f2d-sample --identity-scale). A rerun with other scales adds the missing ones to --out "
+                   "(default: %(default)s)")
     g.add_argument("--height", type=int, help="(default: the config's data.resolution)")
     g.add_argument("--width", type=int, help="(default: as --height)")
     g.add_argument("--batch-size", type=int, default=8, help="images generated at a time; the default fits SD "
@@ -77,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_compile_cache(s)
 
     r = commands.add_parser("report", help="tables, plot and contact sheets from score reports",
-                            description="Combine score reports: report.json, report.md, tradeoff.png "
-                            "(identity vs CLIP score, a point per system) and sheets/<system>/<prompt>.png.")
+                            description="Combine score reports: report.json, report.md (a row per system and "
+                            "identity scale), tradeoff.png (identity vs CLIP score, a point per system and "
+                            "identity scale, a sweep's points joined) and sheets/<system>/<prompt>.png.")
     r.add_argument("--inputs", required=True, nargs="+", metavar="JSON", help="score reports")
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--no-sheets", action="store_true", help="skip the contact sheets")
@@ -86,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate(args) -> None:
-    from f2d_jax.eval.generate import GenerateError, align_references, check_resume, generate
+    from f2d_jax.eval.generate import GenerateError, align_references, check_resume, generate, parse_identity_scales
     from f2d_jax.eval.prompts import load_prompts
     from f2d_jax.sampling import F2DPipeline, check_sampling, check_size, seed_range
 
@@ -95,6 +102,7 @@ def _generate(args) -> None:
     seed_range(0, args.seeds)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     check_size(args.height or 8, args.width or args.height or 8, 8)
+    scales = parse_identity_scales(args.identity_scale)
     cli.check_output(args.out, "--out", folder=True)
     prompts = load_prompts(args.prompts)
     generator, config = _generator(args)
@@ -102,7 +110,7 @@ def _generate(args) -> None:
     settings = dict(system=args.name or Path(args.config).resolve().name.removesuffix(".py"), **generator,
                     weights=dict(config.weights), steps=args.steps, guidance_scale=args.guidance,
                     scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=height,
-                    width=args.width or height)
+                    width=args.width or height, identity_scales=scales)
     check_resume(args.out, settings)  # what is given; the base's defaults once the model has loaded
     faces = align_references(args.faces)
     enable(args.compile_cache)
@@ -113,7 +121,7 @@ def _generate(args) -> None:
         pipe = F2DPipeline.from_config(config, args.dtype)
     settings["guidance_scale"], settings["scheduler"], *_ = pipe.settings(args.guidance, args.scheduler)
     made = generate(pipe, faces, prompts, list(range(args.seeds)), args.out, settings, args.batch_size)
-    total = len(faces) * len(prompts) * args.seeds
+    total = len(faces) * len(prompts) * args.seeds * len(scales)
     print(f"{args.out}: {made} images generated, {total - made} already there", file=sys.stderr)
 
 

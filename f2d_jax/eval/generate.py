@@ -1,9 +1,12 @@
 """`generate`: every reference face x prompt x seed through the JAX pipeline, resumable.
 
-Images land in OUT/images/<face>/<prompt slug>_s<seed>.png and are listed in OUT/manifest.jsonl only
-once written, so an interrupted run picks up where it stopped; OUT/settings.json holds the generation
-settings, and a second run with other settings (another generator: config, checkpoint step, weights;
-or other sampling settings) is refused rather than mixed in.
+Images land in OUT/images/<face>/<prompt slug>_s<seed>_scale<identity scale>.png and are listed in
+OUT/manifest.jsonl only once written, so an interrupted run picks up where it stopped; OUT/settings.json
+holds the generation settings, and a second run with other settings (another generator: config,
+checkpoint step, weights; or other sampling settings) is refused rather than mixed in. The identity
+scales are the exception: an image's scale is in its manifest line and its name, so a run with another
+list of scales adds the images of the scales the folder lacks, and settings.json lists every scale
+made. A folder made before the scales existed holds scale 1.
 """
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from f2d_jax.eval.manifest import MANIFEST, SETTINGS, Entry, append_entries, read_manifest
+from f2d_jax.eval.manifest import MANIFEST, SETTINGS, Entry, append_entries, identity_scales, read_manifest
 from f2d_jax.eval.prompts import slug
 from f2d_jax.faces import AlignedFace, NoFaceError, align_face
-from f2d_jax.sampling import check_sampling
+from f2d_jax.sampling import check_identity_scale, check_sampling
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # The settings that make an image what it is; a resumed run must have the same ones. The generator:
@@ -51,8 +54,23 @@ def reference_faces(directory) -> list[Path]:
     return files
 
 
-def image_name(prompt: str, seed: int) -> str:
-    return f"{slug(prompt)}-{hashlib.sha1(prompt.encode()).hexdigest()[:6]}_s{seed}.png"
+def image_name(prompt: str, seed: int, identity_scale: float) -> str:
+    return f"{slug(prompt)}-{hashlib.sha1(prompt.encode()).hexdigest()[:6]}_s{seed}_scale{float(identity_scale)!r}.png"
+
+
+def parse_identity_scales(text: str) -> list[float]:
+    """'0.6,0.8,1.0' -> [0.6, 0.8, 1.0]; a ValueError for a scale that is not a number, negative, not
+    finite or repeated."""
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise GenerateError(f"--identity-scale takes numbers separated by commas (such as 0.6,0.8,1.0), "
+                            f"got {text!r}") from None
+    for scale in scales:
+        check_identity_scale(scale)
+    if len(set(scales)) < len(scales):
+        raise GenerateError(f"--identity-scale names a scale twice: {text}")
+    return scales
 
 
 def align_references(directory, detector=None) -> dict[Path, AlignedFace]:
@@ -93,10 +111,13 @@ def check_resume(out, settings: dict[str, Any]) -> None:
 
 
 def _write_settings(out: Path, settings: dict[str, Any]) -> None:
+    """settings.json: the first run's settings, with every identity scale of the runs so far."""
     check_resume(out, settings)
-    if not (out / SETTINGS).is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    path = out / SETTINGS
+    before = json.loads(path.read_text()) if path.is_file() else settings
+    scales = sorted({*identity_scales(before), *identity_scales(settings)})
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**before, "identity_scales": scales}, indent=2) + "\n")
 
 
 def _done(out: Path) -> set:
@@ -107,24 +128,25 @@ def _done(out: Path) -> set:
 
 def generate(pipe, faces: Mapping[Path, AlignedFace], prompts: Sequence[str], seeds: Sequence[int], out,
              settings: dict[str, Any], batch_size: int = 8) -> int:
-    """Generates the missing (face, prompt, seed) images into `out`; returns how many it made.
+    """Generates the missing (face, prompt, seed, identity scale) images into `out`; returns how many it made.
 
     faces: `align_references`'s. settings: steps, guidance_scale, scheduler, negative_prompt, height,
-    width (passed to `pipe.sample`), system (the name reports use) and what names the generator
-    (config, checkpoint, step, weights: compared on resuming, not used here)."""
+    width (passed to `pipe.sample`), identity_scales (default [1.0]), system (the name reports use) and
+    what names the generator (config, checkpoint, step, weights: compared on resuming, not used here)."""
     check_sampling(settings["steps"], settings["guidance_scale"], settings["scheduler"], batch_size)
     out = Path(out)
     _write_settings(out, settings)
     done = _done(out)
-    todo = {path: [(i, s) for i, p in enumerate(prompts) for s in seeds if (path.stem, p, s) not in done]
-            for path in faces}
+    todo = {(path, scale): [(i, s) for i, p in enumerate(prompts) for s in seeds
+                            if (path.stem, p, s, scale) not in done]
+            for path in faces for scale in identity_scales(settings)}
     total = sum(map(len, todo.values()))
     sample_args = {k: settings[k] for k in SAMPLING_KEYS}
     with tqdm(total=total, desc="generating", unit="image", dynamic_ncols=True) as bar:
-        for path, pairs in todo.items():
+        for (path, scale), pairs in todo.items():
             if not pairs:
                 continue
-            conditioning = pipe.encode_prompt(faces[path], list(prompts))
+            conditioning = pipe.encode_prompt(faces[path], list(prompts), identity_scale=scale)
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
                 rows, chunk_seeds = np.array([i for i, _ in chunk]), [s for _, s in chunk]
@@ -132,11 +154,11 @@ def generate(pipe, faces: Mapping[Path, AlignedFace], prompts: Sequence[str], se
                                      **sample_args)
                 entries = []
                 for (i, seed), image in zip(chunk, images):
-                    file = out / "images" / path.stem / image_name(prompts[i], seed)
+                    file = out / "images" / path.stem / image_name(prompts[i], seed, scale)
                     file.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(image).save(file.with_suffix(".tmp.png"))
                     os.replace(file.with_suffix(".tmp.png"), file)
-                    entries.append(Entry(str(file), str(path.resolve()), prompts[i], int(seed), path.stem))
+                    entries.append(Entry(str(file), str(path.resolve()), prompts[i], int(seed), path.stem, scale))
                 append_entries(out, entries)
                 bar.update(len(chunk))
     return total

@@ -5,8 +5,9 @@
                           "face": "/data/faces/obama.jpg",     # the reference photo (absolute or relative to DIR)
                           "prompt": "f l looking shocked",     # with the identifier "f l"
                           "seed": 0,                           # optional
-                          "face_id": "obama"}                  # optional, default: the reference file's stem
-    DIR/settings.json    optional: how the images were made ({"system": name, ...})
+                          "face_id": "obama",                  # optional, default: the reference file's stem
+                          "identity_scale": 0.6}               # optional, default 1 (generate's --identity-scale)
+    DIR/settings.json    optional: how the images were made ({"system": name, "identity_scales": [...], ...})
 
 Any system's outputs can be scored: write one line per image with at least image, face and prompt.
 """
@@ -22,6 +23,7 @@ from typing import Any
 MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
 REQUIRED = ("image", "face", "prompt")
+DEFAULT_IDENTITY_SCALE = 1.0  # what the images of a folder without identity scales were made with
 
 
 class ManifestError(ValueError):
@@ -35,13 +37,14 @@ class Entry:
     prompt: str
     seed: int | None = None
     face_id: str = ""
+    identity_scale: float = DEFAULT_IDENTITY_SCALE
 
     def __post_init__(self):
         if not self.face_id:
             object.__setattr__(self, "face_id", Path(self.face).stem)
 
-    def key(self) -> tuple[str, str, int | None]:
-        return self.face_id, self.prompt, self.seed
+    def key(self) -> tuple[str, str, int | None, float]:
+        return self.face_id, self.prompt, self.seed, self.identity_scale
 
 
 def _resolve(directory: Path, path: str) -> str:
@@ -69,13 +72,19 @@ def read_manifest(directory) -> tuple[dict[str, Any], list[Entry]]:
             raise ManifestError(f"{path} line {number} lacks {', '.join(missing)} (each line needs "
                                 f"{', '.join(REQUIRED)})")
         entry = Entry(_resolve(directory, row["image"]), _resolve(directory, row["face"]), row["prompt"],
-                      row.get("seed"), row.get("face_id", ""))
+                      row.get("seed"), row.get("face_id", ""),
+                      float(row.get("identity_scale", DEFAULT_IDENTITY_SCALE)))
         entries[entry.image] = entry
     if not entries:
         raise ManifestError(f"{path} lists no images")
     settings_path = directory / SETTINGS
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     return settings, list(entries.values())
+
+
+def identity_scales(settings: dict[str, Any]) -> list[float]:
+    """The identity scales a folder's settings name (a folder made before the sweeps: the default)."""
+    return [float(s) for s in settings.get("identity_scales", [DEFAULT_IDENTITY_SCALE])]
 
 
 def append_entries(directory, entries: Iterable[Entry]) -> None:

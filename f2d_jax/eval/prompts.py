@@ -5,10 +5,10 @@ import os
 import re
 from importlib import resources
 
-from f2d_jax.text import IDENTIFIER, PromptError
+from f2d_jax.text import CLASS_WORDS, IDENTIFIER, PromptError
 
 DEFAULT_PROMPTS = "eval_prompts.txt"
-NEUTRAL = "a person"
+NEUTRAL = CLASS_WORDS
 _IDENTIFIER = re.compile(r"\bf l\b")
 
 

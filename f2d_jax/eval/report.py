@@ -1,5 +1,6 @@
-"""`report`: several score reports -> one JSON, a markdown table, the identity/text trade-off scatter plot
-and contact sheets (per prompt: a row per face, its reference crop then the generated images)."""
+"""`report`: several score reports -> one JSON, a markdown table, the identity/text trade-off plot and
+contact sheets (per prompt: a row per face, its reference crop then the generated images). A report of
+an identity-scale sweep is a row per scale in the table and a curve through its scales in the plot."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from f2d_jax.eval.manifest import DEFAULT_IDENTITY_SCALE
 from f2d_jax.eval.prompts import slug
 from f2d_jax.faces import align_face, load_image
 
@@ -37,18 +39,26 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def scale_points(report: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
+    """(identity scale, its summary) for each scale of a report, ascending; a report scored without
+    per-scale figures: its overall summary, at scale 1."""
+    per_scale = report.get("per_scale") or {DEFAULT_IDENTITY_SCALE: report["overall"]}
+    return sorted(((float(scale), summary) for scale, summary in per_scale.items()), key=lambda point: point[0])
+
+
 def markdown_table(reports: Sequence[dict[str, Any]]) -> str:
-    """One row per system: identity per recognizer (failures as 0), no-face rate, CLIP score, means, diversity."""
+    """One row per system and identity scale: identity per recognizer (failures as 0), no-face rate, CLIP score,
+    means, diversity."""
     names = list(dict.fromkeys(n for r in reports for n in r["recognizers"]))
-    head = ["system", "images", *(f"identity ({n})" for n in names), "no face", "CLIP score", "hmean", "gmean",
-            "diversity"]
+    head = ["system", "identity scale", "images", *(f"identity ({n})" for n in names), "no face", "CLIP score",
+            "hmean", "gmean", "diversity"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
-        o = r["overall"]
-        identity = [_fmt(o["identity"][n]["mean"]) if n in o["identity"] else "-" for n in names]
-        lines.append("| " + " | ".join([r.get("system", "?"), str(o["images"]), *identity, f"{o['no_face_rate']:.1%}",
-                                         _fmt(o["clip_score"]), _fmt(o["hmean"]), _fmt(o["gmean"]),
-                                         _fmt(o["diversity"])]) + " |")
+        for scale, o in scale_points(r):
+            identity = [_fmt(o["identity"][n]["mean"]) if n in o["identity"] else "-" for n in names]
+            lines.append("| " + " | ".join([r.get("system", "?"), f"{scale:g}", str(o["images"]), *identity,
+                                             f"{o['no_face_rate']:.1%}", _fmt(o["clip_score"]), _fmt(o["hmean"]),
+                                             _fmt(o["gmean"]), _fmt(o["diversity"])]) + " |")
     primary = sorted({r["primary"] for r in reports if r["primary"]})
     notes = (f"\nhmean / gmean: harmonic / geometric mean of the CLIP score and identity ({', '.join(primary)}); "
              "identity counts images without a detectable face as 0. CLIP: "
@@ -56,8 +66,18 @@ def markdown_table(reports: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" + notes
 
 
+def tradeoff_points(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(label, identity (primary recognizer), CLIP score) per identity scale of a report; the label is the
+    system's name, with the scale for a sweep."""
+    points, system = scale_points(report), report.get("system", "?")
+    return [(system if len(points) == 1 else f"{system} s={scale:g}",
+             o["identity"][report["primary"]]["mean"] if report["primary"] else 0.0, o["clip_score"])
+            for scale, o in points]
+
+
 def scatter_plot(reports: Sequence[dict[str, Any]], path) -> None:
-    """Identity (primary recognizer) vs CLIP score, one labelled point per report."""
+    """Identity (primary recognizer) vs CLIP score, one labelled point per report and identity scale, a
+    sweep's points joined in the order of their scales: its trade-off curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,11 +85,10 @@ def scatter_plot(reports: Sequence[dict[str, Any]], path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     for r in reports:
-        o = r["overall"]
-        identity = o["identity"][r["primary"]]["mean"] if r["primary"] else 0.0
-        ax.scatter([identity], [o["clip_score"]], s=40)
-        ax.annotate(r.get("system", "?"), (identity, o["clip_score"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+        labels, identity, text = zip(*tradeoff_points(r))
+        ax.plot(identity, text, marker="o", markersize=6)
+        for label, x, y in zip(labels, identity, text):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     primary = ", ".join(sorted({r["primary"] for r in reports if r["primary"]})) or "none"
     ax.set_xlabel(f"identity similarity ({primary})")
     ax.set_ylabel("CLIP score (text fidelity)")

@@ -1,5 +1,5 @@
 """`score`: identity fidelity and text fidelity of a folder of generated images (any system's), per image
-and aggregated per prompt, per face and overall.
+and aggregated per prompt, per face, per identity scale and overall.
 
     identity   cosine between the reference face and the largest face found in the image, per recognizer;
                an image without a detectable face is a failure: it counts as 0 in `mean` and is left out
@@ -8,7 +8,7 @@ and aggregated per prompt, per face and overall.
     hmean/gmean  harmonic / geometric mean of text and the primary recognizer's identity (negatives as 0)
     diversity  spread of the generated faces over seeds: the mean pairwise distance between their 68
                landmarks (centred, in units of the eye distance; pose and expression, no identity
-               embedding), averaged over (face, prompt) groups
+               embedding), averaged over (face, prompt, identity scale) groups
 """
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _group(record: Mapping[str, Any]) -> tuple[str, str, float]:
+    """The images whose landmark spread is a diversity: one face, prompt and identity scale, over seeds."""
+    return record["face_id"], record["prompt"], record["identity_scale"]
+
+
 def summarize(records: Sequence[Mapping[str, Any]], recognizers: Sequence[str], primary: str,
               spreads: Mapping[tuple[str, str], float | None]) -> dict[str, Any]:
     """The aggregate of per-image records (and the landmark spreads of their (face, prompt) groups)."""
@@ -75,7 +80,7 @@ def summarize(records: Sequence[Mapping[str, Any]], recognizers: Sequence[str], 
                        "detected_mean": _mean(r["identity"][name] for r in records)} for name in recognizers}
     text = float(np.mean([r["clip_score"] for r in records]))
     main = identity[primary]["mean"] if primary else 0.0
-    groups = {(r["face_id"], r["prompt"]) for r in records}
+    groups = {_group(r) for r in records}
     return {"images": len(records), "faces": len({r["face_id"] for r in records}),
             "prompts": len({r["prompt"] for r in records}), "no_face_rate": 1.0 - float(np.mean(found)),
             "clip_score": text, "identity": identity, "hmean": hmean(main, text), "gmean": gmean(main, text),
@@ -84,7 +89,8 @@ def summarize(records: Sequence[Mapping[str, Any]], recognizers: Sequence[str], 
 
 def score_images(entries: Sequence[Entry], clip, recognizers: Mapping[str, Callable], primary: str | None = None,
                  detector=None, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
-    """Scores every image of `entries`; returns {"overall", "per_prompt", "per_face", "images", ...}.
+    """Scores every image of `entries`; returns {"overall", "per_prompt", "per_face", "per_scale", "images",
+    ...} ("per_scale": by identity scale).
 
     recognizers: name -> recognizer (see recognizers.py); primary: the one hmean/gmean use (default: the
     first). detector: the landmark detector (default dlib's)."""
@@ -119,15 +125,16 @@ def score_images(entries: Sequence[Entry], clip, recognizers: Mapping[str, Calla
                     if detected else {} for n in names}
         for i, entry in enumerate(chunk):
             records.append({"image": entry.image, "face": entry.face, "face_id": entry.face_id,
-                            "prompt": entry.prompt, "seed": entry.seed, "face_found": faces[i] is not None,
+                            "prompt": entry.prompt, "seed": entry.seed, "identity_scale": entry.identity_scale,
+                            "face_found": faces[i] is not None,
                             "identity": {n: float(identity[n][i]) if i in identity[n] else None for n in names},
                             "clip_score": float(texts[i])})
             if faces[i] is not None:
-                landmarks[entry.face_id, entry.prompt].append(faces[i].landmarks)
-    groups = {(r["face_id"], r["prompt"]) for r in records}
+                landmarks[_group(records[-1])].append(faces[i].landmarks)
+    groups = {_group(r) for r in records}
     spreads = {g: landmark_spread(landmarks[g]) for g in groups}
     by = lambda key: {value: summarize([r for r in records if r[key] == value], names, primary, spreads)  # noqa: E731
                       for value in dict.fromkeys(r[key] for r in records)}
     return {"recognizers": names, "primary": primary, "clip_model": clip.name,
             "overall": summarize(records, names, primary, spreads), "per_prompt": by("prompt"),
-            "per_face": by("face_id"), "images": records}
+            "per_face": by("face_id"), "per_scale": by("identity_scale"), "images": records}

@@ -28,6 +28,7 @@ import math
 import operator
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -48,7 +49,7 @@ from f2d_jax.models.bundle import Models, compute_dtype, load_models
 from f2d_jax.params import with_trained
 from f2d_jax.sampling.loop import decode_images, start, steps
 from f2d_jax.sampling.schedulers import make_scheduler
-from f2d_jax.text import identifier_prompts, token_ids
+from f2d_jax.text import CLASS_WORDS, class_ids, identifier_prompts, token_ids
 from f2d_jax.workdir import check_f2d_run, is_workdir, load_trained
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
@@ -107,6 +108,13 @@ def check_sampling(steps: int, guidance_scale: float | None, scheduler: str | No
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
 
 
+def check_identity_scale(scale: float) -> None:
+    """A ValueError for an identity scale that is negative or not finite."""
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"the identity scale must be a finite number of at least 0 (0: the class "
+                         f"{CLASS_WORDS!r}, 1: the person as trained), got {scale}")
+
+
 def seed_range(seed: int, num_images: int) -> np.ndarray:
     """(num_images,) uint32 seeds seed, seed + 1, ...: image j of a prompt uses seed + j."""
     if num_images < 1:
@@ -147,6 +155,7 @@ class F2DPipeline:
         self._batch = NamedSharding(self.mesh, P("data"))
         self.variables = jax.device_put(variables, self._replicated)
         self.tokenizer = models.sd.tokenizer()
+        self.class_ids = np.asarray(class_ids(self.tokenizer), np.int32)  # "a person": identity scale 0
         self.defaults = base_defaults(models.sd)
         unet = models.sd.unet
         self.size_multiple = models.sd.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
@@ -262,23 +271,34 @@ class F2DPipeline:
         crop = _align(image, self.detector).expression_crop[None]
         return self._expression(self.variables, jnp.asarray(expression_input(crop)))
 
-    def _condition_fn(self, variables, identity, expression, ids, positions):
+    def _condition_fn(self, variables, identity, expression, ids, positions, class_ids, identity_scale):
         """expression: (1, 64) or None (null_exp)."""
         encoders = self.models.encoders
         n = ids.shape[0]
         identity = jnp.broadcast_to(identity, (n, identity.shape[-1]))
         expression = None if expression is None else jnp.broadcast_to(expression, (n, expression.shape[-1]))
         tokens = encoders.identity_tokens(variables, identity, expression)
+        tokens = encoders.scaled_identity_tokens(variables, tokens, ids, positions, class_ids, identity_scale)
         return encoders.prompt_embeddings(variables, ids, positions, tokens)
 
     def encode_prompt(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str],
-                      expression_image: FaceInput | None = None) -> dict[str, jax.Array]:
+                      expression_image: FaceInput | None = None, identity_scale: float = 1.0) -> dict[str, jax.Array]:
         """The conditioning of each prompt with the person's "f l" tokens injected: {"context":
-        (len(prompts), 77, D)}, and SDXL's "text_embeds" (len(prompts), 1280)."""
+        (len(prompts), 77, D)}, and SDXL's "text_embeds" (len(prompts), 1280).
+
+        identity_scale: how much of the person the tokens carry. The tokens written are (1 - s) * class +
+        s * tokens, class: what the encoders' input holds where "a person" stands in place of "f l"; 0 gives
+        the conditioning of the prompt with "a person" for "f l", 1 the person as trained, above 1
+        extrapolates (with a warning). Negative or not finite: a ValueError."""
+        check_identity_scale(identity_scale)
+        if identity_scale > 1:
+            warnings.warn(f"identity scale {identity_scale} > 1 extrapolates beyond the person's tokens; the "
+                          "images may degrade", stacklevel=2)
         ids, positions = identifier_prompts(_as_list(prompt), self.tokenizer)
         identity = self.identity(image)
         expression = self.expression(expression_image) if expression_image is not None else None
-        return self._condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions))
+        return self._condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions),
+                               self.class_ids, jnp.float32(identity_scale))
 
     # ------------------------------------------------------------------ generation
 
@@ -294,19 +314,20 @@ class F2DPipeline:
                  seed: int = 0, steps: int = 30, guidance_scale: float | None = None, scheduler: str | None = None,
                  negative_prompt: str | None = None, expression_image: FaceInput | None = None, latents=None,
                  height: int | None = None, width: int | None = None, progress: bool = True,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+                 batch_size: int = DEFAULT_BATCH_SIZE, identity_scale: float = 1.0) -> np.ndarray:
         """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major; image j of every prompt
         uses seed + j. `latents`: (that many, 4, height / 8, width / 8) initial noise (default: from the seeds).
         `batch_size` images are made at a time; it changes neither the seeds nor the pictures. Settings left
         None are the base's defaults (a width left None is the height). Without a negative prompt the
-        unconditional branch is the empty prompt's, zeros on SDXL (as diffusers' pipelines do)."""
+        unconditional branch is the empty prompt's, zeros on SDXL (as diffusers' pipelines do).
+        `identity_scale`: see `encode_prompt`."""
         guidance_scale, scheduler, height, width = self.settings(guidance_scale, scheduler, height, width)
         check_size(height, width, self.size_multiple)
         prompts = _as_list(prompt)
         seeds = np.tile(seed_range(seed, num_images), len(prompts))
         self._check_latents(latents, len(seeds), height, width)
         conditioning = jax.tree.map(lambda x: np.repeat(np.asarray(x), num_images, axis=0),
-                                    self.encode_prompt(image, prompts, expression_image))
+                                    self.encode_prompt(image, prompts, expression_image, identity_scale))
         return self.sample(conditioning, seeds, steps, guidance_scale, scheduler, negative_prompt, latents, height,
                            width, progress, batch_size)
 
@@ -387,12 +408,13 @@ class F2DPipeline:
     def __call__(self, image, prompt, num_images: int = 8, seed: int = 0, steps: int = 30,
                  guidance_scale: float | None = None, scheduler: str | None = None, negative_prompt: str | None = None,
                  expression_image=None, latents=None, height: int | None = None, width: int | None = None,
-                 progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Image.Image]:
+                 progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+                 identity_scale: float = 1.0) -> list[Image.Image]:
         """PIL images (see `generate`)."""
         images = self.generate(image, prompt, num_images, seed, steps, guidance_scale, scheduler, negative_prompt,
-                               expression_image, latents, height, width, progress, batch_size)
+                               expression_image, latents, height, width, progress, batch_size, identity_scale)
         return [Image.fromarray(x) for x in images]
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SD", "F2DPipeline", "MAX_SEED", "WeightsError", "as_seeds", "check_sampling",
-           "check_size", "seed_range", "with_weights"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SD", "F2DPipeline", "MAX_SEED", "WeightsError", "as_seeds",
+           "check_identity_scale", "check_sampling", "check_size", "seed_range", "with_weights"]

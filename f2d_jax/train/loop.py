@@ -228,14 +228,18 @@ class StepProgram:
         return compile_counted(self.step, self.abstract_state, self.frozen, features, self.constants, devices=devices)
 
 
+def step_config(config, models: Models) -> StepConfig:
+    """The step's settings from `config` and the Stable Diffusion it trains against."""
+    tc, sd = config.train, models.sd
+    return StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor,
+                      sd.scheduler_config.get("prediction_type", "epsilon"))
+
+
 def step_function(config, models: Models) -> tuple[Callable, Any]:
     """(train_step with `config`'s optimizer and settings bound, (state, frozen, batch, constants) ->
     (state, metrics); the optimizer, to make the state)."""
-    tc, sd = config.train, models.sd
-    tx, schedule = optimizer(config.optim, tc.steps)
-    cfg = StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor,
-                     sd.scheduler_config.get("prediction_type", "epsilon"))
-    return functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=cfg), tx
+    tx, schedule = optimizer(config.optim, config.train.steps)
+    return functools.partial(train_step, models=models, tx=tx, schedule=schedule, cfg=step_config(config, models)), tx
 
 
 def step_program(config, models: Models, variables, mesh, *, abstract: bool = False) -> StepProgram:

@@ -69,23 +69,28 @@ def prediction_target(prediction_type: str, z0, eps, abar):
     raise ValueError(f"prediction_type={prediction_type!r}: training supports epsilon and v_prediction")
 
 
+def noised_latents(batch: Mapping[str, jax.Array], keys, alphas_cumprod, cfg: StepConfig):
+    """A batch's denoising problem, drawn with keys[0], keys[1], keys[2] (latent sample, timesteps, noise):
+    (z_t (B, C, h, w), t (B,), the UNet's target, the head mask (B, 1, h, w))."""
+    z0 = latents_from_moments(batch["latent_moments"], keys[0], cfg.vae_scaling_factor)
+    t = jax.random.randint(keys[1], (z0.shape[0],), 0, alphas_cumprod.shape[0])
+    eps = jax.random.normal(keys[2], z0.shape)
+    abar = alphas_cumprod[t][:, None, None, None]
+    z_t = jnp.sqrt(abar) * z0 + jnp.sqrt(1 - abar) * eps
+    return z_t, t, prediction_target(cfg.prediction_type, z0, eps, abar), jnp.transpose(batch["mask"], (0, 3, 1, 2))
+
+
 def train_step(state: TrainState, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array], constants: Constants,
                *, models: Models, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig):
     """(state, frozen params, batch, constants) -> (new state, metrics)."""
     keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), state.step), 6)
     b = batch["identity"].shape[0]
-    z0 = latents_from_moments(batch["latent_moments"], keys[0], cfg.vae_scaling_factor)
-    t = jax.random.randint(keys[1], (b,), 0, constants.alphas_cumprod.shape[0])
-    eps = jax.random.normal(keys[2], z0.shape)
-    abar = constants.alphas_cumprod[t][:, None, None, None]
-    z_t = jnp.sqrt(abar) * z0 + jnp.sqrt(1 - abar) * eps
-    target = prediction_target(cfg.prediction_type, z0, eps, abar)
-    mask = jnp.transpose(batch["mask"], (0, 3, 1, 2))                           # (B, 1, h, w)
+    z_t, t, target, mask = noised_latents(batch, keys, constants.alphas_cumprod, cfg)
     keep_expression = jax.random.bernoulli(keys[3], 1 - cfg.p_uncond, (b,))
     caption = jax.random.randint(keys[4], (b,), 0, constants.prompt_ids.shape[0])
 
     sd = models.sd
-    size = [n * sd.vae_scale_factor for n in z0.shape[2:]]
+    size = [n * sd.vae_scale_factor for n in z_t.shape[2:]]
 
     def predict(params, conditioning, unet=sd.unet):
         return unet_output(unet, params, z_t, t, sd.with_size(conditioning, *size))
