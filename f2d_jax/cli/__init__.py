@@ -87,7 +87,8 @@ def png_text(args: argparse.Namespace, pipe, *, prompts: list[str], images: list
     `parameters`, the usual one-paragraph summary. `args`: the `add_weights` options."""
     settings = dict(prompts=prompts, images=images, num_images=num_images, seed=seed, steps=steps, guidance=guidance,
                     scheduler=scheduler, identity_scale=identity_scale, negative_prompt=negative_prompt,
-                    expression_image=expression_image, height=height, width=width, **{name: getattr(args, name) for name in WEIGHT_SOURCES},
+                    expression_image=expression_image, height=height, width=width,
+                    **{name: getattr(args, name) for name in WEIGHT_SOURCES},
                     weights=dict(pipe.config.weights) if pipe.config is not None else None)
     return {"f2d_jax": json.dumps(settings),
             "parameters": f"{' | '.join(prompts)}\nNegative prompt: {negative_prompt or ''}\nSteps: {steps}, "
