@@ -21,7 +21,7 @@ demo: $(VENV)/.installed-faces
 
 # The test suite (CPU only, no network).
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV)

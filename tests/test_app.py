@@ -1,6 +1,7 @@
-"""The web app (python -m f2d_jax.app): one server on the tiny config, on a free localhost port in a
-subprocess, driven by gradio's Python client and by a headless chromium; a user's mistakes are
-messages in the page and the next request works; the command line's mistakes are one `error:` line.
+"""The web app (python -m f2d_jax.app): a server on the tiny config (one per test worker), on a free
+localhost port in a subprocess, driven by gradio's Python client and by a headless chromium; a user's
+mistakes are messages in the page and the next request works; the command line's mistakes are one
+`error:` line.
 
 The browser test needs Debian's chromium (apt-get install chromium); without it the test skips,
 unless F2D_REQUIRE_BROWSER is set (as in CI), which makes its absence a failure.
@@ -33,8 +34,6 @@ SCREENSHOT = os.environ.get("F2D_SCREENSHOT")
 # seed, steps, guidance, sampler, height, width, identity scale.
 DEFAULTS = [4, 0, 30, 7.0, "euler_a", 64, 64, 1.0]
 NO_FACE = "no face found in wall.png; use a photo with a clear, roughly frontal face"
-
-pytestmark = pytest.mark.xdist_group("app")  # one server: every test of the file in one worker
 
 
 def _free_port() -> int:
