@@ -19,12 +19,42 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from f2d_jax.models import CLIPTextEncoder, ExpressionEncoder, MappingNetwork, MSIDEncoder, expression_code
 
 NAMES = ("msid", "mapping", "text_encoder", "expression")
+
+
+def face_models(model: Mapping[str, Any]) -> dict[str, nn.Module]:
+    """MSID, the mapping network and the expression encoder of a config's `model` section: what needs no
+    text encoder (a packaged model holds the first two, whatever base they were trained on)."""
+    return {"msid": MSIDEncoder(**model["msid"], attention=model.get("attention", "auto")),
+            "mapping": MappingNetwork(**model["mapping"]), "expression": ExpressionEncoder(**model["expression"])}
+
+
+def init_models(models: Mapping[str, nn.Module], rng: jax.Array) -> dict[str, Any]:
+    """{name: random variables} of `models` ({name in NAMES or "text_encoder_2": module}); a model's
+    draws depend on `rng` and its name only, not on which others are drawn with it."""
+    return _init(tuple(models.items()), rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(models: tuple[tuple[str, nn.Module], ...], rng: jax.Array) -> dict[str, Any]:
+    # Per-parameter draws from an "rbg" key: XLA's RngBitGenerator compiles several times faster on
+    # CPU than the hundreds of inlined threefry hashes an init otherwise makes. One compiled program;
+    # the dummy inputs are the smallest the parameter shapes allow.
+    keys = dict(zip(NAMES, jax.random.split(
+        jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg"), len(NAMES))))
+    keys["text_encoder_2"] = jax.random.fold_in(keys["text_encoder"], 2)
+    inputs = {"msid": lambda m: jnp.zeros((1, m.image_size, m.image_size, 3)),
+              "mapping": lambda m: jnp.zeros((1, m.identity_dim)),
+              "text_encoder": lambda m: jnp.zeros((1, 1), jnp.int32),
+              "text_encoder_2": lambda m: jnp.zeros((1, 1), jnp.int32),
+              "expression": lambda m: jnp.zeros((1, 32, 32, 3))}
+    return {name: model.init(keys[name], inputs[name](model)) for name, model in models}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,32 +85,16 @@ class Encoders:
                     ) -> Encoders:
         """From a config's `model` section; `text_encoders` (those of a loaded SD checkpoint, by
         variables key: `StableDiffusion.text_encoders`) are used when given, else the section's."""
-        attention = model.get("attention", "auto")
         if text_encoders is None:
             text_encoders = {"text_encoder": CLIPTextEncoder(**dict(model.get("text_encoder") or {}),
-                                                             attention=attention)}
-        return cls(MSIDEncoder(**model["msid"], attention=attention), MappingNetwork(**model["mapping"]),
-                   text_encoders["text_encoder"], ExpressionEncoder(**model["expression"]),
-                   text_encoders.get("text_encoder_2"))
+                                                             attention=model.get("attention", "auto"))}
+        return cls(**face_models(model), text_encoder=text_encoders["text_encoder"],
+                   text_encoder_2=text_encoders.get("text_encoder_2"))
 
-    @functools.partial(jax.jit, static_argnums=(0, 2))
     def init(self, rng: jax.Array, names: tuple[str, ...] | None = None) -> dict[str, Any]:
-        """Random variables for the models in `names` (default: all, SDXL's second text encoder too; one
-        compiled program; the dummy inputs are the smallest the parameter shapes allow)."""
+        """Random variables for the models in `names` (default: all, SDXL's second text encoder too)."""
         names = names or (*NAMES, *(("text_encoder_2",) if self.text_encoder_2 is not None else ()))
-        # Per-parameter draws from an "rbg" key: XLA's RngBitGenerator compiles several times faster
-        # on CPU than the hundreds of inlined threefry hashes an init otherwise makes.
-        keys = dict(zip(NAMES, jax.random.split(
-            jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg"), len(NAMES))))
-        keys["text_encoder_2"] = jax.random.fold_in(keys["text_encoder"], 2)
-        inputs = {
-            "msid": jnp.zeros((1, self.msid.image_size, self.msid.image_size, 3)),
-            "mapping": jnp.zeros((1, self.mapping.identity_dim)),
-            "text_encoder": jnp.zeros((1, 1), jnp.int32),
-            "text_encoder_2": jnp.zeros((1, 1), jnp.int32),
-            "expression": jnp.zeros((1, 32, 32, 3)),
-        }
-        return {name: getattr(self, name).init(keys[name], inputs[name]) for name in names}
+        return init_models({name: getattr(self, name) for name in names}, rng)
 
     def identity_features(self, variables, faces):
         """(B, 112, 112, 3) aligned faces in [-1, 1] -> (B, F) MSID features."""

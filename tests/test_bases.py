@@ -129,9 +129,29 @@ def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, sche
     assert value >= 40, f"PSNR {value:.1f} dB < 40 dB"
 
 
-def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys):
+def assert_packaged(workdir, out, parity):
+    """`f2d-convert package` of a run: the folder loads to the checkpoint's own conditioning."""
+    from f2d_jax.convert.__main__ import main as convert_main
+
+    assert convert_main(["package", str(workdir), "--out", str(out)]) == 0
+    packaged = F2DPipeline.from_pretrained(model=out).encode_prompt(FACE, "a photo of f l")
+    trained = F2DPipeline.from_checkpoint(workdir).encode_prompt(FACE, "a photo of f l")
+    assert packaged.keys() == trained.keys()
+    error = max(float(np.max(np.abs(packaged[k] - trained[k]))) for k in trained)
+    parity(f"packaged {load_config(out / 'config.json').model.tiny_base} run vs its workdir, conditioning", error, 1e-6)
+
+
+def test_tiny_sd2_run_packages_as_one_folder(tmp_path, parity):
+    from f2d_jax.train.launch import run
+
+    assert run(load_config(CONFIGS["sd2"], ["train.steps=1", "log.sample_every=0"]), tmp_path / "run") == 0
+    assert_packaged(tmp_path / "run", tmp_path / "model", parity)
+
+
+def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys, parity):
     """Tiny SDXL: 2 + 2 resumed steps equal 4; 2 steps on a 4 x 2 mesh of 8 devices, the frozen UNet and text
-    encoders FSDP-sharded, equal 2 on one; the export loads strictly in PyTorch; the run samples."""
+    encoders FSDP-sharded, equal 2 on one; the export loads strictly in PyTorch and the package in JAX; the
+    run samples."""
     import torch
     from test_train import _assert_close, _metrics, _train
 
@@ -158,6 +178,7 @@ def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys):
     assert convert_main(["export", str(tmp_path / "whole"), "--out", str(tmp_path / "export")]) == 0
     reference = ref.Mapping(identity=128, hidden=64, out=80, exp=64)
     reference.load_state_dict(torch.load(tmp_path / "export" / "mapping.pt", weights_only=True), strict=True)
+    assert_packaged(tmp_path / "whole", tmp_path / "model", parity)
 
     _train(tmp_path / "sharded", "--config.train.steps=2", "--config.log.every=2", "--config.checkpoint.every=2",
            "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp", devices=8,

@@ -101,7 +101,7 @@ def trained_models(workdir, step: int | None = None, msid=None,
     (default: the latest): MSID from `msid` or as its config names it (random init where empty), with what
     the run trained."""
     from f2d_jax.config import config_from_dict
-    from f2d_jax.encoders import Encoders
+    from f2d_jax.encoders import face_models
     from f2d_jax.models.bundle import encoder_variables
     from f2d_jax.params import with_trained
     from f2d_jax.workdir import check_f2d_run, load_trained
@@ -115,9 +115,9 @@ def trained_models(workdir, step: int | None = None, msid=None,
     config = config_from_dict(config)
     if msid:
         config.weights.msid = str(msid)
-    encoders = Encoders.from_config(config.model)
-    variables = with_trained(encoder_variables(config, encoders, log=log), params)
-    return config, {name: (getattr(encoders, name), variables[name]) for name in ("msid", "mapping")}, step
+    models = {name: face_models(config.model)[name] for name in ("msid", "mapping")}  # no text encoder: any base
+    variables = with_trained(encoder_variables(config, models, log=log), params)
+    return config, {name: (model, variables[name]) for name, model in models.items()}, step
 
 
 def package_workdir(workdir, directory, step: int | None = None, force: bool = False, msid=None) -> Path:

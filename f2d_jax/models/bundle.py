@@ -11,11 +11,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from f2d_jax import convert
-from f2d_jax.encoders import Encoders
+from f2d_jax.encoders import Encoders, face_models, init_models
 from f2d_jax.models.stable_diffusion import StableDiffusion, load_stable_diffusion, tiny_stable_diffusion
 
 
@@ -35,7 +36,10 @@ def compute_dtype(name: str):
 def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "mapping", "expression"),
                 log=lambda msg: print(msg, file=sys.stderr)) -> tuple[Models, dict[str, Any]]:
     """(Models, variables) with variables for "unet", "vae", "text_encoder"[, "text_encoder_2"] (in `dtype`) and `names`
-    (float32). `log` receives a line for every model that starts from random init."""
+    (float32). `log` receives a line for every model that starts from random init. The Face2Diffusion
+    models load first: a weights path that is wrong stops it before Stable Diffusion loads."""
+    face = face_models(config["model"])
+    face_variables = encoder_variables(config, {name: face[name] for name in names}, log)
     weights = config["weights"]
     attention = config["model"].get("attention", "auto")
     if weights["sd"]:
@@ -46,20 +50,19 @@ def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "ma
         sd, variables = tiny_stable_diffusion(jax.random.key(config["seed"]), dtype=dtype, attention=attention,
                                               base=base)
     encoders = Encoders.from_config(config["model"], sd.text_encoders)
-    variables.update(encoder_variables(config, encoders, names, log))
-    return Models(encoders, sd), variables
+    return Models(encoders, sd), {**variables, **face_variables}
 
 
-def encoder_variables(config: Mapping[str, Any], encoders: Encoders, names=("msid", "mapping"),
+def encoder_variables(config: Mapping[str, Any], models: Mapping[str, nn.Module],
                       log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
-    """{name: float32 variables} of the Face2Diffusion models in `names`: read from the config's weights
-    paths, random init (from the config's seed) where a path is empty."""
+    """{name: float32 variables} of the Face2Diffusion `models` ({name: module}): read from the config's
+    weights paths, random init (from the config's seed) where a path is empty."""
     weights = config["weights"]
-    random = tuple(n for n in names if not weights[n])
+    random = {name: model for name, model in models.items() if not weights[name]}
     for name in random:
         log(f"{name}: random init (weights.{name} is empty)")
-    variables = encoders.init(jax.random.key(config["seed"] + 1), random) if random else {}
-    for name in names:
+    variables = init_models(random, jax.random.key(config["seed"] + 1)) if random else {}
+    for name, model in models.items():
         if weights[name]:
-            variables[name] = convert.load(name, weights[name], getattr(encoders, name))
+            variables[name] = convert.load(name, weights[name], model)
     return variables
