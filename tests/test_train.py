@@ -276,23 +276,25 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [m["step"] for m in _metrics(tmp_path / "killed")] == list(range(5, 45, 5))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+@pytest.mark.parametrize("every", [100000, 1], ids=["between-checkpoints", "on-a-checkpoint-step"])
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, every):
+    """SIGTERM saves and exits 143, also on a step that was just checkpointed (every step with every=1)."""
     proc = subprocess.Popen(_command(tmp_path, "--config.train.steps=100000", "--config.log.every=1",
-                                     "--config.checkpoint.every=100000"),
+                                     f"--config.checkpoint.every={every}"),
                             env=_env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text().strip())
-    # A second train.py on the same workdir meanwhile is refused, naming the run that holds it.
-    second = _train(tmp_path, "--config.train.steps=100000", check=False)
-    assert second.returncode == 2
-    assert f"error: {tmp_path} is in use by another training run (process {proc.pid} on " in second.stderr
+    if every > 1:  # a second train.py on the same workdir meanwhile is refused, naming the run that holds it
+        second = _train(tmp_path, "--config.train.steps=100000", check=False)
+        assert second.returncode == 2
+        assert f"error: {tmp_path} is in use by another training run (process {proc.pid} on " in second.stderr
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert not (tmp_path / "run.lock").exists()  # released at exit
-    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 1
-    assert f"SIGTERM: saved checkpoint {tmp_path / 'checkpoints' / str(saved[0])}" in err
-    assert load_trained(tmp_path)[2] == saved[0]
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= 1 and len(saved) == (1 if every > 1 else min(saved[-1], 2))  # keep=2
+    assert f"SIGTERM: saved checkpoint {tmp_path / 'checkpoints' / str(saved[-1])}" in err
+    assert "error:" not in err and load_trained(tmp_path)[2] == saved[-1]
 
 
 def test_corrupt_or_mismatched_checkpoint_is_an_error(tmp_path, capsys):

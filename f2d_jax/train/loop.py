@@ -199,7 +199,8 @@ def run_loop(config, state, start: int, loader, step_fn: Callable, checkpoints: 
                         fn(done, state)
                     last_time += time.perf_counter() - paused
                 if preemption(done):
-                    checkpoints.save(done, state, meta(done))
+                    if not save:  # else this step's checkpoint is already on its way
+                        checkpoints.save(done, state, meta(done))
                     checkpoints.wait()
                     say(f"SIGTERM: saved checkpoint {checkpoints.directory / str(done)}; "
                         "run the same command to resume")
