@@ -23,6 +23,7 @@ from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
 from f2d_jax.text import PromptError, identifier_prompts
 
 
+@cli.command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="f2d-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

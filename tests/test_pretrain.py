@@ -214,7 +214,7 @@ def test_data_dir_errors(identity_data, tmp_path, capsys):
     pairs = identity_data / "pairs.bin"
     for data_dir, overrides, message in [
         (tmp_path / "empty", (), f"data.dir {tmp_path / 'empty'} is not an identity dataset: give an f2d_identities "
-                                 "dataset (built with `python -m f2d_jax.data.identities"),
+                                 "dataset (built with `f2d-identities"),
         (tmp_path / "missing", (), f"data.dir {tmp_path / 'missing'} is missing"),
         (identity_data / "dataset", ("arcface.num_identities=10",),
          f"{identity_data / 'dataset'} has 16 identities but arcface.num_identities=10; raise it"),

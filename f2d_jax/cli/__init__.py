@@ -6,10 +6,15 @@ checked, so that `--help` and a mistyped argument answer at once.
 """
 from __future__ import annotations
 
+import _thread
 import argparse
+import functools
+import gc
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,6 +114,53 @@ def check_output(path, flag: str, folder: bool = False) -> None:
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ValueError(f"{flag} {path} cannot be written: {parent} is not writable")
             return
+
+
+def command(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorates a console script's `main(argv=None) -> status`: a Ctrl-C at any moment, while modules import
+    and arguments parse too, is one line and status 130 (`run` words the line for the work it stops)."""
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        _resurface_interrupts()
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return INTERRUPTED
+    return wrapped
+
+
+def _resurface_interrupts() -> None:
+    """Ctrl-C's KeyboardInterrupt is raised in whatever Python code runs when it comes; in a garbage-collection
+    callback (JAX has one) or a finalizer, Python reports it as "Exception ignored" and drops it, and the
+    program would go on. From here on such an interrupt is raised a moment later instead, in the code that
+    runs then; one that is dropped all the same is not reported but raised again."""
+    report = sys.unraisablehook
+    if getattr(report, "resurfaces_interrupts", False):
+        return
+
+    def later():
+        threading.Timer(0.05, _thread.interrupt_main).start()
+
+    def handler(signum, frame):
+        callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+        while frame is not None:
+            if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+                return later()
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            later()
+        else:
+            report(unraisable)
+
+    hook.resurfaces_interrupts = True
+    sys.unraisablehook = hook
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
 
 def run(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = USER_ERRORS,

@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@cli.command
 def main(argv=None) -> int:
     args = parse_args(argv)
     return cli.run(lambda: _serve(args), interrupted="interrupted: the server stopped")

@@ -87,6 +87,7 @@ def save(images, args, pipe, out: Path) -> None:
             Image.fromarray(image).save(directory / f"p{prompt:02d}_{index:03d}.png", pnginfo=info)
 
 
+@cli.command
 def main(argv=None) -> int:
     args = parse_args(argv)
     return cli.run(lambda: _sample(args), interrupted="interrupted: nothing was written")

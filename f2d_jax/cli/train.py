@@ -11,10 +11,12 @@ JAX_PROCESS_ID) or a cluster scheduler (SLURM, Open MPI, Cloud TPU pods) says so
 import argparse
 
 from f2d_jax import cli
-from f2d_jax.config import add_config_arguments, config_from_args
 
 
+@cli.command
 def main(argv=None) -> int:
+    from f2d_jax.config import add_config_arguments, config_from_args
+
     parser = argparse.ArgumentParser(prog="f2d-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard and sample images")

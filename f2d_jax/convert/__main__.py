@@ -138,6 +138,7 @@ def _inspect(args) -> None:
     print(f"{len(tensors)} tensors, {sum(int(np.size(v)) for v in tensors.values()):,} values")
 
 
+@cli.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     command = {"import": _import, "export": _export, "package": _package, "inspect": _inspect}[args.command]

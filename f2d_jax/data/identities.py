@@ -1,6 +1,6 @@
 """Identity-labelled face crops for MSID (ArcFace) pretraining: `f2d_identities` 1.0.0, array_record files.
 
-    python -m f2d_jax.data.identities --source faces_emore/ --out data/ms1mv2 [--resize] [--overwrite]
+    f2d-identities --source faces_emore/ --out data/ms1mv2 [--resize] [--overwrite]
 
     data = open_identities("data/ms1mv2")
     len(data), data.num_identities
@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 import f2d_jax
+from f2d_jax import cli
 from f2d_jax.data import builder as builder_lib
 from f2d_jax.data.examples import find_images
 from f2d_jax.data.read import read_records
@@ -56,7 +57,7 @@ NAMES_FILE = "identities.txt"
 WORK_DIR = ".work"
 FOLDER, RECORDIO = "folder", "recordio"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_COMMAND = "python -m f2d_jax.data.identities"
+_COMMAND = "f2d-identities"
 
 
 class IdentitiesError(Exception):
@@ -376,6 +377,7 @@ def open_identities(data_dir: str | os.PathLike, split: str = "train") -> Identi
 # --------------------------------------------------------------------------- command line
 
 
+@cli.command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(prog=_COMMAND, description=__doc__,

@@ -508,6 +508,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log lines would bury the report
     from f2d_jax.config import add_config_arguments, config_from_args

@@ -220,6 +220,7 @@ def _report(args) -> None:
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
 
 
+@cli.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     command = {"generate": _generate, "score": _score, "report": _report}[args.command]

@@ -97,7 +97,7 @@ def open_source(path):
         return RecordIOSource(path)
     raise FileNotFoundError(
         f"data.dir {path} is {'missing' if not path.exists() else 'not an identity dataset'}: give an "
-        f"f2d_identities dataset (built with `python -m f2d_jax.data.identities --source SRC --out DIR`, so "
+        f"f2d_identities dataset (built with `f2d-identities --source SRC --out DIR`, so "
         f"that DIR/{identities.INFO_FILE} exists) or an insightface pack folder ({REC_NAME} + {IDX_NAME})")
 
 

@@ -1,7 +1,7 @@
 """Face verification accuracy of an MSID encoder on insightface .bin pair sets (LFW, CFP-FP, AgeDB-30, ...).
 
-    python -m f2d_jax.pretrain.verify --msid WORKDIR lfw.bin cfp_fp.bin agedb_30.bin
-    python -m f2d_jax.pretrain.verify --msid weights/msid.pt --json accuracy.json lfw.bin
+    f2d-verify --msid WORKDIR lfw.bin cfp_fp.bin agedb_30.bin
+    f2d-verify --msid weights/msid.pt --json accuracy.json lfw.bin
 
 insightface's protocol, as MSID pretraining reports it during training: the embedding of a face is
 MSID's feature of it plus that of its mirror image (running BatchNorm statistics), pairs are
@@ -25,7 +25,7 @@ import numpy as np
 from f2d_jax import cli
 from f2d_jax.compile_cache import enable
 
-PROG = "python -m f2d_jax.pretrain.verify"
+PROG = "f2d-verify"
 
 
 class VerifyError(Exception):
@@ -94,6 +94,7 @@ def evaluate(model, variables, bins: list[str], batch_size: int = 256, folds: in
     return results
 
 
+@cli.command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bins", nargs="+", metavar="BIN", help="insightface verification files (lfw.bin, ...)")
