@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
+import re
+import traceback
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -43,7 +47,8 @@ def _config_module(name_or_path: str | os.PathLike):
     if path.is_file():
         spec = importlib.util.spec_from_file_location(f"_f2d_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        with _config_code(path):
+            spec.loader.exec_module(module)
         return module
     if str(name_or_path) in config_names():
         return importlib.import_module(f"f2d_jax.configs.{name_or_path}")
@@ -73,29 +78,154 @@ def load_config(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) 
 
     A key that is not a field, or a value of another type than the field's, is a ValueError."""
     if Path(name_or_path).suffix.lower() == ".json" and Path(name_or_path).is_file():
-        config = config_from_dict(json.loads(Path(name_or_path).read_text()))
+        try:
+            config = config_from_dict(json.loads(Path(name_or_path).read_text()))
+        except ValueError as e:
+            raise ValueError(f"{name_or_path} is not a config as JSON: {e}") from None
     else:
         module = _config_module(name_or_path)
         if not hasattr(module, "get_config"):
             raise ValueError(f"{name_or_path} has no get_config()")
-        config = module.get_config()
+        with _config_code(getattr(module, "__file__", name_or_path)):
+            config = module.get_config()
+        if not isinstance(config, ml_collections.ConfigDict):
+            raise ValueError(f"get_config() of {name_or_path} returned {type(config).__name__}, not a ConfigDict")
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep:
             raise ValueError(f"override {override!r} is not of the form key=value")
         *parents, leaf = key.split(".")
-        node = config
-        for name in [*parents, leaf]:
+        parent, node = None, config
+        for depth, name in enumerate([*parents, leaf]):
             if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-                fields = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
-                raise ValueError(f"{key} is not a config field (fields at {name!r}: {fields})")
+                where = ".".join(key.split(".")[:depth]) or "the config"
+                fields = f"its fields: {', '.join(sorted(node.keys()))}" \
+                    if isinstance(node, ml_collections.ConfigDict) else "it is a value, not a section"
+                raise ValueError(f"--config.{key}: {where} has no field {name!r} ({fields})")
             parent, node = node, node[name]
         try:
             parent[leaf] = _parse(text, node)
         except TypeError:
             raise ValueError(f"{key}={text} does not fit the field: {key} holds {_kind(node)}, "
                              f"like its default {node!r}") from None
+    check_config(config)
     return config
+
+
+def f2d_config(config, name) -> ml_collections.ConfigDict:
+    """`config` (a ConfigDict, or a name or path to load) if it is a Face2Diffusion one; an MSID pretraining
+    config is a ValueError saying so, for the commands that run Face2Diffusion models."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = load_config(config)
+    if config.get("task", "f2d") != "f2d":
+        raise ValueError(f"{name} is an MSID pretraining config (task {config.task}), for f2d-train only; give a "
+                         "Face2Diffusion config such as tiny or f2d_sd14")
+    return config
+
+
+@contextlib.contextmanager
+def _config_code(path):
+    """A config file's code that fails (a syntax error, a name that is not defined) is a ValueError naming
+    the file and line, not a traceback."""
+    try:
+        yield
+    except SyntaxError as e:
+        raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 (any error of the user's code)
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == Path(path)]
+        where = f", line {lines[-1]}" if lines else ""
+        raise ValueError(f"config file {path}{where}: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+MAX_SEED = 2 ** 32 - 1
+
+
+def _at_least(low):
+    return lambda v: v >= low, f"at least {low}"
+
+
+def _between(low, high, *, below_high: bool = False, above_low: bool = False):
+    ok = lambda v: (v > low if above_low else v >= low) and (v < high if below_high else v <= high)  # noqa: E731
+    return ok, (f"{'above' if above_low else 'at least'} {low} and {'below' if below_high else 'at most'} {high}")
+
+
+POSITIVE = (lambda v: v > 0, "more than 0")
+# Every numeric setting with a meaningful range (those a config has; the others are skipped).
+RANGES = {
+    "seed": _between(0, MAX_SEED),
+    **{f"model.msid.{k}": _at_least(1) for k in ("image_size", "patch_size", "width", "depth", "num_heads")},
+    "model.msid.mlp_ratio": POSITIVE,
+    **{f"model.mapping.{k}": _at_least(1) for k in ("identity_dim", "expression_dim", "hidden_dim", "token_dim",
+                                                     "num_layers")},
+    "model.mapping.dropout": _between(0, 1, below_high=True),
+    "model.expression.width": _at_least(1),
+    "data.holdout": _at_least(0), "data.workers": _at_least(0),
+    **{f"data.synthetic_{k}": _at_least(1) for k in ("identities", "examples", "pairs")},
+    "train.steps": _at_least(1), "train.batch_size": _at_least(1),
+    "train.cgdr_lambda": _at_least(0), "train.p_uncond": _between(0, 1),
+    "optim.lr": POSITIVE, "optim.warmup_steps": _at_least(0), "optim.weight_decay": _at_least(0),
+    "optim.b1": _between(0, 1, below_high=True), "optim.b2": _between(0, 1, below_high=True),
+    "optim.grad_clip": _at_least(0), "optim.power": POSITIVE,
+    "arcface.num_identities": _at_least(0), "arcface.scale": POSITIVE, "arcface.init_std": POSITIVE,
+    "arcface.sample_rate": _between(0, 1, above_low=True),
+    "checkpoint.every": _at_least(1), "checkpoint.keep": _at_least(1),
+    "log.every": _at_least(1), "log.sample_every": _at_least(0), "log.sample_steps": _between(1, 1000),
+    "log.sample_guidance": (lambda v: True, "a finite number"), "log.sample_faces": _at_least(1),
+    "log.verify_every": _at_least(0), "log.verify_batch_size": _at_least(1),
+}
+CHOICES = {
+    "train.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "optim.schedule": ("constant", "cosine", "polynomial"),
+    "data.mask_source": ("landmarks", "files"),
+    "mesh.frozen": ("replicate", "fsdp"), "mesh.params": ("replicate", "fsdp"),
+    "model.tiny_base": ("sd1", "sd2", "sdxl"),
+}
+_ABSENT = object()
+
+
+def _get(config, dotted: str):
+    for name in dotted.split("."):
+        if not isinstance(config, (ml_collections.ConfigDict, dict)) or name not in config:
+            return _ABSENT
+        config = config[name]
+    return config
+
+
+def check_config(config) -> None:
+    """A ValueError naming the first setting of `config` that no run can use: a number outside its range
+    (`RANGES`), a name not among its choices (`CHOICES`), a trainable-parameter pattern that is not a
+    regular expression, a mesh axis that is neither -1 nor a device count, an image size that is not a
+    positive multiple of 8."""
+    for key, (ok, wording) in RANGES.items():
+        value = _get(config, key)
+        if value is _ABSENT:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not ok(value):
+            raise ValueError(f"{key}={value!r}: it must be {wording}")
+    for key, choices in CHOICES.items():
+        value = _get(config, key)
+        if value is not _ABSENT and value not in choices:
+            raise ValueError(f"{key}={value!r}: it must be one of {', '.join(choices)}")
+    pattern = _get(config, "train.trainable")
+    if pattern is not _ABSENT:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"train.trainable={pattern!r} is not a regular expression: {e}") from None
+    for axis in ("data", "fsdp"):
+        value = _get(config, f"mesh.{axis}")
+        if value is not _ABSENT and (isinstance(value, bool) or not isinstance(value, int) or
+                                     not (value == -1 or value >= 1)):
+            raise ValueError(f"mesh.{axis}={value!r}: it must be -1 (the devices left) or at least 1")
+    resolution = _get(config, "data.resolution")
+    if resolution is not _ABSENT and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                      or resolution < 8 or resolution % 8):
+        raise ValueError(f"data.resolution={resolution!r}: it must be a positive multiple of 8, and of the model's "
+                         "own multiple (its VAE's and UNet's downsampling)")
 
 
 def _kind(value) -> str:
@@ -117,7 +247,9 @@ def config_from_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argpar
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
     for arg in rest:
-        (overrides if arg.startswith("--config.") and "=" in arg else unknown).append(arg)
+        if arg.startswith("--config.") and "=" not in arg:
+            parser.error(f"{arg} has no value: write {arg}=VALUE")
+        (overrides if arg.startswith("--config.") else unknown).append(arg)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --config.key=value)")
     return args, load_config(args.config, [o[len("--config."):] for o in overrides])

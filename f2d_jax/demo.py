@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from f2d_jax import cli
 from f2d_jax.compile_cache import enable
-from f2d_jax.config import add_config_arguments, config_from_args
+from f2d_jax.config import add_config_arguments, config_from_args, f2d_config
 from f2d_jax.encoders import Encoders
 from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
 from f2d_jax.text import PromptError, identifier_prompts
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     cli.add_compile_cache(parser)
     try:
         args, config = config_from_args(parser, argv)
+        f2d_config(config, args.config)
         input_ids, positions = identifier_prompts(args.prompt)
         face = align_face(args.image or str(resources.files("f2d_jax").joinpath("assets/face.jpg")))
     except (NoFaceError, PromptError, FileNotFoundError, ValueError) as e:

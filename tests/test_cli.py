@@ -1,5 +1,7 @@
 """What every command does with a user's mistake and with Ctrl-C: one line, exit status 2 for a mistake
 (found before any long work), 130 for an interrupt, whenever it comes."""
+import math
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +47,8 @@ def test_ctrl_c_while_train_starts_is_one_line_and_130(tmp_path, after):
 
 
 @pytest.mark.parametrize("args", [
-    ["sample", "--config", "tiny", "--image", FACE, "--prompt", "a photo of f l", "--out", "out.png", "--steps", "1000"],
+    ["sample", "--config", "tiny", "--image", FACE, "--prompt", "a photo of f l", "--out", "out.png", "--steps",
+     "1000"],
     ["evaluate", "generate", "--config", "tiny", "--faces", str(ROOT / "f2d_jax" / "assets"), "--steps", "1000",
      "--out", "gen"],
     ["demo", "--config", "tiny"],
@@ -87,3 +90,96 @@ def test_an_interrupt_dropped_by_a_garbage_collection_callback_still_stops_the_c
     proc.send_signal(signal.SIGINT)  # while the callback runs
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, err) == (130, "\ninterrupted\n")
+
+
+# ----------------------------------------------------------------------------- train: a config no run can use
+
+@pytest.mark.parametrize("override, message", [
+    ("data.resolution=60", "data.resolution=60: it must be a positive multiple of 8, and of the model's own multiple"),
+    ("data.resolution=0", "data.resolution=0: it must be a positive multiple of 8"),
+    ("data.resolution=72", "data.resolution=72: it must be a multiple of 16 for this Stable Diffusion (the tiny "
+                           "random one)"),
+    ("train.trainable=[", "train.trainable='[' is not a regular expression: unterminated character set at position 0"),
+    ("train.compute_dtype=bogus", "train.compute_dtype='bogus': it must be one of auto, float32, bfloat16, float16"),
+    ("seed=18446744073709551616", "seed=18446744073709551616: it must be at least 0 and at most 4294967295"),
+    ("seed=-1", "seed=-1: it must be at least 0 and at most 4294967295"),
+    ("optim.lr=-1", "optim.lr=-1.0: it must be more than 0"),
+    ("optim.lr=nan", "optim.lr=nan: it must be more than 0"),
+    ("train.p_uncond=2", "train.p_uncond=2.0: it must be at least 0 and at most 1"),
+    ("optim.schedule=linear", "optim.schedule='linear': it must be one of constant, cosine, polynomial"),
+    ("mesh.fsdp=0", "mesh.fsdp=0: it must be -1 (the devices left) or at least 1"),
+    ("train.nosuch=3", "--config.train.nosuch: train has no field 'nosuch' (its fields: batch_size, cgdr_lambda, "),
+    ("nosuch=3", "--config.nosuch: the config has no field 'nosuch' (its fields: checkpoint, data, log, "),
+    ("train.steps.x=1", "--config.train.steps.x: train.steps has no field 'x' (it is a value, not a section)"),
+    ("weights.msid=/nonexistent.pt", "weights.msid: no weight file at /nonexistent.pt"),
+])
+def test_train_refuses_a_config_it_cannot_run_in_one_line(tmp_path, capsys, override, message):
+    from f2d_jax.cli.train import main
+
+    assert main(["--config", "tiny", "--workdir", str(tmp_path / "run"), f"--config.{override}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # refused before the workdir was made
+
+
+def test_every_ranged_setting_of_every_named_config_is_checked():
+    """A value outside each range of f2d_jax.config.RANGES, for every named config that has the setting."""
+    from f2d_jax.config import RANGES, config_names, load_config
+
+    checked = set()
+    for name in config_names():
+        config = load_config(name)
+        for key, (ok, wording) in RANGES.items():
+            default = config
+            for part in key.split("."):
+                default = default.get(part) if default is not None and part in default else None
+            if default is None:
+                continue
+            candidates = [-1, 0, 2, 2 ** 40] + ([-0.5, float("nan")] if isinstance(default, float) else [])
+            bad = next(v for v in candidates if not (math.isfinite(v) and ok(v)))
+            with pytest.raises(ValueError, match=f"^{re.escape(key)}={re.escape(repr(type(default)(bad)))}: it must "
+                                                 f"be {re.escape(wording)}$"):
+                load_config(name, [f"{key}={bad}"])
+            checked.add(key)
+    assert checked == set(RANGES), sorted(set(RANGES) - checked)  # every rule is some config's
+
+
+def test_a_config_file_that_fails_is_one_line_naming_its_line(tmp_path, capsys):
+    from f2d_jax.cli.train import main
+
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "name.py").write_text("from f2d_jax.configs import tiny\n\n\ndef get_config():\n    config = "
+                                      "tiny.get_config()\n    config.seed = undefined\n    return config\n")
+    for file, message in (("syntax.py", "line 1: invalid syntax"),
+                          ("name.py", "line 6: NameError: name 'undefined' is not defined")):
+        assert main(["--config", str(tmp_path / file), "--workdir", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err == f"error: config file {tmp_path / file}, {message}\n"
+
+
+def test_an_override_without_a_value_names_the_flag(tmp_path, capsys):
+    from f2d_jax.cli.train import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", "tiny", "--workdir", str(tmp_path / "run"), "--config.train.steps"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith("error: --config.train.steps has no value: write "
+                                            "--config.train.steps=VALUE\n")
+
+
+@pytest.mark.parametrize("command", [
+    ["demo", "--config", "msid_tiny"],
+    ["sample", "--config", "msid_tiny", "--image", FACE, "--prompt", "a photo of f l", "--out", "o.png"],
+    ["evaluate", "generate", "--config", "msid_tiny", "--faces", str(ROOT / "f2d_jax" / "assets"), "--out", "g"],
+    ["prepare", "--config", "msid_tiny", "--images", str(ROOT / "f2d_jax" / "assets"), "--out", "d"],
+    ["app", "--config", "msid_tiny"],
+], ids=lambda command: command[0])
+def test_an_msid_pretraining_config_given_to_a_face2diffusion_command_is_one_line(tmp_path, capsys, monkeypatch,
+                                                                                   command):
+    from f2d_jax.cli import commands
+
+    monkeypatch.chdir(tmp_path)
+    assert getattr(commands, command[0])(command[1:]) == 2
+    assert capsys.readouterr().err.endswith(
+        "error: msid_tiny is an MSID pretraining config (task msid_arcface), for f2d-train only; give a "
+        "Face2Diffusion config such as tiny or f2d_sd14\n")
+    assert list(tmp_path.iterdir()) == []

@@ -512,9 +512,9 @@ def test_command_line(photos, tmp_path, capsys, monkeypatch):
         (["--images", str(images), "--out", str(tmp_path / "o4"), "--config.data.holdout=5"],
          "error: only 2 photo(s) have a usable face and config.data.holdout=5"),
         (["--images", str(images), "--out", str(tmp_path / "o5"), "--config.data.resolution=60"],
-         "error: config.data.resolution must be a positive multiple of 8"),
+         "error: data.resolution=60: it must be a positive multiple of 8"),
         (["--images", str(images), "--out", str(tmp_path / "o6"), "--config.data.nothing=1"],
-         "error: data.nothing is not a config field"),
+         "error: --config.data.nothing: data has no field 'nothing'"),
     ]
     for args, message in cases:
         code, stdout, err = run(*args)

@@ -15,12 +15,13 @@ import numpy as np
 from PIL import Image
 
 from f2d_jax.data.geometry import training_affine, transform_points, warp_image
+from f2d_jax.config import CHOICES
 from f2d_jax.data.masks import landmark_head_mask, load_mask_file, warp_mask
 from f2d_jax.faces import NoFaceError, align_face, default_detector, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FLIP_SUFFIX = "#flip"
-MASK_SOURCES = ("landmarks", "files")
+MASK_SOURCES = CHOICES["data.mask_source"]
 
 # Why a photo gave no example.
 NO_FACE = "no_face"

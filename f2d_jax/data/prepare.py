@@ -42,8 +42,9 @@ from tqdm import tqdm
 import f2d_jax
 from f2d_jax import cli
 from f2d_jax.compile_cache import enable
+from f2d_jax.config import check_config
 from f2d_jax.data import builder as builder_lib
-from f2d_jax.data.examples import (BAD_FACE, FLIP_SUFFIX, IMAGE_SUFFIXES, MASK_SOURCES, NO_FACE, UNREADABLE, Example,
+from f2d_jax.data.examples import (BAD_FACE, FLIP_SUFFIX, IMAGE_SUFFIXES, NO_FACE, UNREADABLE, Example,
                                    MaskFileError, PhotoResult, find_images, mask_file_path, process_photo)
 from f2d_jax.data.read import (BASE_FIELDS, EXPRESSION_DIM, FEATURE_FIELDS, FORMAT, IMAGE_FIELDS, INFO_FILE,
                                feature_description)
@@ -307,12 +308,9 @@ class _Settings:
 
 
 def _settings(config, cache_features: bool) -> _Settings:
+    check_config(config)  # the image size and the mask source among the rest
     data = config.data
     resolution, mask_source = int(data.resolution), str(data.mask_source)
-    if resolution < 8 or resolution % 8:
-        raise PrepareError(f"config.data.resolution must be a positive multiple of 8, got {resolution}")
-    if mask_source not in MASK_SOURCES:
-        raise PrepareError(f"config.data.mask_source must be one of {', '.join(MASK_SOURCES)}, got {mask_source!r}")
     mask_dir = ""
     if mask_source == "files":
         if not data.mask_dir:
@@ -320,8 +318,6 @@ def _settings(config, cache_features: bool) -> _Settings:
         if not Path(data.mask_dir).is_dir():
             raise PrepareError(f"mask folder not found: {data.mask_dir} (config.data.mask_dir)")
         mask_dir = str(Path(data.mask_dir).resolve())
-    if int(data.holdout) < 0:
-        raise PrepareError(f"config.data.holdout must be >= 0, got {data.holdout}")
     if cache_features:
         for name in ("msid", "expression", "sd"):
             path = str(config.weights[name])
@@ -511,7 +507,7 @@ def format_report(report: dict[str, Any]) -> str:
 @cli.command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log lines would bury the report
-    from f2d_jax.config import add_config_arguments, config_from_args
+    from f2d_jax.config import add_config_arguments, config_from_args, f2d_config
 
     parser = argparse.ArgumentParser(prog="f2d-prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -531,6 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.add_compile_cache(parser)
     try:
         args, config = config_from_args(parser, argv)
+        f2d_config(config, args.config)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,13 +17,19 @@ import jax.numpy as jnp
 
 from f2d_jax import convert
 from f2d_jax.encoders import Encoders, face_models, init_models
-from f2d_jax.models.stable_diffusion import StableDiffusion, load_stable_diffusion, tiny_stable_diffusion
+from f2d_jax.models.stable_diffusion import (StableDiffusion, load_stable_diffusion, read_size_multiple,
+                                             tiny_stable_diffusion)
 
 
 @dataclasses.dataclass(frozen=True)
 class Models:
     encoders: Encoders
     sd: StableDiffusion
+
+
+def size_multiple(config: Mapping[str, Any]) -> int:
+    """The multiple of image sides for the Stable Diffusion a config names (read from its configs alone)."""
+    return read_size_multiple(config["weights"]["sd"], config["model"].get("tiny_base", "sd1"))
 
 
 def compute_dtype(name: str):

@@ -281,6 +281,12 @@ class StableDiffusion:
         return 2 ** (len(self.vae.block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides are multiples of this: the VAE's downsampling times the UNet's."""
+        return size_multiple({"vae": {"block_out_channels": self.vae.block_out_channels},
+                              "unet": {"block_out_channels": self.unet.block_out_channels}})
+
+    @property
     def text_encoders(self) -> dict[str, CLIPTextEncoder]:
         """The text encoders by variables key, in the order their states are concatenated."""
         second = {SECOND_ENCODER: self.text_encoder_2} if self.text_encoder_2 is not None else {}
@@ -671,6 +677,23 @@ def _download(name: str, revision: str | None, patterns: list[str], folders: dic
         if not missing:
             break
     return root  # with weights missing, the loader names what it expected
+
+
+def size_multiple(configs: dict) -> int:
+    """The multiple of image sides for the "vae" and "unet" configs of a diffusers directory: the VAE's
+    downsampling (8 for SD) times the UNet's (2 per level below the first: 8 for SD 1.x and 2.x, 4 for SDXL)."""
+    return 2 ** (len(configs["vae"]["block_out_channels"]) - 1) * 2 ** (len(configs["unet"]["block_out_channels"]) - 1)
+
+
+def read_size_multiple(path_or_hub_id, tiny_base: str = "sd1", revision: str | None = None) -> int:
+    """`size_multiple` of a Stable Diffusion directory or hub id read from its configs alone (a hub id's are
+    downloaded, not its weights); of the tiny random Stable Diffusion of `tiny_base` for an empty one."""
+    if not path_or_hub_id:
+        return size_multiple(TINY_BASES[tiny_base])
+    root, name = _local_or_hub(path_or_hub_id, "Stable Diffusion directory")
+    if root is None:
+        root = _download(name, revision, [f"{c}/{CONFIG_FILES[c]}" for c in ("unet", "vae")], {})
+    return size_multiple({c: _read_config(root, c) for c in ("unet", "vae")})
 
 
 def resolve(path_or_hub_id, revision: str | None = None) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,17 +39,28 @@ def initialize_distributed() -> None:
             jax.distributed.initialize()  # the scheduler's environment says the rest
 
 
-def check_config(config) -> None:
-    """The config values a run cannot start with, found before anything loads."""
-    tc = config.train
-    for key in ("steps", "batch_size"):
-        if tc[key] < 1:
-            raise ValueError(f"train.{key}={tc[key]}: it must be at least 1")
-    if config.data.workers < 0:
-        raise ValueError(f"data.workers={config.data.workers}: it must be at least 0 (0: one per CPU core)")
-    if config.checkpoint.every < 1 or config.log.every < 1:
-        raise ValueError(f"checkpoint.every={config.checkpoint.every} and log.every={config.log.every} must be at "
-                         "least 1")
+def check_run(config, workdir) -> None:
+    """What a run cannot start with, found before anything loads (the config's own ranges were checked
+    when it loaded): a workdir that cannot be written or named in a checkpoint, an image size the model
+    cannot take, a weights path where there is nothing."""
+    cli.check_output(workdir, "--workdir", folder=True)
+    try:
+        os.fsdecode(os.fsencode(workdir)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"--workdir {os.fsdecode(os.fsencode(workdir))!r}: its name is not valid UTF-8, which "
+                         "the checkpoints cannot record; choose another name") from None
+    if task(config) != "f2d":
+        return
+    from f2d_jax.models.bundle import size_multiple
+
+    multiple = size_multiple(config)
+    if config.data.resolution % multiple:
+        raise ValueError(f"data.resolution={config.data.resolution}: it must be a multiple of {multiple} for this "
+                         f"Stable Diffusion ({config.weights.sd or 'the tiny random one'})")
+    for name in ("msid", "mapping", "expression"):
+        path = config.weights[name]
+        if path and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"weights.{name}: no weight file at {path}")
 
 
 def run(config, workdir, compile_cache: str | None = None) -> int:
@@ -59,8 +71,7 @@ def run(config, workdir, compile_cache: str | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> int:
-        check_config(config)
-        cli.check_output(workdir, "--workdir", folder=True)
+        check_run(config, workdir)
         path = Path(workdir)
         enable(compile_cache)
         initialize_distributed()
@@ -79,4 +90,14 @@ def run(config, workdir, compile_cache: str | None = None) -> int:
             print(f"error: {cli.describe(e)}", file=sys.stderr)
             return FAILED
 
-    return cli.run(body, interrupted="interrupted: the latest checkpoint is kept; run the same command to resume")
+    new = not os.path.lexists(workdir)
+    status = cli.run(body, interrupted="interrupted: the latest checkpoint is kept; run the same command to resume")
+    if status and new:
+        _remove_if_unused(Path(workdir))
+    return status
+
+
+def _remove_if_unused(workdir: Path) -> None:
+    """Remove a workdir this run made and wrote no file in (it stopped before the first checkpoint or metric)."""
+    if workdir.is_dir() and not any(p.is_file() or p.is_symlink() for p in workdir.rglob("*")):
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -29,7 +29,7 @@ from f2d_jax.faces import msid_input
 from f2d_jax.sampling import DDIM, decode_images, denoise
 from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from f2d_jax.text import identifier_prompts, token_ids
-from f2d_jax.train.checkpoint import Checkpoints, abstract_like
+from f2d_jax.train.checkpoint import Checkpoints, TrainingError, abstract_like
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
 from f2d_jax.train.metrics import MetricWriter, compile_counted, grid, is_primary, mfu
@@ -40,10 +40,6 @@ from f2d_jax.train.step import Constants, StepConfig, train_step
 log = logging.getLogger("f2d_jax.train")
 PREEMPTED = 143  # exit status after a SIGTERM-triggered checkpoint (128 + SIGTERM)
 STEP_MODELS = ("mapping", "text_encoder", "text_encoder_2", "unet")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says why and what to try."""
 
 
 class Preemption:
@@ -119,9 +115,11 @@ def train(config, workdir) -> int:
         return compiled(state, frozen, batch, constants)
 
     def sample(done, state):
-        path = writer.image(done, "samples", sampler(state.params))
+        images, non_finite = sampler(state.params)
+        path = writer.image(done, "samples", images)
         if path:
-            say(f"step {done}: sample images {path}")
+            say(f"step {done}: sample images {path}" + (f" ({non_finite} of them NaN or infinite: black)"
+                                                         if non_finite else ""))
 
     writer = MetricWriter(workdir, enabled=is_primary(), start_step=start)
     loader = BatchLoader(data.source, tc.batch_size, config.seed, batch_sh, start_step=start, transform=data.transform,
@@ -140,12 +138,15 @@ def resume_or_init(checkpoints: Checkpoints, abstract_state, init: Callable[[], 
     """(state, start step): the latest checkpoint restored onto `abstract_state`'s shardings, else
     init(); (None, step) when that checkpoint already completes config.train.steps (then closed)."""
     start = checkpoints.latest_step() or 0
-    if start:
-        try:
+    try:
+        if start < config.train.steps:
+            checkpoints.check_space(abstract_state)
+        if start:
             state, _ = checkpoints.restore(start, abstract_state, config)
-        except BaseException:
-            checkpoints.close()
-            raise
+    except BaseException:
+        checkpoints.close()
+        raise
+    if start:
         say(f"resumed from {checkpoints.directory / str(start)}")
     else:
         state = init()
@@ -284,7 +285,8 @@ def step_constants(config, models: Models, variables) -> Constants:
 def _models_and_data(config, dtype, say):
     """Load the models the data needs (the frozen encoders only for raw datasets), and the data."""
     needs_encoders = bool(config.data.dir) and not prepared_has_features(config.data.dir)
-    names = ("msid", "mapping", "expression") if needs_encoders else ("mapping",)
+    # Every weights file the config names loads (checked) before Stable Diffusion, used or not.
+    names = tuple(n for n in ("msid", "mapping", "expression") if needs_encoders or n == "mapping" or config.weights[n])
     models, variables = load_models(config, dtype, names, log=say)
     return models, variables, training_data(config, models)
 
@@ -345,8 +347,9 @@ def _sampler(config, models: Models, variables, frozen, data, mesh):
         return decode_images(sd.vae, c["encoder_vars"]["vae"], latents, sd.vae_scaling_factor)
 
     def run(trainable):
-        images = np.asarray(jax.device_get(sample(trainable, frozen, constants)))
-        return grid(images, rows=n_faces)
+        """(the grid image, how many of its pictures came out NaN or infinite)."""
+        images, finite = jax.device_get(sample(trainable, frozen, constants))
+        return grid(np.asarray(images), rows=n_faces), int(np.sum(~np.asarray(finite)))
     return run
 
 
