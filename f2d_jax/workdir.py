@@ -70,9 +70,13 @@ def _read(workdir, step: int | None, arrays: bool) -> tuple[dict, Any, int]:
     drop_closed_loop_reports()
     manager = _manager(workdir)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+        available = sorted(manager.all_steps())
+        if not available:
             raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'} yet")
+        step = available[-1] if step is None else step
+        if step not in available:
+            raise FileNotFoundError(f"no checkpoint at step {step} in {Path(workdir) / 'checkpoints'}; available: "
+                                    f"{', '.join(map(str, available))}")
         where = Path(workdir) / "checkpoints" / str(step)
         state = None
         try:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import torch_reference as ref
 from f2d_jax.config import load_config
@@ -206,6 +207,48 @@ def test_run_packaged_as_one_folder_loads_in_jax_and_pytorch(tiny_run, tmp_path,
         assert (saved / name).read_bytes() == before[name]
 
 
+def test_a_run_read_back_names_its_steps_its_path_and_shares_its_files(tiny_run, tmp_path, capsys, monkeypatch):
+    """A missing step lists those there are; images record the run by its absolute path and step; a packaged
+    folder's files are readable by all; inspect reads a run and a package; outputs that cannot be written are
+    refused before any work."""
+    from f2d_jax.cli.sample import main as sample_main
+
+    workdir = tiny_run[0]
+    assert convert_main(["package", str(workdir), "--out", str(tmp_path / "p"), "--step", "999"]) == 2
+    assert capsys.readouterr().err == (f"error: no checkpoint at step 999 in {workdir / 'checkpoints'}; available: "
+                                       "8, 12\n")
+    assert not (tmp_path / "p").exists()
+
+    monkeypatch.chdir(workdir.parent)
+    assert sample_main(["--checkpoint", workdir.name, "--image", FACE, "--prompt", "a photo of f l", "-n", "1",
+                        "--steps", "1", "--out", str(tmp_path / "o.png")]) == 0
+    settings = json.loads(Image.open(tmp_path / "o.png").text["f2d_jax"])
+    assert (settings["checkpoint"], settings["step"]) == (str(workdir), 12)
+
+    assert convert_main(["package", str(workdir), "--out", str(tmp_path / "p")]) == 0
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "p").iterdir()} == {
+        name: 0o666 & ~_umask() for name in ("README.md", "config.json", "f2d_model.json", "mapping.safetensors",
+                                             "msid.safetensors")}
+    capsys.readouterr()
+    assert convert_main(["inspect", str(workdir)]) == 0
+    assert "mapping/params/null_exp" in capsys.readouterr().out
+    assert convert_main(["inspect", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "msid/patch_embed.proj.weight" in out and "mapping/null_exp" in out
+
+    # /proc takes no new file, as a read-only filesystem or a full disk: refused before any work
+    for command in (["export", str(workdir)], ["package", str(workdir)],
+                    ["import", "--mapping", str(tmp_path / "p" / "mapping.safetensors"), "--config", "tiny"]):
+        assert convert_main([*command, "--out", "/proc/f2d-out"]) == 2
+        assert capsys.readouterr().err == "error: --out /proc/f2d-out cannot be written: /proc is not writable\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_sharded_run_and_restore_onto_another_mesh_match_single_device(tmp_path):
     """8 simulated devices (mesh 4x2, frozen params FSDP-sharded) resume a 1-device run and
     continue it exactly as the 1-device run does."""
@@ -335,6 +378,59 @@ def test_reading_a_checkpoint_drops_only_the_closed_event_loop_reports():
     assert result.stdout == ("checkpoint run/checkpoints/2 cannot be read (ValueError: bad header); it is corrupt or "
                              "incomplete: move it out of run/checkpoints to use an earlier one\n")
     assert "another problem" in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
+
+
+def test_weights_that_cannot_be_used_stop_the_run_before_it_starts(tmp_path, capsys):
+    """A weights path with random bytes (or NaN) is found when the run starts, before Stable Diffusion loads
+    and long before training would end; the workdir made for it is gone again."""
+    (tmp_path / "msid.pt").write_bytes(np.random.default_rng(0).bytes(3000))
+    config = load_config(TINY, [f"weights.msid={tmp_path / 'msid.pt'}"])
+    assert run(config, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: {tmp_path / 'msid.pt'} is not a readable PyTorch checkpoint: it is damaged, "
+                        "truncated or of another format (UnpicklingError)\n"), err
+    assert "sd: tiny random-init" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_workdir_whose_name_is_not_utf8_is_refused_before_training(tmp_path):
+    workdir = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff")
+    result = _train(workdir, check=False)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: --workdir {workdir!r}: its name is not valid UTF-8, which the checkpoints "
+                             "cannot record; choose another name\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_without_room_for_the_checkpoints_is_refused_up_front(tmp_path):
+    from f2d_jax.train.checkpoint import Checkpoints
+
+    huge = {"params": jax.ShapeDtypeStruct((2 ** 50,), np.float32)}  # 4 PiB a checkpoint
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'checkpoints'))} has [0-9.]+ MiB free; the "
+                                         r"checkpoints need about 12884901888\.0 MiB \(2 kept and one being written, "
+                                         r"4294967296\.0 MiB each\): free some space, lower checkpoint.keep"):
+        checkpoints = Checkpoints(tmp_path, keep=2)
+        try:
+            checkpoints.check_space(huge)
+        finally:
+            checkpoints.close()
+
+
+def test_a_checkpoint_that_fills_the_disk_is_one_line(tmp_path):
+    """orbax's writer threads fail on a full disk (a 1 MiB tmpfs in a mount namespace of the test's own): one
+    TrainingError, none of orbax's logged errors and tracebacks."""
+    code = ("import sys, jax\nfrom f2d_jax.train.checkpoint import Checkpoints, TrainingError\n"
+            "checkpoints = Checkpoints(sys.argv[1], keep=1)\n"
+            "checkpoints.save(5, {'w': jax.random.normal(jax.random.key(0), (1 << 20,))}, {'config': {}})  # 4 MiB\n"
+            "try:\n    checkpoints.close()\nexcept TrainingError as e:\n    print(e)\n")
+    (tmp_path / "disk").mkdir()
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" '
+                             '-c "$3" "$1"', "-", str(tmp_path / "disk"), sys.executable, code],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == (f"checkpoint 5 could not be written in {tmp_path / 'disk' / 'checkpoints'} (the disk is "
+                             "full); the checkpoints before it are intact: fix that, then run the same command to "
+                             "resume\n")
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[-3000:]
 
 
 def test_non_finite_loss_stops_with_a_diagnostic(tmp_path, capsys):

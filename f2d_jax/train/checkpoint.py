@@ -8,8 +8,11 @@ fresh start. Reading a finished run is f2d_jax/workdir.py's job.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from f2d_jax.workdir import CheckpointError, drop_closed_loop_reports, unreadable
-
-logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs routine events as warnings
 
 # Config fields a resumed run must share with the checkpoint (the model, what trains, and
 # everything that decides which examples each step sees).
@@ -53,30 +54,67 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], keys=RE
     return changes
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that cannot be written); the message says why
+    and what to try."""
+
+
+@contextlib.contextmanager
+def _written(step: int, directory: Path):
+    """orbax's errors writing checkpoint `step` become one TrainingError."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (whatever the writer raised: a full disk, a lost mount, ...)
+        text = str(e)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in text
+        why = "the disk is full" if full else f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
+        raise TrainingError(f"checkpoint {step} could not be written in {directory} ({why}); the checkpoints "
+                            "before it are intact: fix that, then run the same command to resume") from None
+
+
 def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
 class Checkpoints:
-    """workdir/checkpoints/<step>/{state, meta}."""
+    """workdir/checkpoints/<step>/{state, meta}. A checkpoint that cannot be written (a full disk) stops
+    the run with one TrainingError; orbax's own reports of it (logged errors and tracebacks from its
+    threads) are silenced."""
 
     def __init__(self, workdir, keep: int):
         self.directory = Path(workdir) / "checkpoints"
+        self.keep = keep
+        self._step = None  # the latest save started
+        drop_closed_loop_reports()
+        logging.getLogger("absl").setLevel(logging.CRITICAL)  # errors reach us as exceptions
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def check_space(self, abstract_state: Any) -> None:
+        """A ValueError unless the disk has room for the checkpoints this run keeps (`keep`, and the one
+        being written), each the size of `abstract_state`."""
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+        need, free = (self.keep + 1) * size, shutil.disk_usage(self.directory).free
+        if free < need:
+            raise ValueError(f"{self.directory} has {free / 2**20:.1f} MiB free; the checkpoints need about "
+                             f"{need / 2**20:.1f} MiB ({self.keep} kept and one being written, {size / 2**20:.1f} "
+                             "MiB each): free some space, lower checkpoint.keep or choose another --workdir")
+
     def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
         """Start an asynchronous save (all processes call it; orbax coordinates the writes)."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+        with _written(self._step or step, self.directory):  # an earlier save's failure surfaces here
+            self.manager.wait_until_finished()
+        self._step = step
+        with _written(step, self.directory):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
 
     def restore(self, step: int, abstract_state: Any, config: Mapping[str, Any]) -> tuple[Any, dict]:
         """(state, meta) of checkpoint `step`, placed as `abstract_state`'s shardings say."""
         where = self.directory / str(step)
-        drop_closed_loop_reports()
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
@@ -94,11 +132,14 @@ class Checkpoints:
         return state, meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _written(self._step, self.directory):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
