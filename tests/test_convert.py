@@ -117,8 +117,18 @@ def test_file_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown weight format '\.h5'"):
         convert.load_mapping(tmp_path / "weights.h5")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not be read as a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"broken.pt is not a readable PyTorch checkpoint: it is damaged, truncated "
+                                         r"or of another format \(UnpicklingError\)$"):
         convert.load_mapping(tmp_path / "broken.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole module, not a state dict
+    with pytest.raises(ValueError, match="module.pt pickles Python objects beside its tensors"):
+        convert.load_mapping(tmp_path / "module.pt")
+    state = ref.Mapping(identity=128, hidden=64, out=32).state_dict()
+    state["i2t_last.layers.1.0.bias"][3] = float("inf")
+    torch.save(state, tmp_path / "inf.pt")
+    with pytest.raises(convert.NonFiniteWeightsError, match=r"mapping weights .*inf.pt: 1 tensor\(s\) hold NaN or "
+                                                            r"infinite values \(i2t_last.layers.1.0.bias\)"):
+        convert.load_mapping(tmp_path / "inf.pt", MappingNetwork(identity_dim=128, hidden_dim=64, token_dim=32))
     torch.save({"epoch": 3}, tmp_path / "no_tensors.pt")
     with pytest.raises(ValueError, match="does not hold a state dict of tensors"):
         convert.load_expression(tmp_path / "no_tensors.pt")
@@ -292,7 +302,8 @@ def test_cli_name_os_errors_missing_torch_and_ctrl_c(tmp_path, capsys, monkeypat
     (tmp_path / "taken").write_text("")
     assert convert_main(["import", "--mapping", str(tmp_path / "mapping.pt"), "--config", "configs/tiny.py",
                          "--out", str(tmp_path / "taken")]) == 2
-    assert capsys.readouterr().err == f"error: [Errno 17] File exists: '{tmp_path / 'taken'}'\n"
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'taken'} cannot be written: {tmp_path / 'taken'} is "
+                                       "a file, not a directory\n")
 
     def no_torch():
         raise ImportError("reading or writing PyTorch .pt files needs torch")

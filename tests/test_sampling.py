@@ -89,7 +89,7 @@ def test_guided_denoising_loop_runs_under_jit(tiny_sd):
     @jax.jit
     def generate(params, noise, context, uncond):
         latents = denoise(sd.unet, params["unet"], scheduler, noise, context, uncond, 7.0)
-        return latents, decode_images(sd.vae, params["vae"], latents, sd.vae_scaling_factor)
+        return latents, decode_images(sd.vae, params["vae"], latents, sd.vae_scaling_factor)[0]
 
     noise = jax.random.normal(jax.random.key(2), (2, 4, 8, 8))
     latents, images = generate(params, noise, context, jnp.zeros_like(context))

@@ -8,7 +8,7 @@ import importlib
 _HOMES = {
     "checkpoints": ("save", "save_expression", "save_mapping", "save_msid", "torch_state_dict"),
     "io": ("read_state_dict", "write_state_dict"),
-    "layout": ("CheckpointMismatchError", "TorchLayout", "from_torch", "to_torch"),
+    "layout": ("CheckpointMismatchError", "NonFiniteWeightsError", "TorchLayout", "from_torch", "to_torch"),
     "weights_dir": ("load", "load_expression", "load_mapping", "load_msid"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -57,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     pkg.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hugging Face Hub "
                                                               "model repository (created if needed; needs a login)")
 
-    ins = sub.add_parser("inspect", help="list the tensors of a weight file or weights directory")
-    ins.add_argument("path", help=".pt/.pth/.bin/.safetensors/.msgpack file or weights directory")
+    ins = sub.add_parser("inspect", help="list the tensors of a weight file, weights directory, training run or "
+                         "packaged model")
+    ins.add_argument("path", help=".pt/.pth/.bin/.safetensors/.msgpack file, weights directory (`import`), train.py "
+                     "workdir (what its latest checkpoint trained) or packaged model folder (`package`)")
     ins.add_argument("--key", help="nested state-dict entry to show (e.g. net_recon)")
     return parser
 
@@ -73,6 +75,7 @@ def _import(args) -> None:
     chosen = {name: getattr(args, name) for name in IMPORTABLE if getattr(args, name)}
     if not chosen:
         raise ValueError("nothing to import: give at least one of " + ", ".join(f"--{n}" for n in IMPORTABLE))
+    cli.check_output(args.out, "--out", folder=True)
     replaced = sorted(chosen.keys() & stored_models(args.out).keys())
     if replaced and not args.overwrite:
         raise ValueError(f"{args.out} already holds {', '.join(replaced)}; pass --overwrite to replace "
@@ -92,6 +95,7 @@ def _export(args) -> None:
     from f2d_jax.convert.weights_dir import load_weights_dir
     from f2d_jax.workdir import is_workdir, load_trained_models
 
+    cli.check_output(args.out, "--out", folder=True)
     if is_workdir(args.weights):
         models = {k: v for k, v in load_trained_models(args.weights).items() if not args.only or k in args.only}
     else:
@@ -108,6 +112,7 @@ def _package(args) -> None:
         from huggingface_hub.utils import validate_repo_id
 
         validate_repo_id(args.push_to_hub)  # before any work: a mistyped id is a ValueError
+    cli.check_output(args.out, "--out", folder=True)
     out = package_workdir(args.workdir, args.out, args.step, args.force, args.msid)
     print(f"wrote {out}")
     if args.push_to_hub:
@@ -123,10 +128,17 @@ def _inspect(args) -> None:
     from flax import traverse_util
 
     from f2d_jax.convert import io
+    from f2d_jax.convert.package import FILES, is_package
     from f2d_jax.convert.weights_dir import load_weights_dir
+    from f2d_jax.workdir import is_workdir, load_trained
 
     path = Path(args.path)
-    if path.is_dir():
+    if is_workdir(path):  # what the latest checkpoint trained
+        tensors = traverse_util.flatten_dict(load_trained(path)[1], sep="/")
+    elif is_package(path):  # its weight files, in the official layouts
+        tensors = {f"{name}/{key}": value for name in ("msid", "mapping")
+                   for key, value in io.read_state_dict(path / FILES[name]).items()}
+    elif path.is_dir():
         tree = {name: variables for name, (_, variables) in load_weights_dir(path).items()}
         tensors = traverse_util.flatten_dict(tree, sep="/")
     elif path.suffix.lower() in io.FLAX_SUFFIXES:

@@ -68,7 +68,11 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or non-PyTorch file
-        raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {e}") from e
+        if "Unsupported global" in str(e):
+            raise ValueError(f"{path} pickles Python objects beside its tensors (a whole model or training state): "
+                             "load it in PyTorch and torch.save its state_dict() instead") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is damaged, truncated or of another "
+                         f"format ({type(e).__name__})") from None
     state = _unwrap(obj, path, key)
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy() for k, v in state.items()}
 
@@ -90,15 +94,18 @@ def write_state_dict(state: Mapping[str, np.ndarray], path) -> Path:
     path = Path(os.fspath(path)).expanduser()
     suffix = path.suffix.lower()
     arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.numpy import save_file
-        save_file(arrays, str(path))
-    elif suffix in (".pt", ".pth"):
-        torch = _torch()
-        torch.save({k: torch.tensor(v) for k, v in arrays.items()}, str(path))
-    else:
+    if suffix not in (*SAFETENSORS_SUFFIXES, ".pt", ".pth"):
         raise ValueError(f"{path}: write .pt, .pth or .safetensors, not {suffix!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # the umask's permissions, as every other file (safetensors' save_file makes 0600)
+        if suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.numpy import save
+            f.write(save(arrays))
+        else:
+            torch = _torch()
+            torch.save({k: torch.tensor(v) for k, v in arrays.items()}, f)
+    tmp.replace(path)  # never leave a half-written file under the final name
     return path
 
 

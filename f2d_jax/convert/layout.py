@@ -37,6 +37,20 @@ class CheckpointMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class NonFiniteWeightsError(ValueError):
+    """Weights holding NaN or infinity: nothing computed from them would mean anything."""
+
+
+def check_finite(tensors: Mapping[str, Any], what: str) -> None:
+    """Raise NonFiniteWeightsError naming every tensor of {name: array} that holds NaN or infinity."""
+    bad = [name for name, value in tensors.items()
+           if np.issubdtype(np.asarray(value).dtype, np.inexact) and not np.isfinite(value).all()]
+    if bad:
+        more = f" ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise NonFiniteWeightsError(f"{what}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:10])}"
+                                    f"{more}); these weights cannot be used: a run that diverged, or a damaged file")
+
+
 @dataclasses.dataclass(frozen=True)
 class TorchLayout:
     """How one model's PyTorch keys map onto its Flax tree, beyond the generic rules.
@@ -188,9 +202,11 @@ def from_torch(state: Mapping[str, np.ndarray], target: Mapping[str, Any], layou
                what: str = "checkpoint") -> dict[str, Any]:
     """A PyTorch state dict -> Flax variables shaped like `target` (arrays or ShapeDtypeStructs).
 
-    Raises CheckpointMismatchError listing every missing key, unexpected key and shape mismatch.
-    Values keep the checkpoint's dtype (cast afterwards if the model wants another).
+    Raises CheckpointMismatchError listing every missing key, unexpected key and shape mismatch, and
+    NonFiniteWeightsError naming the tensors that hold NaN or infinity. Values keep the checkpoint's
+    dtype (cast afterwards if the model wants another).
     """
+    check_finite(state, what)
     ignore = [re.compile(p) for p in (*layout.ignore, rf"(^|\.){_COUNTER}$")]
     targets = {c: _flat(target.get(c, {})) for c in ("params", "batch_stats")}
     modules: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -243,7 +259,9 @@ def _torch_key(collection: str, path: tuple[str, ...], index: int | None, layout
 
 
 def check_tree(variables: Mapping[str, Any], target: Mapping[str, Any], what: str = "checkpoint") -> None:
-    """Raise CheckpointMismatchError unless `variables` has exactly `target`'s leaves and shapes."""
+    """Raise CheckpointMismatchError unless `variables` has exactly `target`'s leaves and shapes, and
+    NonFiniteWeightsError if any holds NaN or infinity."""
+    check_finite({"/".join(k): v for k, v in _flat(variables).items()}, what)
     got = {"/".join(k): tuple(np.shape(v)) for k, v in _flat(variables).items()}
     want = {"/".join(k): tuple(v.shape) for k, v in _flat(target).items()}
     mismatched = [f"{k} {got[k]} (model wants {want[k]})" for k in got.keys() & want.keys() if got[k] != want[k]]

@@ -6,6 +6,7 @@ Files get their EXIF orientation applied and any PIL mode converted to RGB.
 from __future__ import annotations
 
 import os
+import re
 from typing import Union
 
 import numpy as np
@@ -57,6 +58,11 @@ def _from_file(path: str) -> np.ndarray:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
+    except Image.DecompressionBombError as e:  # PIL refuses to decode so many pixels
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({int(pixels.group(1)) / 1e6:,.0f} megapixels)" if pixels else ""
+        raise ValueError(f"image {path} is too large{size}: photos may have up to "
+                         f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:,.0f} megapixels; downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 

@@ -42,7 +42,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
-from f2d_jax.config import OFFICIAL_CONFIG, config_from_dict, load_config
+from f2d_jax import InputWarning
+from f2d_jax.config import MAX_SEED, OFFICIAL_CONFIG, config_from_dict, f2d_config, load_config
 from f2d_jax.convert.package import FILES, is_package, package_weights, save_package
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.models.bundle import Models, compute_dtype, load_models
@@ -56,7 +57,6 @@ DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
 # Fits SD v1.4 at 512 px on a 16 GB accelerator: 8 images are 16 UNet rows with classifier-free guidance,
 # about 5 GiB of bfloat16 activations (XLA assigns 10.2 GiB in float32) and 1.7 GiB of UNet and VAE weights.
 DEFAULT_BATCH_SIZE = 8
-MAX_SEED = 2 ** 32 - 1  # seeds are uint32: a larger one would wrap onto another seed's images
 FaceInput = str | os.PathLike | np.ndarray | Image.Image | AlignedFace
 
 
@@ -135,6 +135,20 @@ def as_seeds(seeds: Sequence[int]) -> np.ndarray:
     return np.asarray(seeds, np.uint32)
 
 
+class NonFiniteImagesError(ValueError):
+    """Sampling gave NaN or infinite values: a picture of them would be black, not an image."""
+
+
+def _check_finite(finite: np.ndarray, first: int, seeds: np.ndarray, guidance_scale: float) -> None:
+    """A NonFiniteImagesError unless every image from index `first` on came out finite."""
+    if not finite.all():
+        bad = first + np.flatnonzero(~finite)[:8]
+        raise NonFiniteImagesError(
+            f"images {', '.join(f'{i} (seed {seeds[i]})' for i in bad)} came out NaN or infinite, so none was kept; "
+            f"check the weights (a NaN in them, or a run that diverged), the guidance scale ({guidance_scale:g}) and "
+            "the dtype (float16 overflows on some models: use --dtype float32 or bfloat16)")
+
+
 def with_weights(config, **weights) -> ml_collections.ConfigDict:
     """A copy of `config` (a ConfigDict, or a dict as a checkpoint stores it) whose weights paths are the
     non-empty ones of `weights` (sd=, msid=, mapping=, expression=) in place of its own."""
@@ -157,16 +171,15 @@ class F2DPipeline:
         self.tokenizer = models.sd.tokenizer()
         self.class_ids = np.asarray(class_ids(self.tokenizer), np.int32)  # "a person": identity scale 0
         self.defaults = base_defaults(models.sd)
-        unet = models.sd.unet
-        self.size_multiple = models.sd.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
+        self.size_multiple = models.sd.size_multiple
         encoders = models.encoders  # the encoders run jitted: one compiled program per input shape
         self._identity = jax.jit(encoders.identity_features)
         self._expression = jax.jit(encoders.expression_codes)
         self._embed = jax.jit(encoders.prompt_embeddings)
         self._condition = jax.jit(self._condition_fn)
         sd = models.sd  # a batch: its set-up, each denoising step (the program generation repeats), its decode
-        self._start = jax.jit(partial(start, unet), out_shardings=self._batch)
-        self._generate = jax.jit(partial(steps, unet), out_shardings=self._batch)
+        self._start = jax.jit(partial(start, sd.unet), out_shardings=self._batch)
+        self._generate = jax.jit(partial(steps, sd.unet), out_shardings=self._batch)
         self._decode = jax.jit(partial(decode_images, sd.vae, scaling_factor=sd.vae_scaling_factor),
                                out_shardings=self._replicated)
 
@@ -177,7 +190,7 @@ class F2DPipeline:
         """From a config file or ConfigDict: model sizes in `model`, weights in `weights` (empty: random
         init, as the `tiny` config uses; an empty weights.sd is the tiny random Stable Diffusion). The
         expression encoder loads only with weights.expression: a random one would give a meaningless code."""
-        config = load_config(config) if isinstance(config, (str, os.PathLike)) else config
+        config = f2d_config(config, config if isinstance(config, (str, os.PathLike)) else "the config")
         log = log or (lambda msg: print(msg, file=sys.stderr))
         names = ("msid", "mapping", "expression") if config.weights.expression else ("msid", "mapping")
         models, variables = load_models(config, compute_dtype(dtype), names, log=log)
@@ -206,8 +219,8 @@ class F2DPipeline:
         if mapping is not None and is_workdir(mapping):
             return cls.from_checkpoint(mapping, dtype=dtype, sd=DEFAULT_SD if sd is None else sd, msid=msid,
                                        expression=expression)
-        config = (load_config(config) if isinstance(config, (str, os.PathLike)) else config) if config is not None \
-            else load_config(OFFICIAL_CONFIG)
+        config = f2d_config(config, config if isinstance(config, (str, os.PathLike)) else "config") \
+            if config is not None else load_config(OFFICIAL_CONFIG)
         config = ml_collections.ConfigDict(config.to_dict())
         config.weights.update(sd=DEFAULT_SD if sd is None else sd, msid=msid or "", mapping=mapping or "",
                               expression=expression or "")
@@ -240,7 +253,7 @@ class F2DPipeline:
         if checkpoint:
             return cls.from_checkpoint(checkpoint, dtype=dtype, **weights)
         if config:
-            return cls.from_config(with_weights(load_config(config), **weights), dtype=dtype)
+            return cls.from_config(with_weights(f2d_config(config, config), **weights), dtype=dtype)
         return cls.from_pretrained(**weights, dtype=dtype)
 
     def save_pretrained(self, directory, force: bool = False) -> Path:
@@ -293,7 +306,7 @@ class F2DPipeline:
         check_identity_scale(identity_scale)
         if identity_scale > 1:
             warnings.warn(f"identity scale {identity_scale} > 1 extrapolates beyond the person's tokens; the "
-                          "images may degrade", stacklevel=2)
+                          "images may degrade", InputWarning, stacklevel=2)
         ids, positions = identifier_prompts(_as_list(prompt), self.tokenizer)
         identity = self.identity(image)
         expression = self.expression(expression_image) if expression_image is not None else None
@@ -392,9 +405,10 @@ class F2DPipeline:
                                                         min(i + chunk, steps), *state)
                     if i:
                         finished(done, chunk)  # the previous chunk, while this one waits its turn
-                out = self._decode(self.variables["vae"], state[0])
+                out, finite = jax.device_get(self._decode(self.variables["vae"], state[0]))
                 finished(state, steps - (steps - 1) // chunk * chunk)
-                images.append(np.asarray(jax.device_get(out))[:n - first])
+                _check_finite(np.asarray(finite)[:n - first], first, seeds, guidance_scale)
+                images.append(np.asarray(out)[:n - first])
         return np.concatenate(images)
 
     def _check_latents(self, latents, n: int, height: int, width: int) -> tuple[int, ...]:
@@ -416,5 +430,5 @@ class F2DPipeline:
         return [Image.fromarray(x) for x in images]
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SD", "F2DPipeline", "MAX_SEED", "WeightsError", "as_seeds",
-           "check_identity_scale", "check_sampling", "check_size", "seed_range", "with_weights"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SD", "F2DPipeline", "MAX_SEED", "NonFiniteImagesError", "WeightsError",
+           "as_seeds", "check_identity_scale", "check_sampling", "check_size", "seed_range", "with_weights"]
