@@ -6,3 +6,8 @@ import os
 os.environ.setdefault("USE_TF", "0")
 
 __version__ = "0.1.0"
+
+
+class InputWarning(UserWarning):
+    """An input used otherwise than it may look: a prompt cut at 77 tokens, several faces in a photo, an
+    identity scale above 1, ... (the web app shows these in the page)."""

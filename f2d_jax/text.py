@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from f2d_jax import InputWarning
+
 MAX_LENGTH = 77
 IDENTIFIER = "f l"
 CLASS_WORDS = "a person"  # the identifier's words in the class prompt "a photo of a person"
@@ -86,7 +88,7 @@ def token_ids(prompts: str | list[str], tokenizer=None) -> np.ndarray:
         ids, full = _ids(tokenizer, prompt)
         if len(full) > MAX_LENGTH:
             warnings.warn(f"prompt is {len(full) - 2} tokens long; CLIP reads only the first {MAX_LENGTH - 2}: "
-                          f"{prompt!r}", stacklevel=2)
+                          f"{prompt!r}", InputWarning, stacklevel=2)
         rows.append(_pad(ids, tokenizer))
     return np.asarray(rows, np.int32)
 
@@ -131,5 +133,8 @@ def identifier_prompts(prompts: str | list[str], tokenizer=None) -> tuple[np.nda
                                   f"or shorten the prompt: {prompt!r}")
             raise PromptError(f"the prompt has no identifier {IDENTIFIER!r} (the words f and l, as in "
                               f"'a photo of f l'): {prompt!r}")
+        if _find(list(row[position + 2:]), first, last) >= 0:
+            warnings.warn(f"the prompt has the identifier {IDENTIFIER!r} twice; only the first stands for the "
+                          f"person, the second is read as the words f and l: {prompt!r}", InputWarning, stacklevel=2)
         positions.append(position)
     return ids, np.asarray(positions, np.int32)

@@ -51,12 +51,16 @@ def server(tmp_path_factory):
         process = subprocess.Popen([sys.executable, "-m", "f2d_jax.app", "--config", "tiny", "--port", str(port)],
                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 400
-    while "Running on local URL" not in log_path.read_text():
+    while "running on http://127.0.0.1" not in log_path.read_text():
         assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
         time.sleep(0.5)
     folder = Path(re.search(r"files in (\S+)", log_path.read_text()).group(1))
     assert folder.is_dir()
-    yield type("Server", (), dict(url=f"http://127.0.0.1:{port}", port=port, folder=folder, process=process))
+    assert f"running on http://127.0.0.1:{port}/ (this machine only: --host 0.0.0.0 or --share to reach it from " \
+           "others); Ctrl-C stops the server\n" in log_path.read_text()
+    assert "share=True" not in log_path.read_text()  # gradio's advice for launch(), not for this command line
+    yield type("Server", (), dict(url=f"http://127.0.0.1:{port}", port=port, folder=folder, process=process,
+                                  log=log_path))
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 130, log_path.read_text()
     assert log_path.read_text().endswith("interrupted: the server stopped\n") and not folder.exists()
@@ -99,10 +103,13 @@ def test_client_gets_images_with_their_settings_and_the_faces_used(client):
     assert all(image.format == "PNG" and image.size == (64, 64) for image in images)
     assert len({image.tobytes() for image in images}) == 4
     settings = json.loads(images[0].text["f2d_jax"])
-    assert settings["prompts"] == ["a photo of f l on the moon"] and settings["images"] == ["obama.jpg", "biden.jpg"]
+    assert settings["prompt"] == "a photo of f l on the moon" and settings["images"] == ["obama.jpg", "biden.jpg"]
     assert settings["negative_prompt"] == "blurry" and settings["config"] == "tiny"
-    assert (settings["num_images"], settings["seed"], settings["steps"], settings["scheduler"]) == (4, 0, 30, "euler_a")
-    assert images[0].text["parameters"].startswith("a photo of f l on the moon\nNegative prompt: blurry\nSteps: 30")
+    assert (settings["steps"], settings["scheduler"]) == (30, "euler_a")
+    for j, image in enumerate(images):  # each image's own seed, as its caption says
+        assert json.loads(image.text["f2d_jax"])["seed"] == j
+        assert image.text["parameters"].startswith("a photo of f l on the moon\nNegative prompt: blurry\nSteps: 30, "
+                                                   f"Sampler: euler_a, CFG scale: 7.0, Seed: {j}, Size: 64x64")
     # the aligned 112x112 crop of each photo, named
     assert [item["caption"] for item in crops] == ["obama.jpg", "biden.jpg"]
     assert all(Image.open(item["image"]).size == (112, 112) for item in crops)
@@ -129,6 +136,19 @@ def test_progress_follows_the_denoising_steps(client):
         time.sleep(0.005)
     assert len(job.result()[0]) == 4
     assert ("step", 30, "sampling 4 images") in seen, seen
+
+
+def test_mistakes_and_warnings_are_one_line_each_in_the_servers_log(server, client, wall):
+    """A refused request is one line in the log, no traceback; a warning goes to the page (gradio's toast, seen
+    in the browser test) and is one line too."""
+    before = len(server.log.read_text())
+    app_error(client, [wall], "a photo of f l")
+    generate(client, [FACE], "f l meets f l", *DEFAULTS[:-1], 1.2)
+    assert server.log.read_text()[before:].splitlines() == [
+        f"request refused: {NO_FACE}",
+        "warning: the prompt has the identifier 'f l' twice; only the first stands for the person, the second is "
+        "read as the words f and l: 'f l meets f l'",
+        "warning: identity scale 1.2 > 1 extrapolates beyond the person's tokens; the images may degrade"]
 
 
 def test_a_photo_without_a_face_is_a_message_and_the_next_request_works(client, wall):
@@ -227,7 +247,8 @@ def test_browser_upload_type_click_see_the_gallery_then_an_error_then_images(ser
         expect(page.get_by_text(NO_FACE)).to_be_visible(timeout=60_000)
 
         photos.get_by_label("Clear").click()
-        run(FACE, "f l as a knight")
+        run(FACE, "f l as a knight beside f l")
+        expect(page.get_by_text("the prompt has the identifier 'f l' twice")).to_be_visible(timeout=60_000)
         expect(gallery).to_have_count(4, timeout=120_000)
         page.wait_for_function("srcs => [...document.querySelectorAll('#gallery img')].every("
                                "img => !srcs.includes(img.getAttribute('src')))", arg=list(first), timeout=120_000)

@@ -323,6 +323,12 @@ def test_a_weights_mismatch_shows_its_key_list(tmp_path, capsys):
       "{tmp}/g"], "--identity-scale takes numbers separated by commas \\(such as 0.6,0.8,1.0\\), got '0.5,x'"),
     (["generate", "--config", "configs/tiny.py", "--faces", "{obama}", "--identity-scale", "1,0.5,1.0", "--out",
       "{tmp}/g"], "--identity-scale names a scale twice: 1,0.5,1.0"),
+    (["score", "--generated", "{typed}", "--out", "{tmp}/r.json"], "manifest.jsonl line 2: seed='3' \\(a whole "
+     "number or null\\); identity_scale=-1 \\(a finite number of at least 0\\)$"),
+    (["score", "--generated", "{other}", "--out", "/proc/r.json"],
+     "--out /proc/r.json cannot be written: /proc is not writable$"),
+    (["report", "--inputs", "{tmp}/p.txt", "--out", "{tmp}/p.txt"],
+     "--out .*/p.txt cannot be written: .*/p.txt is a file, not a directory$"),
     (["report", "--inputs", "{tmp}/p.txt", "--out", "{tmp}/r"], "is not JSON"),
     (["report", "--inputs", "{tmp}/plain.json", "--out", "{tmp}/r"], "is not a score report"),
 ])
@@ -338,9 +344,14 @@ def test_bad_input_is_one_error_line(tmp_path, blank, capsys, monkeypatch, comma
     shutil.copy(blank, faces)
     other.mkdir()
     append_entries(other, [Entry(str(OBAMA[1]), str(OBAMA[0]), "a photo of f l")])
+    typed = tmp_path / "typed"  # a manifest with values of the wrong types
+    typed.mkdir()
+    lines = [dict(image="a.png", face="b.jpg", prompt="f l"),
+             dict(image="a.png", face="b.jpg", prompt="f l", seed="3", identity_scale=-1)]
+    (typed / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (tmp_path / "p.txt").write_text("a photo of a dog\n")
     (tmp_path / "plain.json").write_text("[1, 2]")
-    args = [a.format(tmp=tmp_path, faces=faces, other=other, obama=obama) for a in command]
+    args = [a.format(tmp=tmp_path, faces=faces, other=other, obama=obama, typed=typed) for a in command]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and sum(line.startswith("error") for line in err) == 1, err

@@ -17,7 +17,8 @@ from f2d_jax.config import load_config
 from f2d_jax.convert import save_mapping, save_msid
 from f2d_jax.encoders import Encoders
 from f2d_jax.faces import NoFaceError, align_face
-from f2d_jax.sampling import F2DPipeline, WeightsError
+from f2d_jax import InputWarning
+from f2d_jax.sampling import F2DPipeline, NonFiniteImagesError, WeightsError
 from f2d_jax.text import PromptError, identifier_prompts, token_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,6 +187,22 @@ def test_bad_input_is_a_clear_error(pipe, face, kwargs, error, message):
         pipe.generate(**{**args, **kwargs})
 
 
+def test_non_finite_images_are_an_error_not_black_pictures(pipe):
+    """NaN in the conditioning (as NaN weights or an overflowing dtype would give) reaches the latents."""
+    context = np.zeros((3, 77, 32), np.float32)
+    context[1] = np.nan
+    with pytest.raises(NonFiniteImagesError, match=r"^images 1 \(seed 8\) came out NaN or infinite, so none was "
+                                                   r"kept; check the weights"):
+        pipe.sample(context, [7, 8, 9], steps=2, height=64, width=64, progress=False, batch_size=2)
+
+
+def test_a_prompt_with_the_identifier_twice_is_a_warning():
+    with pytest.warns(InputWarning, match="the prompt has the identifier 'f l' twice; only the first stands for "
+                                          "the person, the second is read as the words f and l"):
+        ids, positions = identifier_prompts("f l meets f l")
+    assert positions.tolist() == [1]
+
+
 def test_no_face_names_the_file(pipe, tmp_path):
     blank = tmp_path / "wall.png"
     Image.new("RGB", (200, 200), (90, 120, 150)).save(blank)
@@ -207,18 +224,28 @@ def run_sample(*argv) -> subprocess.CompletedProcess:
 def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
     out = tmp_path / "grid.png"
     result = run_sample("--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--prompt",
-                        "f l on the moon", "-n", "2", "--steps", "2", "--batch-size", "3", "--out", str(out),
+                        "f l on the moon", "-n", "2", "--seed", "3", "--steps", "2", "--batch-size", "3", "--out",
+                        str(out),
                         "--out-dir", str(tmp_path / "single"), "--identity-scale", "1.5")
     assert result.returncode == 0, result.stderr
-    assert "UserWarning: identity scale 1.5 > 1 extrapolates" in result.stderr
+    assert "InputWarning: identity scale 1.5 > 1 extrapolates" in result.stderr
     grid = Image.open(out)
     assert grid.size == (2 * 64, 2 * 64)  # rows: prompts, columns: images
     settings = json.loads(grid.text["f2d_jax"])
     assert settings["prompts"] == ["a photo of f l", "f l on the moon"] and settings["steps"] == 2
-    assert settings["scheduler"] == "euler_a" and settings["seed"] == 0 and settings["identity_scale"] == 1.5
-    assert grid.text["parameters"].endswith("Identity scale: 1.5")
+    assert settings["scheduler"] == "euler_a" and settings["seeds"] == [3, 4] and settings["identity_scale"] == 1.5
+    assert settings["config"] == TINY and settings["images"] == [FACE]
+    assert grid.text["parameters"].startswith("a photo of f l | f l on the moon\n")
+    assert grid.text["parameters"].endswith("Seed: 3-4, Size: 64x64, Identity scale: 1.5")
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
         "p00_000.png", "p00_001.png", "p01_000.png", "p01_001.png"]
+    for name, prompt, seed in [("p00_000", "a photo of f l", 3), ("p00_001", "a photo of f l", 4),
+                               ("p01_000", "f l on the moon", 3), ("p01_001", "f l on the moon", 4)]:
+        image = Image.open(tmp_path / "single" / f"{name}.png")  # the prompt and seed that make it again
+        recorded = json.loads(image.text["f2d_jax"])
+        assert (recorded["prompt"], recorded["seed"]) == (prompt, seed)
+        assert image.text["parameters"].startswith(f"{prompt}\nNegative prompt: \nSteps: 2, Sampler: euler_a, CFG "
+                                                   f"scale: 7.0, Seed: {seed}, Size: 64x64")
 
 
 def sample_errors(capsys, argv) -> list[str]:
@@ -254,12 +281,20 @@ def sample_errors(capsys, argv) -> list[str]:
     (["--identity-scale", "nan"], "error: the identity scale must be a finite number of at least 0"),
     (["--expression-image", FACE], "error: --expression-image needs the expression encoder's weights: give "
      "--expression"),
+    (["--height", "0"], "error: height=0 is not possible: height and width must be positive multiples of 16"),
+    (["--height", "8"], "error: height=8 is not possible: height and width must be positive multiples of 16"),
+    (["--width", "24"], "error: width=24 is not possible: height and width must be positive multiples of 16"),
+    (["--image", "{huge}"], "error: image {huge} is too large (400 megapixels): photos may have up to 179 "
+     "megapixels; downscale it"),
 ])
 def test_sample_py_checks_everything_before_loading_weights(tmp_path, capsys, monkeypatch, argv, message):
     """Each mistake is one line and status 2, found before any weights load: nothing is computed and lost."""
     monkeypatch.setattr(F2DPipeline, "load", classmethod(lambda *args, **kwargs: pytest.fail("weights loaded")))
-    places = dict(wall=tmp_path / "wall.png", file=tmp_path / "file", folder=tmp_path / "d.png")
+    places = dict(wall=tmp_path / "wall.png", file=tmp_path / "file", folder=tmp_path / "d.png",
+                  huge=tmp_path / "huge.png")
     Image.new("RGB", (120, 120), (200, 200, 200)).save(places["wall"])
+    if "{huge}" in argv:  # 400 megapixels, 1.2 MB of PNG
+        Image.new("RGB", (20000, 20000), (120, 120, 120)).save(places["huge"])
     places["file"].write_text("a file")
     places["folder"].mkdir()
     base = {"--config": TINY, "--image": FACE, "--prompt": "a photo of f l", "--out": str(tmp_path / "o.png"),
@@ -267,6 +302,28 @@ def test_sample_py_checks_everything_before_loading_weights(tmp_path, capsys, mo
     merged = {**base, **{k: v.format(**places) for k, v in zip(argv[::2], argv[1::2])}}
     err = sample_errors(capsys, [x for item in merged.items() for x in item])
     assert err[-1].startswith(message.format(**places)), err
+
+
+def test_sample_py_refuses_non_finite_weights_naming_the_tensor(tmp_path, capsys):
+    from f2d_jax.convert import io
+
+    mapping = Encoders.from_config(load_config(TINY).model).init(jax.random.key(0), ("mapping",))["mapping"]
+    state = save_mapping(mapping, tmp_path / "nan.safetensors") and io.read_state_dict(tmp_path / "nan.safetensors")
+    state["i2t_first.fc_out.weight"][0, 0] = np.nan
+    io.write_state_dict(state, tmp_path / "nan.safetensors")
+    err = sample_errors(capsys, ["--config", TINY, "--mapping", str(tmp_path / "nan.safetensors"), "--image", FACE,
+                                 "--prompt", "a photo of f l", "--out", str(tmp_path / "o.png")])
+    assert err[-1] == (f"error: mapping weights {tmp_path / 'nan.safetensors'}: 1 tensor(s) hold NaN or infinite "
+                       "values (i2t_first.fc_out.weight); these weights cannot be used: a run that diverged, or a "
+                       "damaged file")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_sample_py_without_weights_says_which_to_give(tmp_path, capsys):
+    err = sample_errors(capsys, ["--image", FACE, "--prompt", "a photo of f l", "--out", str(tmp_path / "o.png")])
+    assert err[-1] == ("error: no weights: give --model DIR (a packaged model), --checkpoint WORKDIR (a training run), "
+                       "--config NAME (e.g. tiny: random models, offline) or --msid and --mapping (the official "
+                       "msid.pt and mapping.pt, with --sd)")
 
 
 def test_sample_py_expression_weights_from_a_flag_or_the_config(tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,9 +20,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from f2d_jax import cli
+from f2d_jax import InputWarning, cli
 from f2d_jax.faces import AlignedFace, align_face
 from f2d_jax.sampling import SCHEDULERS, F2DPipeline, seed_range
+from f2d_jax.sampling.metadata import png_text
 from f2d_jax.text import identifier_prompts
 
 MAX_IMAGES = 8
@@ -109,7 +112,7 @@ def aligned_faces(photos: list[str], expression_photo: str | None) -> tuple[list
 
 
 def public_message(error: BaseException, paths: list[str]) -> str:
-    """The error's message with the server's paths of the uploads cut to their file names."""
+    """The message of an error or warning, with the server's paths of the uploads cut to their file names."""
     message = cli.describe(error)
     for path in paths:
         message = message.replace(path, Path(path).name)
@@ -141,13 +144,13 @@ def generate_images(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits,
                            negative_prompt=negative_prompt, expression_image=expression, height=settings.height,
                            width=settings.width, progress=progress, identity_scale=settings.identity_scale)
     names = [Path(path).name for path in photos]
-    text = cli.png_text(args, pipe, prompts=[prompt], images=names,
-                        expression_image=Path(expression_photo).name if expression_photo else None,
-                        num_images=settings.num_images, seed=settings.seed, steps=settings.steps,
-                        guidance=settings.guidance, scheduler=settings.scheduler,
-                        identity_scale=settings.identity_scale, negative_prompt=negative_prompt,
-                        height=settings.height, width=settings.width)
-    gallery = [(with_text(image, text), f"seed {settings.seed + j}") for j, image in enumerate(images)]
+    recorded = dict(images=names, expression_image=Path(expression_photo).name if expression_photo else None,
+                    steps=settings.steps, guidance=settings.guidance, scheduler=settings.scheduler,
+                    identity_scale=settings.identity_scale, negative_prompt=negative_prompt,
+                    height=settings.height, width=settings.width)
+    source = cli.weights_source(args, pipe)
+    gallery = [(with_text(image, png_text(prompt, settings.seed + j, recorded, source)), f"seed {settings.seed + j}")
+               for j, image in enumerate(images)]
     crops = [(face.crop, name) for face, name in zip(faces, names)]
     if expression is not None:
         crops.append((expression.expression_crop, f"expression: {Path(expression_photo).name}"))
@@ -178,11 +181,25 @@ def build(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits) -> gr.Blo
         photos, expression = _paths(photos), (_paths(expression_photo) or [None])[0]
         prompt, negative_prompt = prompt or "", negative_prompt or None  # none: as diffusers (zeros on SDXL)
         progress(0, desc="aligning the faces")
+        uploads, shown = [*photos, *([expression] if expression else [])], set()
+
+        def show(message, category, *args, **kwargs):  # in the page as it happens, once, and in the log
+            message = public_message(message, uploads)
+            if category is InputWarning and message not in shown:
+                shown.add(message)
+                print(f"warning: {message}", file=sys.stderr)
+                gr.Warning(message)
+
         try:
-            return generate_images(pipe, args, limits, photos, expression, prompt, negative_prompt,
-                                   num_images, seed, steps, guidance, sampler, height, width, identity_scale)
-        except cli.USER_ERRORS as e:
-            raise gr.Error(public_message(e, [*photos, *([expression] if expression else [])])) from None
+            with warnings.catch_warnings():  # the prompt cut, several faces in a photo, an identity scale above 1
+                warnings.simplefilter("always", InputWarning)
+                warnings.showwarning = show
+                return generate_images(pipe, args, limits, photos, expression, prompt, negative_prompt,
+                                       num_images, seed, steps, guidance, sampler, height, width, identity_scale)
+        except cli.USER_ERRORS as e:  # a message in the page and one line in the server's log
+            message = public_message(e, uploads)
+            print(f"request refused: {message}", file=sys.stderr)
+            raise gr.Error(message, print_exception=False) from None
 
     with gr.Blocks(title="Face2Diffusion", delete_cache=(3600, 3600)) as page:
         gr.Markdown("# Face2Diffusion\nPictures of the person in the photos, from a prompt where **f l** stands "

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import errno
 import functools
 import gc
-import json
-import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 USER_ERROR = 2
 INTERRUPTED = 130
@@ -79,31 +80,51 @@ def load_pipeline(args: argparse.Namespace):
                             mapping=args.mapping, expression=args.expression)
 
 
+def named_config(args: argparse.Namespace) -> dict:
+    """The config (a dict) that the `add_weights` options name, with the weights given in place of its own;
+    with none named, the paper's config with the weights given. Reads no weights."""
+    from f2d_jax.config import OFFICIAL_CONFIG, f2d_config, load_config
+
+    if args.model:
+        from f2d_jax.convert.package import package_config, package_weights
+
+        config = {**package_config(args.model), "weights": package_weights(args.model)}
+    elif args.checkpoint:
+        from f2d_jax.workdir import check_f2d_run, trained_config
+
+        config = trained_config(args.checkpoint)[0]
+        check_f2d_run(args.checkpoint, config)
+    else:
+        config = (f2d_config(args.config, args.config) if args.config else load_config(OFFICIAL_CONFIG)).to_dict()
+        if not args.config:
+            config["weights"].update(msid="", mapping="", expression="")
+    given = {name: getattr(args, name) for name in ("sd", "msid", "mapping", "expression") if getattr(args, name)}
+    return {**config, "weights": {**config["weights"], **given}}
+
+
 def trained_resolution(args: argparse.Namespace, pipe) -> int | None:
     """The image size the models were trained at where a config, checkpoint or model folder names them
     (None: the base's own size)."""
     return pipe.config.data.resolution if any(getattr(args, name) for name in WEIGHT_SOURCES) else None
 
 
-def png_text(args: argparse.Namespace, pipe, *, prompts: list[str], images: list[str], expression_image: str | None,
-             num_images: int, seed: int, steps: int, guidance: float, scheduler: str, identity_scale: float,
-             negative_prompt: str | None, height: int, width: int) -> dict[str, str]:
-    """The text chunks of a generated PNG: `f2d_jax`, every setting and the weights as JSON, and
-    `parameters`, the usual one-paragraph summary. `args`: the `add_weights` options."""
-    settings = dict(prompts=prompts, images=images, num_images=num_images, seed=seed, steps=steps, guidance=guidance,
-                    scheduler=scheduler, identity_scale=identity_scale, negative_prompt=negative_prompt,
-                    expression_image=expression_image, height=height, width=width,
-                    **{name: getattr(args, name) for name in WEIGHT_SOURCES},
-                    weights=dict(pipe.config.weights) if pipe.config is not None else None)
-    return {"f2d_jax": json.dumps(settings),
-            "parameters": f"{' | '.join(prompts)}\nNegative prompt: {negative_prompt or ''}\nSteps: {steps}, "
-                          f"Sampler: {scheduler}, CFG scale: {guidance}, Seed: {seed}, Size: {width}x{height}, "
-                          f"Identity scale: {identity_scale}"}
+def weights_source(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """What names the weights of images made with the `add_weights` options, as their PNG metadata records
+    it: --checkpoint (absolute) and its step, --config (a name, or a file's absolute path), --model
+    (absolute), and the weights paths (local ones absolute)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    source = dict(checkpoint=absolute(args.checkpoint), step=pipe.checkpoint[1] if pipe.checkpoint else None,
+                  config=absolute(args.config), model=absolute(args.model))
+    weights = pipe.config.weights if pipe.config is not None else {}
+    return {**source, "weights": {name: absolute(path) for name, path in weights.items()} or None}
 
 
 def check_output(path, flag: str, folder: bool = False) -> None:
     """A ValueError naming `flag` unless `path` can be written: a file (or with `folder`, a folder to
-    write files in) whose folder exists and is writable, or can be made."""
+    write files in) whose folder exists and takes a new file, or can be made. A file is made there and
+    removed to find out: permissions, read-only filesystems and full quotas all answer that way."""
     path = Path(path)
     if not folder and path.is_dir():
         raise ValueError(f"{flag} {path} is a directory, not a file")
@@ -111,8 +132,11 @@ def check_output(path, flag: str, folder: bool = False) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"{flag} {path} cannot be written: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {path} cannot be written: {parent} is not writable")
+            try:
+                tempfile.TemporaryFile(dir=parent).close()
+            except OSError as e:
+                why = f" ({e.strerror})" if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT) else ""
+                raise ValueError(f"{flag} {path} cannot be written: {parent} is not writable{why}") from None
             return
 
 

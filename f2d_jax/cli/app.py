@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 
 from f2d_jax import cli
 from f2d_jax.compile_cache import enable
@@ -60,9 +61,9 @@ def check(args) -> None:
     if importlib.util.find_spec("gradio") is None:
         raise ValueError("the web app needs gradio: pip install 'f2d-jax[app]'")
     if args.config:
-        from f2d_jax.config import load_config
+        from f2d_jax.config import f2d_config
 
-        load_config(args.config)
+        f2d_config(args.config, args.config)
     if args.model:
         from f2d_jax.convert.package import read_package
 
@@ -75,6 +76,7 @@ def _stop(signum, frame):
 
 def _serve(args) -> None:
     check(args)
+    warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")  # gradio's, per request
     enable(args.compile_cache)
     signal.signal(signal.SIGTERM, _stop)  # a stopped server removes its folder too
     with tempfile.TemporaryDirectory(prefix="f2d-app-") as folder:
@@ -90,7 +92,10 @@ def _serve(args) -> None:
         blocks = page.build(pipe, args, limits)
         blocks.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=args.share, max_file_size=page.MAX_FILE_SIZE,
-            allowed_paths=[], ssr_mode=False, css=page.CSS, prevent_thread_lock=True)
+            allowed_paths=[], ssr_mode=False, css=page.CSS, prevent_thread_lock=True, quiet=True)
+        reach = f" and {blocks.share_url}" if blocks.share_url else "" if args.host != "127.0.0.1" else \
+            " (this machine only: --host 0.0.0.0 or --share to reach it from others)"
+        print(f"running on {blocks.local_url}{reach}; Ctrl-C stops the server", file=sys.stderr)
         try:
             signal.pause()  # until Ctrl-C or SIGTERM
         finally:

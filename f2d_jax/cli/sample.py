@@ -63,28 +63,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def save(images, args, pipe, out: Path) -> None:
+    """The grid at `out` and, with --out-dir, each image; each PNG with its prompt(s), seed(s) and settings."""
     import numpy as np
-    from PIL import Image, PngImagePlugin
+    from PIL import Image
 
+    from f2d_jax.sampling.metadata import png_info, png_text
     from f2d_jax.train.metrics import grid
 
-    text = cli.png_text(args, pipe, prompts=args.prompt, images=[str(p) for p in args.image],
-                        expression_image=args.expression_image, num_images=args.num_images, seed=args.seed,
-                        steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                        identity_scale=args.identity_scale, negative_prompt=args.negative_prompt,
-                        height=images.shape[1], width=images.shape[2])
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
+    settings = dict(images=[str(Path(p).resolve()) for p in args.image], num_images=args.num_images,
+                    expression_image=str(Path(args.expression_image).resolve()) if args.expression_image else None,
+                    steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                    identity_scale=args.identity_scale, negative_prompt=args.negative_prompt,
+                    height=images.shape[1], width=images.shape[2])
+    source = cli.weights_source(args, pipe)
+    seeds = range(args.seed, args.seed + args.num_images)
     rows = len(args.prompt) if len(args.prompt) > 1 else max(1, int(math.sqrt(len(images))))
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid(np.asarray(images), rows=rows)).save(out, pnginfo=info)
+    Image.fromarray(grid(np.asarray(images), rows=rows)).save(
+        out, pnginfo=png_info(png_text(args.prompt, seeds, settings, source)))
     if args.out_dir:
         directory = Path(args.out_dir)
         directory.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             prompt, index = divmod(i, args.num_images)
-            Image.fromarray(image).save(directory / f"p{prompt:02d}_{index:03d}.png", pnginfo=info)
+            text = png_text(args.prompt[prompt], seeds[index], settings, source)
+            Image.fromarray(image).save(directory / f"p{prompt:02d}_{index:03d}.png", pnginfo=png_info(text))
 
 
 @cli.command
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
 
 def check(args) -> None:
     """The cheap checks, before any weights load: a ValueError names the first mistake."""
+    from f2d_jax.models.bundle import size_multiple
     from f2d_jax.sampling import check_identity_scale, check_sampling, check_size, seed_range
     from f2d_jax.text import identifier_prompts
 
@@ -104,30 +108,21 @@ def check(args) -> None:
     if args.out_dir:
         cli.check_output(args.out_dir, "--out-dir", folder=True)
     identifier_prompts(args.prompt)
-    check_size(args.height or 8, args.width or 8, 8)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     seed_range(args.seed, args.num_images)
     check_identity_scale(args.identity_scale)
-    if args.expression_image and not (args.expression or _configured_expression(args)):
+    missing = [f"--{name}" for name in ("msid", "mapping") if not getattr(args, name)]
+    if missing and not any(getattr(args, name) for name in cli.WEIGHT_SOURCES):
+        raise ValueError(f"no weights: give --model DIR (a packaged model), --checkpoint WORKDIR (a training run), "
+                         f"--config NAME (e.g. tiny: random models, offline) or {' and '.join(missing)} (the "
+                         "official msid.pt and mapping.pt, with --sd)")
+    config = cli.named_config(args)
+    multiple = size_multiple(config)
+    check_size(multiple if args.height is None else args.height, multiple if args.width is None else args.width,
+               multiple)
+    if args.expression_image and not config["weights"]["expression"]:
         raise ValueError("--expression-image needs the expression encoder's weights: give --expression "
                          "(Deep3DFaceRecon's epoch_20.pth)")
-
-
-def _configured_expression(args) -> str:
-    """The expression weights that the --model, --checkpoint's or --config's config names ("" for none)."""
-    if args.model:
-        from f2d_jax.convert.package import package_weights
-
-        return package_weights(args.model)["expression"]
-    if args.checkpoint:
-        from f2d_jax.workdir import trained_config
-
-        return trained_config(args.checkpoint)[0]["weights"]["expression"]
-    if args.config:
-        from f2d_jax.config import load_config
-
-        return load_config(args.config).weights.expression
-    return ""
 
 
 def _sample(args) -> int:
@@ -140,7 +135,7 @@ def _sample(args) -> int:
     from f2d_jax.sampling import check_sampling
 
     pipe = cli.load_pipeline(args)
-    height = args.height or cli.trained_resolution(args, pipe)
+    height = args.height if args.height is not None else cli.trained_resolution(args, pipe)
     args.guidance, args.scheduler, height, width = pipe.settings(args.guidance, args.scheduler, height, args.width)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     images = pipe.generate(faces, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,

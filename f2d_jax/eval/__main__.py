@@ -95,22 +95,24 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args) -> None:
     from f2d_jax.eval.generate import GenerateError, align_references, check_resume, generate, parse_identity_scales
     from f2d_jax.eval.prompts import load_prompts
+    from f2d_jax.models.bundle import size_multiple
     from f2d_jax.sampling import F2DPipeline, check_sampling, check_size, seed_range
 
     if args.seeds < 1:  # the cheap checks before any weights load
         raise GenerateError(f"--seeds must be at least 1, got {args.seeds}")
     seed_range(0, args.seeds)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
-    check_size(args.height or 8, args.width or args.height or 8, 8)
     scales = parse_identity_scales(args.identity_scale)
     cli.check_output(args.out, "--out", folder=True)
     prompts = load_prompts(args.prompts)
     generator, config = _generator(args)
-    height = args.height or config.data.resolution
+    height = config.data.resolution if args.height is None else args.height
+    width = height if args.width is None else args.width
+    check_size(height, width, size_multiple(config))
     settings = dict(system=args.name or Path(args.config).resolve().name.removesuffix(".py"), **generator,
                     weights=dict(config.weights), steps=args.steps, guidance_scale=args.guidance,
                     scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=height,
-                    width=args.width or height, identity_scales=scales)
+                    width=width, identity_scales=scales)
     check_resume(args.out, settings)  # what is given; the base's defaults once the model has loaded
     faces = align_references(args.faces)
     enable(args.compile_cache)
@@ -129,17 +131,18 @@ def _generator(args) -> tuple[dict, ml_collections.ConfigDict]:
     """What names the generator in the settings (config: a named config's name, else the resolved path;
     checkpoint: whether it is a workdir; step: the workdir's latest checkpoint) and its config with the
     weights flags applied; read without loading any weights."""
-    from f2d_jax.config import config_names, load_config
+    from f2d_jax.config import config_names, f2d_config
     from f2d_jax.sampling import with_weights
-    from f2d_jax.workdir import trained_config
+    from f2d_jax.workdir import check_f2d_run, trained_config
 
     path, weights = Path(args.config), dict(sd=args.sd, msid=args.msid, mapping=args.mapping)
     if path.is_dir():
         config, step = trained_config(path)
+        check_f2d_run(path, config)
         return dict(config=str(path.resolve()), checkpoint=True, step=step), with_weights(config, **weights)
     named = not path.is_file() and args.config in config_names()
     generator = dict(config=args.config if named else str(path.resolve()), checkpoint=False, step=None)
-    return generator, with_weights(load_config(args.config), **weights)
+    return generator, with_weights(f2d_config(args.config, args.config), **weights)
 
 
 def _generator_config(settings) -> dict | None:
@@ -195,6 +198,7 @@ def _score(args) -> None:
     settings, entries = read_manifest(args.generated)
     if Path(args.out).suffix.lower() != ".json":
         raise ValueError(f"--out must be a .json file, got {args.out}")
+    cli.check_output(args.out, "--out")
     enable(args.compile_cache)
     recognizers = _recognizers(args, settings)
     primary = args.primary or ("arcface" if "arcface" in recognizers else "dlib" if "dlib" in recognizers
@@ -215,6 +219,7 @@ def _score(args) -> None:
 def _report(args) -> None:
     from f2d_jax.eval.report import load_reports, write_report
 
+    cli.check_output(args.out, "--out", folder=True)
     paths = write_report(load_reports(args.inputs), args.out, sheets=not args.no_sheets)
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)

@@ -25,6 +25,7 @@ from f2d_jax.eval.manifest import MANIFEST, SETTINGS, Entry, append_entries, ide
 from f2d_jax.eval.prompts import slug
 from f2d_jax.faces import AlignedFace, NoFaceError, align_face
 from f2d_jax.sampling import check_identity_scale, check_sampling
+from f2d_jax.sampling.metadata import png_info, png_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # The settings that make an image what it is; a resumed run must have the same ones. The generator:
@@ -142,6 +143,9 @@ def generate(pipe, faces: Mapping[Path, AlignedFace], prompts: Sequence[str], se
             for path in faces for scale in identity_scales(settings)}
     total = sum(map(len, todo.values()))
     sample_args = {k: settings[k] for k in SAMPLING_KEYS}
+    source = {k: settings.get(k) for k in GENERATOR_KEYS}
+    recorded = dict(steps=settings["steps"], guidance=settings["guidance_scale"], scheduler=settings["scheduler"],
+                    negative_prompt=settings["negative_prompt"], height=settings["height"], width=settings["width"])
     with tqdm(total=total, desc="generating", unit="image", dynamic_ncols=True) as bar:
         for (path, scale), pairs in todo.items():
             if not pairs:
@@ -156,7 +160,9 @@ def generate(pipe, faces: Mapping[Path, AlignedFace], prompts: Sequence[str], se
                 for (i, seed), image in zip(chunk, images):
                     file = out / "images" / path.stem / image_name(prompts[i], seed, scale)
                     file.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(image).save(file.with_suffix(".tmp.png"))
+                    text = png_text(prompts[i], seed, {"face": str(path.resolve()), **recorded,
+                                                       "identity_scale": scale}, source)
+                    Image.fromarray(image).save(file.with_suffix(".tmp.png"), pnginfo=png_info(text))
                     os.replace(file.with_suffix(".tmp.png"), file)
                     entries.append(Entry(str(file), str(path.resolve()), prompts[i], int(seed), path.stem, scale))
                 append_entries(out, entries)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,15 @@ MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
 REQUIRED = ("image", "face", "prompt")
 DEFAULT_IDENTITY_SCALE = 1.0  # what the images of a folder without identity scales were made with
+
+
+_text = (lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+# What each key of a line holds (seed may be null; identity_scale as generate's --identity-scale).
+FIELDS = {"image": _text, "face": _text, "prompt": (lambda v: isinstance(v, str), "a string"),
+          "face_id": (lambda v: isinstance(v, str), "a string"),
+          "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "a whole number or null"),
+          "identity_scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                             and v >= 0, "a finite number of at least 0")}
 
 
 class ManifestError(ValueError):
@@ -56,7 +66,7 @@ def read_manifest(directory) -> tuple[dict[str, Any], list[Entry]]:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{directory} has no {MANIFEST}: `python -m f2d_jax.eval generate` writes it; for other "
+        raise ManifestError(f"{directory} has no {MANIFEST}: `f2d-eval generate` writes it; for other "
                             f"systems' images write one JSON line per image with the keys {', '.join(REQUIRED)} "
                             "(see f2d_jax/eval/manifest.py)")
     entries = {}  # by image path: a line for an image made again replaces the earlier one
@@ -71,6 +81,10 @@ def read_manifest(directory) -> tuple[dict[str, Any], list[Entry]]:
         if missing:
             raise ManifestError(f"{path} line {number} lacks {', '.join(missing)} (each line needs "
                                 f"{', '.join(REQUIRED)})")
+        wrong = [f"{key}={row[key]!r} ({what})" for key, (ok, what) in FIELDS.items()
+                 if key in row and not ok(row[key])]
+        if wrong:
+            raise ManifestError(f"{path} line {number}: {'; '.join(wrong)}")
         entry = Entry(_resolve(directory, row["image"]), _resolve(directory, row["face"]), row["prompt"],
                       row.get("seed"), row.get("face_id", ""),
                       float(row.get("identity_scale", DEFAULT_IDENTITY_SCALE)))
@@ -78,7 +92,12 @@ def read_manifest(directory) -> tuple[dict[str, Any], list[Entry]]:
     if not entries:
         raise ManifestError(f"{path} lists no images")
     settings_path = directory / SETTINGS
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    try:
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{settings_path} is not JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ManifestError(f"{settings_path} holds {type(settings).__name__}, not a JSON object of settings")
     return settings, list(entries.values())
 
 

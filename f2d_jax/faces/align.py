@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 from skimage.transform import SimilarityTransform
 
+from f2d_jax import InputWarning
+
 from .detect import LandmarkDetector, default_detector
 from .image import ImageInput, load_image
 
@@ -196,7 +198,7 @@ def align_face(
         lm = max(faces, key=_bbox_area)
         if len(faces) > 1:
             warnings.warn(
-                f"{len(faces)} faces found in {source}; using the largest", stacklevel=2
+                f"{len(faces)} faces found in {source}; using the largest", InputWarning, stacklevel=2
             )
     matrix = similarity_matrix(five_points(lm))
     return AlignedFace(
