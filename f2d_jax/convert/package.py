@@ -155,7 +155,7 @@ def model_card(config: Mapping[str, Any], manifest: Mapping[str, Any], workdir=N
 
         evaluation = f"Score reports found in the run's folder ({len(reports)}):\n\n{markdown_table(reports)}"
     else:
-        evaluation = "None: the run's folder holds no score report (`python -m f2d_jax.eval score` writes them)."
+        evaluation = "None: the run's folder holds no score report (`f2d-eval score` writes them)."
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     run = f" from `{manifest['workdir']}`" if manifest["workdir"] else ""
     return f"""# Face2Diffusion model

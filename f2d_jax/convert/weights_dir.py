@@ -75,7 +75,7 @@ def _write_manifest(directory: Path, entries: Mapping[str, Any]) -> None:
 def read_manifest(directory) -> dict[str, Any]:
     return io.read_manifest(Path(os.fspath(directory)) / MANIFEST, FORMAT,
                             f"{directory} is not an f2d-jax weights directory (no {MANIFEST}); create one with "
-                            "`python -m f2d_jax.convert import`")
+                            "`f2d-convert import`")
 
 
 def stored_models(directory) -> dict[str, Any]:

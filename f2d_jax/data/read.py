@@ -26,7 +26,7 @@ IMAGE_FIELDS = ("image", "mask", "face", "expression_face")
 BASE_FIELDS = (*IMAGE_FIELDS, "landmarks", "name")
 FEATURE_FIELDS = ("identity", "expression", "latent_moments")
 EXPRESSION_DIM = 64   # Deep3DFaceRecon's expression coefficients
-_PREPARE = "python -m f2d_jax.data.prepare"
+_PREPARE = "f2d-prepare"
 
 
 def feature_description(config) -> dict[str, Any]:

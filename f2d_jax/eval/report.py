@@ -30,7 +30,7 @@ def load_reports(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not JSON: {e}") from e
         if not isinstance(report, dict) or "overall" not in report:
-            raise ValueError(f"{path} is not a score report (`python -m f2d_jax.eval score` writes them)")
+            raise ValueError(f"{path} is not a score report (`f2d-eval score` writes them)")
         reports.append(report)
     return reports
 
