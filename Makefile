@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test test-gpu clean
 
 $(VENV)/.installed-%: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,15 @@ demo: $(VENV)/.installed-faces
 	$(PY) sample.py --checkpoint runs/demo --image f2d_jax/assets/face.jpg --prompt "a photo of f l" -n 4 \
 		--out runs/demo/sample.png
 
-# The test suite (CPU only, no network).
+# The test suite (CPU only, no network; the TPU compiler, libtpu, comes with the dev extra).
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -n 2
 
+# The tests compiled for NVIDIA GPUs (marked gpu): XLA's GPU compiler and cuDNN in a venv of their own,
+# .venv-gpu (about 1.5 GB more), so that the main one's JAX prints no CUDA start-up lines.
+test-gpu:
+	$(MAKE) VENV=.venv-gpu .venv-gpu/.installed-dev,gpu
+	.venv-gpu/bin/python -m pytest -q -m gpu tests/test_targets.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-gpu

@@ -37,7 +37,8 @@ def measure_peak(size: int, chain: int, repeats: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from f2d_jax.train.metrics import compiled_flops, peak_flops
+    from f2d_jax.compiled import compiled_flops
+    from f2d_jax.train.metrics import peak_flops
 
     k1, k2 = jax.random.split(jax.random.key(0))
     x = jax.random.normal(k1, (size, size), dtype)

@@ -15,54 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from f2d_jax.models.bases import SD14_CLIP, SD14_UNET, SD14_VAE
+from f2d_jax.models.bases import SDXL as _SDXL
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = "RESULT "
 
-# Stable Diffusion v1.4's components, as in the checkpoint's config.json files.
-SD14_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=8, cross_attention_dim=768, flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32,
-    norm_eps=1e-5, act_fn="silu")
-SD14_VAE = dict(  # built (the bundle needs it) but never run: the step reads cached VAE moments
-    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=32, act_fn="silu", scaling_factor=0.18215)
-SD14_CLIP = dict(  # CLIP ViT-L/14's text tower
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# Stable Diffusion v1.4's and SDXL 1.0 base's components (f2d_jax/models/bases.py); the training noise schedule.
 SD14_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       prediction_type="epsilon")
-
 # scheduler/scheduler_config.json of SD v1.4 (no timestep_spacing: each sampler uses its own default)
 SD14_SAMPLING_SCHEDULER = dict(SD14_SCHEDULER, set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True,
                                clip_sample=False)
-
-
-# SDXL 1.0 base's components, as in stabilityai/stable-diffusion-xl-base-1.0's config files: a 2.6B-parameter
-# UNet (no attention at the first level; 1, 2 and 10 transformer layers per block), CLIP ViT-L (SD14_CLIP)
-# beside OpenCLIP bigG (with its text projection, whose pooled output and the six time ids make the
-# UNet's added embedding: 1280 + 6 x 256 = 2816), 1024 px images (128x128x4 latents), EulerDiscrete.
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), use_linear_projection=True, cross_attention_dim=2048,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5, act_fn="silu")
-SDXL_VAE = dict(SD14_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-SDXL_CLIP_G = dict(  # OpenCLIP ViT-bigG/14's text tower, a CLIPTextModelWithProjection
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
-    architectures=["CLIPTextModelWithProjection"])
-SDXL_SCHEDULER = dict(  # scheduler/scheduler_config.json: training and sampling
-    _class_name="EulerDiscreteScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-    beta_schedule="scaled_linear", trained_betas=None, prediction_type="epsilon", interpolation_type="linear",
-    sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, timestep_spacing="leading",
-    use_karras_sigmas=False, clip_sample=False)
-SDXL = dict(unet=SDXL_UNET, vae=SDXL_VAE, text_encoder=SD14_CLIP, text_encoder_2=SDXL_CLIP_G,
-            tokenizer_2={"pad_token": "!"}, scheduler=SDXL_SCHEDULER, resolution=1024)
+SDXL = dict(_SDXL, resolution=1024)
 # What a preset may give of the bundle's configs (f2d_jax.models.stable_diffusion.build's keys).
 MODEL_KEYS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

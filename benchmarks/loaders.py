@@ -23,7 +23,7 @@ data are synthetic, written to a temporary folder by the project's own writers:
 
 The examples/s a step takes on an accelerator: the step's FLOPs per example at --mfu of the --chip's
 dense bf16 peak, times --accelerators-per-host. The FLOPs are those of the matrix multiplications
-and convolutions of train.py's step traced on abstract shapes (f2d_jax.train.metrics.matmul_flops:
+and convolutions of train.py's step traced on abstract shapes (f2d_jax.compiled.matmul_flops:
 nothing is compiled or allocated; the backward pass and remat's recomputation counted, as train.py
 runs them; for raw data plus the frozen encoders' encoding). XLA's cost analysis (the training
 loop's MFU) counts a loop's body once, so it would miss 11 of MSID's 12 scanned ViT blocks.
@@ -235,7 +235,7 @@ def f2d_step_flops(batch: int, resolution: int, raw: bool) -> float:
     from f2d_jax.params import partition
     from f2d_jax.train.inputs import encode_raw
     from f2d_jax.train.loop import STEP_MODELS, step_function
-    from f2d_jax.train.metrics import matmul_flops
+    from f2d_jax.compiled import matmul_flops
     from f2d_jax.train.state import init_state
     from f2d_jax.train.step import Constants
 
@@ -271,7 +271,7 @@ def msid_step_flops(batch: int, identities: int) -> float:
     `identities` classes) at `batch` examples."""
     from f2d_jax.pretrain.loop import program
     from f2d_jax.sharding import batch_sharding, make_mesh
-    from f2d_jax.train.metrics import matmul_flops
+    from f2d_jax.compiled import matmul_flops
 
     config = msid_config()
     config.arcface.num_identities = identities

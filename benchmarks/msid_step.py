@@ -85,7 +85,8 @@ def jax_worker(args) -> dict:
     from f2d_jax.models.bundle import compute_dtype
     from f2d_jax.pretrain.loop import padded_classes, program
     from f2d_jax.sharding import batch_sharding, make_mesh
-    from f2d_jax.train.metrics import compiled_flops, mfu, peak_flops
+    from f2d_jax.compiled import compiled_flops
+    from f2d_jax.train.metrics import mfu, peak_flops
 
     jax.config.update("jax_threefry_partitionable", True)  # as loop.py
     device = jax.local_devices()[0]

@@ -145,7 +145,8 @@ def jax_worker(args) -> dict:
     from f2d_jax.models.bundle import compute_dtype
     from f2d_jax.sharding import batch_sharding, make_mesh
     from f2d_jax.train.loop import step_program
-    from f2d_jax.train.metrics import compiled_flops, mfu, peak_flops
+    from f2d_jax.compiled import compiled_flops
+    from f2d_jax.train.metrics import mfu, peak_flops
 
     jax.config.update("jax_threefry_partitionable", True)  # as loop.py
     rss_baseline = max_rss_bytes()  # Python + JAX + diffusers (+ the torch it imports), before any model

@@ -17,6 +17,7 @@ CASES = {
     "causal": (2, 77, 77, 4, 8, True, False),                # CLIP text encoder
     "causal, padded keys": (3, 77, 77, 2, 8, True, True),    # CLIP with an attention mask (evaluation)
     "causal, 256": (1, 256, 256, 2, 16, True, False),        # causal through the pallas kernel
+    "197 tokens, 160 wide": (1, 197, 197, 2, 160, False, False),  # MSID's length, SD 1.x's deepest heads: padded
 }
 
 
@@ -75,7 +76,8 @@ def test_float32_matches_softmax_and_pytorch(implementation, case, parity):
     ref_out, ref_grads = _ours("reference", case, q, k, v, mask)
     torch_out, torch_grads = _torch(case, q, k, v, mask)
     assert out.dtype == jnp.float32 and out.shape == q.shape
-    assert _err(out, ref_out) <= 5e-6 and max(map(_err, grads, ref_grads)) <= 3e-5
+    wide = max(1, q.shape[-1] / 64)  # longer float32 dot products round more
+    assert _err(out, ref_out) <= 5e-6 * wide and max(map(_err, grads, ref_grads)) <= 3e-5 * wide
     parity(f"attention {implementation}, {case}: output", _err(out, torch_out), 1e-5)
     parity(f"attention {implementation}, {case}: gradients", max(map(_err, grads, torch_grads)), 1e-4)
 
@@ -122,7 +124,8 @@ def test_a_query_dependent_mask_is_split_with_the_blocks(monkeypatch):
 def test_auto_and_fallbacks(monkeypatch):
     (q, k, v), _ = _inputs("cross-attention")
     assert attn.resolve("auto", q, k) == "cpu"                 # this test runs on CPU
-    assert attn.resolve("pallas", q, k) == "xla"               # 77 keys: not a multiple of 128
+    assert attn.resolve("pallas", q, k) == "pallas"            # 77 keys: padded to 128, the padding masked
+    assert attn.resolve("pallas", q, k, mask=jnp.ones((1, 1, 1, 77), bool)) == "xla"   # masks take xla
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         attn.resolve("cudnn", q, k)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

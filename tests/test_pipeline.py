@@ -45,10 +45,10 @@ def test_generates_images_and_reuses_the_compiled_program(pipe, face):
     images = pipe(face, "a photo of f l", num_images=2, steps=3, height=64, width=64, scheduler="ddim",
                   progress=False)
     assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
-    compiled = pipe._generate._cache_size()
+    compiled = pipe.programs.generate._cache_size()
     again = pipe.generate(face, "a photo of f l", num_images=2, steps=3, height=64, width=64, scheduler="ddim",
                           seed=1, guidance_scale=3.0, progress=False)
-    assert pipe._generate._cache_size() == compiled  # new seed and guidance: same program
+    assert pipe.programs.generate._cache_size() == compiled  # new seed and guidance: same program
     assert not np.array_equal(again, np.stack([np.asarray(im) for im in images]))
 
 
@@ -95,12 +95,12 @@ def test_identity_scale_moves_the_tokens_from_the_class_words_to_the_person(pipe
         tokens = encoders.identity_tokens(v, jnp.broadcast_to(identity, (ids.shape[0], identity.shape[-1])))
         return encoders.prompt_embeddings(v, ids, positions, tokens)
 
-    compiled = pipe._condition._cache_size()
+    compiled = pipe.programs.condition._cache_size()
     at = {s: pipe.encode_prompt(face, prompts, identity_scale=s) for s in (0, 0.5, 1)}
-    assert pipe._condition._cache_size() == max(compiled, 1)
+    assert pipe.programs.condition._cache_size() <= compiled + 1  # one program (at most) for the three scales
     person = jax.jit(injected)(variables, pipe.identity(face), ids, positions)
-    classes = pipe._embed(variables, token_ids(["a photo of a person", "a person surfing, drawn by f l"],
-                                               pipe.tokenizer))
+    classes = pipe.programs.embed(variables, token_ids(["a photo of a person", "a person surfing, drawn by f l"],
+                                                       pipe.tokenizer))
     midpoint = (encoders.class_tokens(variables, ids, positions, pipe.class_ids) + tokens) / 2
     halfway = encoders.prompt_embeddings(variables, ids, positions, midpoint)
     assert set(at[1]) == set(person) == ({"context", "text_embeds"} if config == "tiny_sdxl" else {"context"})
@@ -151,9 +151,9 @@ def test_the_batch_size_changes_neither_seeds_nor_pictures(pipe, face):
     """5 images in batches of 1, 3 (the last one padded) and 5; the batches of a call share one program."""
     args = dict(num_images=5, seed=11, steps=3, height=64, width=64, progress=False)
     whole = pipe.generate(face, "f l surfing", batch_size=5, **args)
-    compiled = pipe._generate._cache_size()
+    compiled = pipe.programs.generate._cache_size()
     assert_same_pictures(pipe.generate(face, "f l surfing", batch_size=3, **args), whole)
-    assert pipe._generate._cache_size() == compiled + 1
+    assert pipe.programs.generate._cache_size() == compiled + 1
     assert_same_pictures(pipe.generate(face, "f l surfing", batch_size=1, **args), whole)
     assert_same_pictures(pipe.generate(face, "f l surfing", batch_size=100, **args), whole)  # one batch of 5
 

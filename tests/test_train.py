@@ -479,7 +479,7 @@ def test_a_prepared_real_photo_dataset_trains(tmp_path, photos, cached, capsys):
 def test_matmul_flops_counts_every_scan_iteration_and_the_backward_pass():
     import jax.numpy as jnp
 
-    from f2d_jax.train.metrics import matmul_flops
+    from f2d_jax.compiled import matmul_flops
 
     s = jax.ShapeDtypeStruct
     x, w = s((2, 8), jnp.float32), s((8, 8), jnp.float32)
@@ -503,7 +503,7 @@ def test_matmul_flops_counts_every_scan_iteration_and_the_backward_pass():
 def test_the_logged_mfu_counts_every_scanned_layer_from_the_same_trace_that_compiles():
     import jax.numpy as jnp
 
-    from f2d_jax.train.metrics import compile_counted, compiled_flops
+    from f2d_jax.compiled import compile_counted, compiled_flops
 
     s = jax.ShapeDtypeStruct
     x, w = s((2, 8), jnp.float32), s((8, 8), jnp.float32)

@@ -43,6 +43,30 @@ def add_compile_cache(parser: argparse.ArgumentParser) -> None:
                         "JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/f2d_jax/jax or ~/.cache/f2d_jax/jax)")
 
 
+def add_target(parser: argparse.ArgumentParser) -> None:
+    """--target, --fit and --json: compile the command's programs for an accelerator instead of running them
+    (f2d_jax/compiled.py)."""
+    group = parser.add_argument_group("compile for an accelerator (on any host, nothing runs)")
+    group.add_argument("--target", metavar="NAME", help="compile the programs for these chips and print what each "
+                       "device holds and computes: a TPU slice (v5e-8, v6e-64, v4-8, v5p-128, 2xv5e-256 for two "
+                       "slices) or NVIDIA GPUs (h100, h100x8, 2xh100x8, h200x8, a100x8); no weights are read")
+    group.add_argument("--fit", action="store_true", help="with --target: find the largest batch per device "
+                       "that fits")
+    group.add_argument("--json", metavar="PATH", help="with --target: also write the figures as JSON")
+
+
+def compile_for_target(args: argparse.Namespace, build, batch_per_device: int) -> int:
+    """What --target, --fit and --json ask: `build(devices, batch_per_device)`'s programs compiled for the
+    target, their table printed; 0 when every program fits, 1 if one does not."""
+    from f2d_jax import compiled, targets
+
+    target = targets.parse(args.target)
+    if args.json:
+        check_output(args.json, "--json")
+    rows = compiled.compile_all(target, build, batch_per_device, fit=args.fit)
+    return compiled.report(rows, args.json)
+
+
 WEIGHT_SOURCES = ("checkpoint", "config", "model")  # the options that name the models' config (one at most)
 
 

@@ -26,11 +26,11 @@ from f2d_jax.compile_cache import enable
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="f2d-sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", required=True, nargs="+", metavar="PHOTO",
-                        help="photo(s) of the person; several photos of one person are averaged")
-    parser.add_argument("--prompt", required=True, action="append",
-                        help='prompt containing the identifier "f l" (repeat for several prompts)')
-    parser.add_argument("--out", required=True, help="output grid PNG (rows: prompts)")
+    parser.add_argument("--image", nargs="+", metavar="PHOTO",
+                        help="photo(s) of the person; several photos of one person are averaged (required)")
+    parser.add_argument("--prompt", action="append",
+                        help='prompt containing the identifier "f l" (repeat for several prompts; required)')
+    parser.add_argument("--out", help="output grid PNG (rows: prompts; required)")
     parser.add_argument("--out-dir", help="also write every image here")
     parser.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="image j of a prompt uses seed + j; seeds are "
@@ -57,8 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--checkpoint's training resolution; SDXL's size conditioning follows it)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: as --height)")
     cli.add_weights(parser)
+    cli.add_target(parser)
     args = parser.parse_args(argv)
     cli.check_weights(parser, args)
+    missing = [f"--{name.replace('_', '-')}" for name in ("image", "prompt", "out") if not getattr(args, name)]
+    if missing and not args.target:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     return args
 
 
@@ -93,7 +97,30 @@ def save(images, args, pipe, out: Path) -> None:
 @cli.command
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.target:
+        return cli.run(lambda: compile_for_target(args))
     return cli.run(lambda: _sample(args), interrupted="interrupted: nothing was written")
+
+
+def compile_for_target(args) -> int:
+    """--target: the denoising step and the decode at --batch-size images, compiled for the target's chips
+    (one host of them: the pipeline runs per host), from the weights options' config."""
+    import functools
+
+    from f2d_jax import targets
+    from f2d_jax.config import config_from_dict
+    from f2d_jax.sampling import check_sampling
+    from f2d_jax.sampling.pipeline import target_programs
+
+    check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
+    target = targets.parse(args.target)
+    if not any(getattr(args, name) for name in cli.WEIGHT_SOURCES) and not args.sd:
+        raise ValueError("--target needs the model: give --config NAME (e.g. f2d_sd14, f2d_sdxl), --checkpoint "
+                         "WORKDIR, --model DIR or --sd")
+    config = config_from_dict(cli.named_config(args))
+    build = functools.partial(target_programs, config, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
+                              height=args.height, width=args.width)
+    return cli.compile_for_target(args, build, -(-args.batch_size // target.devices_per_host))
 
 
 def check(args) -> None:

@@ -19,12 +19,18 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="f2d-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard and sample images")
+    parser.add_argument("--workdir", help="checkpoints, metrics, TensorBoard and sample images (not with --target)")
     cli.add_compile_cache(parser)
+    cli.add_target(parser)
     try:
         args, config = config_from_args(parser, argv)
     except (FileNotFoundError, ValueError) as e:
         return cli.error(str(e))
+    if args.target:
+        from f2d_jax.train.launch import compile_for_target
+        return cli.run(lambda: compile_for_target(config, args))
+    if not args.workdir:
+        parser.error("the following arguments are required: --workdir (or --target, to compile for an accelerator)")
     from f2d_jax.train.launch import run
     return run(config, args.workdir, args.compile_cache)
 

@@ -41,11 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                             "a rerun skips the images already made.")
     g.add_argument("--config", required=True, metavar="CONFIG_OR_WORKDIR",
                    help="a named config (e.g. tiny, f2d_sd14), a config file or a train.py workdir")
-    g.add_argument("--faces", required=True, metavar="DIR", help="reference face photos, one person per file")
+    g.add_argument("--faces", metavar="DIR", help="reference face photos, one person per file (required)")
     g.add_argument("--prompts", metavar="FILE", help="prompts with 'f l', one per line (default: the 40 shipped)")
     g.add_argument("--seeds", type=int, default=4, metavar="N", help="seeds 0..N-1 per face and prompt "
                    "(default: %(default)s)")
-    g.add_argument("--out", required=True, metavar="DIR", help="images, manifest.jsonl and settings.json")
+    g.add_argument("--out", metavar="DIR", help="images, manifest.jsonl and settings.json (required)")
     g.add_argument("--name", help="system name in reports (default: the config's or workdir's name)")
     g.add_argument("--steps", type=int, default=30, help="1 to 1000 (default: %(default)s)")
     g.add_argument("--guidance", type=float, help="(default: the base's, as f2d-sample's: 7 on SD 1.x, 7.5 on "
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mapping", help="mapping-network weights (replace the config's)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     cli.add_compile_cache(g)
+    cli.add_target(g)
 
     s = commands.add_parser("score", help="score a folder of generated images",
                             description="Identity similarity, CLIP score, their means and the face diversity of "
@@ -92,11 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generate(args) -> None:
+def _generate(args) -> int | None:
     from f2d_jax.eval.generate import GenerateError, align_references, check_resume, generate, parse_identity_scales
     from f2d_jax.eval.prompts import load_prompts
     from f2d_jax.models.bundle import size_multiple
     from f2d_jax.sampling import F2DPipeline, check_sampling, check_size, seed_range
+
+    if args.target:
+        return _compile_for_target(args)
+    missing = [f"--{name}" for name in ("faces", "out") if not getattr(args, name)]
+    if missing:
+        raise ValueError(f"generate needs {' and '.join(missing)} (or --target, to compile for an accelerator)")
 
     if args.seeds < 1:  # the cheap checks before any weights load
         raise GenerateError(f"--seeds must be at least 1, got {args.seeds}")
@@ -125,6 +132,23 @@ def _generate(args) -> None:
     made = generate(pipe, faces, prompts, list(range(args.seeds)), args.out, settings, args.batch_size)
     total = len(faces) * len(prompts) * args.seeds * len(scales)
     print(f"{args.out}: {made} images generated, {total - made} already there", file=sys.stderr)
+
+
+def _compile_for_target(args) -> int:
+    """generate --target: the pipeline's denoising step and decode at --batch-size images, compiled for the
+    target's chips (one host of them), as the generator's config builds them."""
+    import functools
+
+    from f2d_jax import targets
+    from f2d_jax.sampling import check_sampling
+    from f2d_jax.sampling.pipeline import target_programs
+
+    check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
+    target = targets.parse(args.target)
+    _, config = _generator(args)
+    build = functools.partial(target_programs, config, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
+                              height=args.height, width=args.width)
+    return cli.compile_for_target(args, build, -(-args.batch_size // target.devices_per_host))
 
 
 def _generator(args) -> tuple[dict, ml_collections.ConfigDict]:

@@ -7,17 +7,22 @@ encoders and MSID call. The implementations compute the same function:
   baseline, and what diffusers' Flax attention computes.
 - "xla": `jax.nn.dot_product_attention(implementation="xla")`.
 - "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
-  bfloat16 / float16, head widths up to 128 in multiples of 8, no mask but the causal one); other
-  shapes and dtypes take "xla".
-- "pallas": the Pallas flash-attention kernel for TPU (sequence lengths in multiples of 128, no
-  mask; other shapes take "xla"). On CPU it runs in Pallas' interpret mode, which is slow and
-  meant for testing the kernel.
+  bfloat16 / float16, head widths up to 128 in multiples of 8, no mask but the causal one; other
+  shapes and dtypes take "xla"). Sequences are padded to a multiple of 8 (cuDNN's backward pass
+  takes even lengths only: CLIP's 77 tokens, MSID's 197), the padded keys masked by their length.
+- "pallas": the Pallas flash-attention kernel for TPU (Mosaic), for every shape the models have:
+  sequences padded to a multiple of 128 with the padded keys masked by segment ids (the 77-token
+  cross-attention, CLIP, MSID's 197 tokens), head widths over 128 padded to a multiple of 128 (SD
+  1.x's 160); no mask but the causal one (others take "xla"). Under a mesh (`jax.set_mesh`) it runs
+  in a `shard_map` over the batch, which Mosaic kernels need. On CPU it runs in Pallas' interpret
+  mode, which is slow and meant for testing the kernel.
 - "cpu": flash attention written in JAX for XLA:CPU. Queries are split into blocks whose score
   tiles stay in cache; a block's softmax is exponentiated once, normalized after the (P V) matmul,
   and the backward pass recomputes each block's probabilities from the saved log-sum-exp instead of
   storing them. XLA:CPU's softmax over a full (B, H, T, T) score array is bound by memory traffic,
   so this is several times faster than the other forms there.
-- "auto": "cpu" on CPU, "cudnn" on GPUs, "pallas" on TPUs (each falling back as above).
+- "auto": "cpu" on CPU, "cudnn" on GPUs, "pallas" on TPUs (each falling back as above): the platform of
+  the devices the program is for (`targets.platform()`), not the host's.
 
 Scores and softmax are computed in float32 whatever the input dtype (bfloat16 inputs give float32
 statistics, as fused kernels do); the output has the input dtype.
@@ -28,6 +33,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from f2d_jax import targets
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "pallas", "cpu")
 
@@ -56,12 +64,15 @@ def attention(q, k, v, *, causal: bool = False, mask=None, implementation: str =
         return _cpu(q, k, v, causal, mask)
     if name == "pallas":
         return _pallas_tpu(q, k, v, causal)
+    if name == "cudnn":
+        return _cudnn(q, k, v, causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=name)
 
 
 def resolve(name: str, q, k, mask=None) -> str:
-    """The implementation `name` runs as for these arguments on the default backend."""
-    platform = jax.default_backend()
+    """The implementation `name` runs as for these arguments on the platform the program is for
+    (`targets.platform()`: the compile target's, else the default backend's)."""
+    platform = targets.platform()
     if name == "auto":
         name = {"cpu": "cpu", "gpu": "cudnn", "tpu": "pallas"}.get(platform, "xla")
     if name == "cudnn":
@@ -81,7 +92,7 @@ def _cudnn_supports(q, mask) -> bool:
 
 
 def _pallas_supports(q, k, mask) -> bool:
-    return mask is None and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0
+    return mask is None
 
 
 def _allowed(causal, mask, start, tq, tk):
@@ -200,19 +211,49 @@ def _cpu_backward(causal, block, residuals, grad):
 _cpu_attention.defvjp(_cpu_forward, _cpu_backward)
 
 
-# ---------------------------------------------------------------------------------------- pallas
+# ------------------------------------------------------------------------------------ cudnn, pallas
+
+def _padded(x, multiple: int, axis: int = 1):
+    return jnp.pad(x, [(0, -x.shape[axis] % multiple if a == axis else 0) for a in range(x.ndim)])
+
+
+def _cudnn(q, k, v, causal):
+    tq, tk = q.shape[1], k.shape[1]
+    q, k, v = _padded(q, 8), _padded(k, 8), _padded(v, 8)
+    lengths = jnp.full((q.shape[0],), tk, jnp.int32) if k.shape[1] != tk else None  # the padded keys drop out
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                       implementation="cudnn")
+    return out[:, :tq]
+
 
 def _pallas_tpu(q, k, v, causal):
-    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+    from jax.experimental.pallas.ops.tpu.flash_attention import SegmentIds, flash_attention
 
-    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (B, T, H, D) <-> (B, H, T, D)
+    tq, tk, d = q.shape[1], k.shape[1], q.shape[-1]
+    width = d if d <= 128 else -(-d // 128) * 128  # widths over 128 in multiples of 128: zeros add nothing to q k^T
+
+    def kernel_layout(x):  # (B, T, H, D) -> (B, H, T', D'), T' a multiple of 128
+        return jnp.swapaxes(jnp.pad(_padded(x, 128), [(0, 0)] * 3 + [(0, width - d)]), 1, 2)
 
     def run(q, k, v):
-        out = flash_attention(heads_major(q), heads_major(k), heads_major(v), causal=causal,
-                              sm_scale=q.shape[-1] ** -0.5)
-        return heads_major(out)
+        q, k, v = kernel_layout(q), kernel_layout(k), kernel_layout(v)
+        segments = None
+        if k.shape[2] != tk:  # padded keys: their segment (0) is no query's (1)
+            b = q.shape[0]
+            keys = jnp.broadcast_to((jnp.arange(k.shape[2]) < tk).astype(jnp.int32), (b, k.shape[2]))
+            segments = SegmentIds(q=jnp.ones((b, q.shape[2]), jnp.int32), kv=keys)
+        out = flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=d ** -0.5)
+        return jnp.swapaxes(out, 1, 2)[:, :tq, :, :d]
 
-    return run(q, k, v) if jax.default_backend() == "tpu" else _interpreted(run)(q, k, v)
+    if targets.platform() != "tpu":
+        run = _interpreted(run)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(q, k, v)
+    # Mosaic kernels are not partitioned by XLA: each device runs its part of the batch (all of a batch
+    # the devices do not divide, such as a single prompt's).
+    spec = P(mesh.axis_names) if q.shape[0] % mesh.size == 0 else P()
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
 def _interpreted(run):

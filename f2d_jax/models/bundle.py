@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from f2d_jax import convert
+from f2d_jax import convert, targets
 from f2d_jax.encoders import Encoders, face_models, init_models
-from f2d_jax.models.stable_diffusion import (StableDiffusion, load_stable_diffusion, read_size_multiple,
-                                             tiny_stable_diffusion)
+from f2d_jax.models.stable_diffusion import (TINY_BASES, StableDiffusion, abstract_params, build, bundle_configs,
+                                             load_stable_diffusion, read_size_multiple, tiny_stable_diffusion)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +32,11 @@ def size_multiple(config: Mapping[str, Any]) -> int:
     return read_size_multiple(config["weights"]["sd"], config["model"].get("tiny_base", "sd1"))
 
 
-def compute_dtype(name: str):
-    """"auto": bfloat16 on accelerators, float32 on CPU."""
+def compute_dtype(name: str, platform: str | None = None):
+    """"auto": bfloat16 on accelerators, float32 on CPU: on `platform`, that of the devices the programs are
+    for (default: `targets.platform()`)."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if (platform or targets.platform()) == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
 
 
@@ -57,6 +58,20 @@ def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "ma
                                               base=base)
     encoders = Encoders.from_config(config["model"], sd.text_encoders)
     return Models(encoders, sd), {**variables, **face_variables}
+
+
+def abstract_models(config: Mapping[str, Any], dtype, names=("mapping",)) -> tuple[Models, dict[str, Any]]:
+    """`load_models`' (Models, variables) with the variables as ShapeDtypeStructs: nothing is allocated and no
+    weights are read (the Stable Diffusion's configs alone, no download for the named configs' bases), for
+    compiling the programs for an accelerator on any host (f2d_jax/targets.py)."""
+    model = config["model"]
+    sd_path = config["weights"]["sd"]
+    configs, options = bundle_configs(sd_path) if sd_path else (TINY_BASES[model.get("tiny_base", "sd1")], {})
+    sd = build(configs, dtype=dtype, attention=model.get("attention", "auto"), **options)
+    encoders = Encoders.from_config(model, sd.text_encoders)
+    face = {name: getattr(encoders, name) for name in names}
+    return Models(encoders, sd), {**abstract_params(sd, dtype),
+                                  **jax.eval_shape(lambda key: init_models(face, key), jax.random.key(0))}
 
 
 def encoder_variables(config: Mapping[str, Any], models: Mapping[str, nn.Module],

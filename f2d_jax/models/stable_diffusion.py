@@ -31,6 +31,7 @@ from f2d_jax.convert import io
 from f2d_jax.convert.checkpoints import CLIP_LAYOUT
 from f2d_jax.convert.layout import TorchLayout, check_tree, from_torch
 from f2d_jax.models.attention import check_implementation
+from f2d_jax.models.bases import PUBLISHED, SD14_SCHEDULER
 from f2d_jax.models.clip_text import CLIPTextEncoder
 from f2d_jax.models.layers import multi_head_attention
 
@@ -65,13 +66,6 @@ WEIGHT_FILES = {
 }
 WEIGHT_FILES[SECOND_ENCODER] = WEIGHT_FILES["text_encoder"]
 
-# Stable Diffusion v1.4's scheduler/scheduler_config.json as published: PNDM with the DDPM training values and no
-# timestep_spacing key, so each sampler takes its diffusers default.
-SD14_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": "epsilon", "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
-}
 
 # The tiny bundle, as the config files of a diffusers directory would hold it (tests/sd_fixtures.py writes
 # PyTorch models from the same numbers). Latents 8x8 <-> images 64x64: the VAE downsamples 3 times, as SD's.
@@ -706,6 +700,32 @@ def resolve(path_or_hub_id, revision: str | None = None) -> Path:
                      {f"{c}/": c for c in (*COMPONENTS, SECOND_ENCODER)})
 
 
+def bundle_configs(path_or_hub_id, revision: str | None = None) -> tuple[dict, dict]:
+    """(the component configs `build` takes, its other keyword arguments) of a Stable Diffusion directory or
+    hub id, from its config files alone: no weights are read, and a hub id of a base the named configs use
+    needs no download either (models/bases.py)."""
+    if os.fspath(path_or_hub_id) in PUBLISHED and not Path(os.fspath(path_or_hub_id)).exists():
+        return copy.deepcopy(PUBLISHED[os.fspath(path_or_hub_id)]), {}
+    root, name = _local_or_hub(path_or_hub_id, "Stable Diffusion directory")
+    if root is None:
+        root = _download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*",
+                                          *(f"{c}/{CONFIG_FILES[c]}" for c in (*COMPONENTS, SECOND_ENCODER, "scheduler"))],
+                         {})
+    return _configs(root)
+
+
+def _configs(root: Path) -> tuple[dict, dict]:
+    components = _components(root)
+    configs = {name: _read_config(root, name) for name in (*components, "scheduler")}
+    tokenizer = root / "tokenizer"
+    configs["tokenizer"] = _tokenizer_settings(tokenizer)
+    if SECOND_ENCODER in components:
+        configs["tokenizer_2"] = _tokenizer_settings(root / "tokenizer_2", vocabulary=tokenizer)
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    return configs, dict(tokenizer_path=str(tokenizer),
+                         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt"))
+
+
 def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None,
                           attention: str = "auto") -> tuple[StableDiffusion, dict]:
     """(bundle, {"unet", "vae", "text_encoder"[, "text_encoder_2"]: {"params": ...}}) from a diffusers
@@ -717,17 +737,10 @@ def load_stable_diffusion(path_or_hub_id, *, dtype=jnp.float32, revision: str | 
     models would compute differently, CheckpointMismatchError for weights that do not fit.
     """
     root = resolve(path_or_hub_id, revision)
-    components = _components(root)
-    configs = {name: _read_config(root, name) for name in (*components, "scheduler")}
-    tokenizer = root / "tokenizer"
-    configs["tokenizer"] = _tokenizer_settings(tokenizer)
-    if SECOND_ENCODER in components:
-        configs["tokenizer_2"] = _tokenizer_settings(root / "tokenizer_2", vocabulary=tokenizer)
-    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
-    sd = build(configs, dtype=dtype, tokenizer_path=str(tokenizer), attention=attention,
-               force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt"))
+    configs, options = _configs(root)
+    sd = build(configs, dtype=dtype, attention=attention, **options)
     targets = abstract_params(sd)
-    params = {name: load_component(name, root / name, targets[name], dtype) for name in components}
+    params = {name: load_component(name, root / name, targets[name], dtype) for name in _components(root)}
     return sd, params
 
 

@@ -33,9 +33,12 @@ from f2d_jax.models.msid import MSIDEncoder
 from f2d_jax.pretrain.data import SIZE, training_source, verification_sets
 from f2d_jax.pretrain.step import ArcFaceConfig, embed, train_step, with_frozen_stats
 from f2d_jax.sharding import AXES, batch_sharding, make_mesh, param_shardings, replicated
+from f2d_jax.targets import on_mesh, platform
 from f2d_jax.train.checkpoint import Checkpoints, abstract_like
 from f2d_jax.train.loop import resume_or_init, run_loop
-from f2d_jax.train.metrics import MetricWriter, compile_counted, is_primary
+from f2d_jax.compiled import TargetProgram
+from f2d_jax.compiled import compile_counted
+from f2d_jax.train.metrics import MetricWriter, is_primary
 from f2d_jax.train.state import TrainState, init_state, optimizer
 
 
@@ -75,7 +78,7 @@ def program(config, mesh) -> Program:
     classifier and its optimizer moments split by identity over every device, the batch over every
     device; the state is donated."""
     tc, ac = config.train, config.arcface
-    model = MSIDEncoder(**config.model.msid, dtype=compute_dtype(tc.compute_dtype),
+    model = MSIDEncoder(**config.model.msid, dtype=compute_dtype(tc.compute_dtype, platform(mesh)),
                         attention=config.model.get("attention", "auto"))
     tx, schedule = optimizer(config.optim, tc.steps)
     tx = with_frozen_stats(tx)
@@ -94,12 +97,26 @@ def program(config, mesh) -> Program:
         abstract, param_shardings(abstract, mesh, config.mesh.params))
     rep, batch_sh = replicated(mesh), batch_sharding(mesh)
     cfg = ArcFaceConfig(config.seed, tuple(ac.margins), ac.scale, ac.sample_rate, config.data.flip)
-    step = jax.jit(functools.partial(train_step, model=model, mesh=mesh, tx=tx, schedule=schedule, cfg=cfg),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep), donate_argnums=0)
-    embed_fn = jax.jit(functools.partial(embed, model=model), in_shardings=(shardings.params["msid"], batch_sh),
-                       out_shardings=rep)
+    step_fn = functools.partial(train_step, model=model, mesh=mesh, tx=tx, schedule=schedule, cfg=cfg)
+    step = jax.jit(on_mesh(step_fn, mesh), in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
+                   donate_argnums=0)
+    embed_fn = jax.jit(on_mesh(functools.partial(embed, model=model), mesh),
+                       in_shardings=(shardings.params["msid"], batch_sh), out_shardings=rep)
     return Program(step, embed_fn, abstract_like(abstract, shardings),
                    lambda: jax.jit(make_state, out_shardings=shardings)())
+
+
+def target_programs(config, devices, batch_per_device: int) -> list[TargetProgram]:
+    """MSID pretraining's step over a mesh of `devices` (a compile target's) at `batch_per_device` images per
+    device, from abstract parameters: the classifier of arcface.num_identities rows split over every device."""
+    if config.arcface.num_identities < 1:
+        raise ValueError("compiling MSID pretraining for a target needs the classifier's size: set "
+                         "--config.arcface.num_identities (MS1MV3: 93431, WebFace42M: 2059906)")
+    jax.config.update("jax_threefry_partitionable", True)  # as train_msid()
+    mesh = make_mesh(config.mesh, devices)
+    prog = program(config, mesh)
+    batch = Program.batch(batch_per_device * mesh.size, batch_sharding(mesh))
+    return [TargetProgram("MSID ArcFace step", prog.step, (prog.abstract_state, batch), batch_per_device, mesh)]
 
 
 def embeddings(embed_fn, variables, images: np.ndarray, batch_size: int, sharding) -> np.ndarray:

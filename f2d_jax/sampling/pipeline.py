@@ -24,6 +24,7 @@ bar. No program has a host callback: JAX's persistent compilation cache stores t
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import os
@@ -46,10 +47,12 @@ from f2d_jax import InputWarning
 from f2d_jax.config import MAX_SEED, OFFICIAL_CONFIG, config_from_dict, f2d_config, load_config
 from f2d_jax.convert.package import FILES, is_package, package_weights, save_package
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
-from f2d_jax.models.bundle import Models, compute_dtype, load_models
+from f2d_jax.compiled import TargetProgram
+from f2d_jax.models.bundle import Models, abstract_models, compute_dtype, load_models
 from f2d_jax.params import with_trained
 from f2d_jax.sampling.loop import decode_images, start, steps
 from f2d_jax.sampling.schedulers import make_scheduler
+from f2d_jax.targets import on_mesh, platform
 from f2d_jax.text import CLASS_WORDS, class_ids, identifier_prompts, token_ids
 from f2d_jax.workdir import check_f2d_run, is_workdir, load_trained
 
@@ -157,6 +160,84 @@ def with_weights(config, **weights) -> ml_collections.ConfigDict:
     return config
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The pipeline's jitted programs over a mesh of one host's devices ("data": the batch)."""
+    identity: Any      # (variables, (N, 112, 112, 3) faces) -> (N, F) MSID features
+    expression: Any    # (variables, (N, 224, 224, 3)) -> (N, 64) expression codes
+    embed: Any         # (variables, (N, 77) ids) -> conditioning
+    condition: Any     # see `condition`
+    start: Any         # a batch's set-up: sampling.loop.start
+    generate: Any      # denoising steps first .. last - 1 of a batch: sampling.loop.steps
+    decode: Any        # latents -> (images, finite)
+
+
+def condition(encoders, variables, identity, expression, ids, positions, class_ids, identity_scale):
+    """The conditioning of prompts `ids` (N, 77) with the person's "f l" tokens at `positions`: identity
+    (1, F) and expression (1, 64) or None (null_exp), `identity_scale` toward `class_ids`."""
+    n = ids.shape[0]
+    identity = jnp.broadcast_to(identity, (n, identity.shape[-1]))
+    expression = None if expression is None else jnp.broadcast_to(expression, (n, expression.shape[-1]))
+    tokens = encoders.identity_tokens(variables, identity, expression)
+    tokens = encoders.scaled_identity_tokens(variables, tokens, ids, positions, class_ids, identity_scale)
+    return encoders.prompt_embeddings(variables, ids, positions, tokens)
+
+
+def programs(models: Models, mesh: Mesh) -> Programs:
+    """The programs, traced on `mesh` (the kernels and shardings of its platform): the encoders compile once
+    per input shape; a batch's set-up, each denoising step (the program generation repeats) and its decode
+    take and give the batch sharded over the devices."""
+    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    encoders, sd = models.encoders, models.sd
+    jit = lambda fn, **shardings: jax.jit(on_mesh(fn, mesh), **shardings)  # noqa: E731
+    return Programs(
+        identity=jit(encoders.identity_features), expression=jit(encoders.expression_codes),
+        embed=jit(encoders.prompt_embeddings), condition=jit(partial(condition, encoders)),
+        start=jit(partial(start, sd.unet), out_shardings=batch),
+        generate=jit(partial(steps, sd.unet), out_shardings=batch),
+        decode=jit(partial(decode_images, sd.vae, scaling_factor=sd.vae_scaling_factor),
+                   out_shardings=replicated))
+
+
+def target_programs(config, devices, batch_per_device: int, *, dtype: str = "auto", steps: int = 30,
+                    scheduler: str | None = None, height: int | None = None, width: int | None = None
+                    ) -> list[TargetProgram]:
+    """The pipeline's denoising step (the UNet on the batch and its unconditional twin) and decode, over one
+    host's part of `devices` (a compile target's: the pipeline runs per host) at `batch_per_device` images per
+    device, from abstract parameters (f2d_jax/compiled.py compiles them). Settings left None: the base's."""
+    host = [d for d in devices if d.process_index == devices[0].process_index]
+    mesh = Mesh(np.asarray(host), ("data",))
+    models, variables = abstract_models(config, compute_dtype(dtype, platform(mesh)), ("msid", "mapping"))
+    sd = models.sd
+    defaults = base_defaults(sd)
+    height = height or config.data.resolution or defaults["height"]
+    width = width or height
+    check_size(height, width, sd.size_multiple)
+    schedule = make_scheduler(scheduler or defaults["scheduler"], sd.scheduler_config, steps)
+    n = batch_per_device * mesh.size
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def laid_out(tree, sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+    ids = jax.ShapeDtypeStruct((n, sd.text_encoder.max_length), jnp.int32)
+    conditioning = laid_out(jax.eval_shape(lambda v, i: sd.with_size(models.encoders.prompt_embeddings(v, i), height,
+                                                                      width), variables, ids), batch)
+    factor = sd.vae_scale_factor
+    noise = jax.ShapeDtypeStruct((n, sd.unet.in_channels, height // factor, width // factor), jnp.float32,
+                                 sharding=batch)
+    keys = laid_out(jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32))), batch)
+    schedule = laid_out(schedule, rep)
+    contexts, keys, (x, memory) = laid_out(jax.eval_shape(partial(start, sd.unet), schedule, noise, conditioning,
+                                                          conditioning, keys), batch)
+    progs = programs(models, mesh)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)  # noqa: E731
+    generate = (laid_out(variables["unet"], rep), schedule, contexts, scalar(jnp.float32), keys, scalar(jnp.int32),
+                scalar(jnp.int32), x, memory)
+    return [TargetProgram("denoising step", progs.generate, generate, batch_per_device, mesh),
+            TargetProgram("decode", progs.decode, (laid_out(variables["vae"], rep), x), batch_per_device, mesh)]
+
+
 class F2DPipeline:
     """Face2Diffusion generation. Build it with `from_pretrained`, `from_checkpoint` or `from_config`."""
 
@@ -172,16 +253,7 @@ class F2DPipeline:
         self.class_ids = np.asarray(class_ids(self.tokenizer), np.int32)  # "a person": identity scale 0
         self.defaults = base_defaults(models.sd)
         self.size_multiple = models.sd.size_multiple
-        encoders = models.encoders  # the encoders run jitted: one compiled program per input shape
-        self._identity = jax.jit(encoders.identity_features)
-        self._expression = jax.jit(encoders.expression_codes)
-        self._embed = jax.jit(encoders.prompt_embeddings)
-        self._condition = jax.jit(self._condition_fn)
-        sd = models.sd  # a batch: its set-up, each denoising step (the program generation repeats), its decode
-        self._start = jax.jit(partial(start, sd.unet), out_shardings=self._batch)
-        self._generate = jax.jit(partial(steps, sd.unet), out_shardings=self._batch)
-        self._decode = jax.jit(partial(decode_images, sd.vae, scaling_factor=sd.vae_scaling_factor),
-                               out_shardings=self._replicated)
+        self.programs = programs(models, self.mesh)
 
     # ------------------------------------------------------------------ construction
 
@@ -273,7 +345,7 @@ class F2DPipeline:
     def identity(self, images: FaceInput | Sequence[FaceInput]) -> jax.Array:
         """(1, F) MSID features of one person, averaged over the photos given."""
         crops = np.stack([_align(image, self.detector).crop for image in _as_list(images)])
-        features = self._identity(self.variables, jnp.asarray(msid_input(crops)))
+        features = self.programs.identity(self.variables, jnp.asarray(msid_input(crops)))
         return jnp.mean(features, axis=0, keepdims=True)
 
     def expression(self, image: FaceInput) -> jax.Array:
@@ -282,17 +354,7 @@ class F2DPipeline:
             raise WeightsError("expression_image needs the expression encoder's weights: pass expression= "
                                "(Deep3DFaceRecon's epoch_20.pth) or set weights.expression in the config")
         crop = _align(image, self.detector).expression_crop[None]
-        return self._expression(self.variables, jnp.asarray(expression_input(crop)))
-
-    def _condition_fn(self, variables, identity, expression, ids, positions, class_ids, identity_scale):
-        """expression: (1, 64) or None (null_exp)."""
-        encoders = self.models.encoders
-        n = ids.shape[0]
-        identity = jnp.broadcast_to(identity, (n, identity.shape[-1]))
-        expression = None if expression is None else jnp.broadcast_to(expression, (n, expression.shape[-1]))
-        tokens = encoders.identity_tokens(variables, identity, expression)
-        tokens = encoders.scaled_identity_tokens(variables, tokens, ids, positions, class_ids, identity_scale)
-        return encoders.prompt_embeddings(variables, ids, positions, tokens)
+        return self.programs.expression(self.variables, jnp.asarray(expression_input(crop)))
 
     def encode_prompt(self, image: FaceInput | Sequence[FaceInput], prompt: str | Sequence[str],
                       expression_image: FaceInput | None = None, identity_scale: float = 1.0) -> dict[str, jax.Array]:
@@ -310,7 +372,7 @@ class F2DPipeline:
         ids, positions = identifier_prompts(_as_list(prompt), self.tokenizer)
         identity = self.identity(image)
         expression = self.expression(expression_image) if expression_image is not None else None
-        return self._condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions),
+        return self.programs.condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions),
                                self.class_ids, jnp.float32(identity_scale))
 
     # ------------------------------------------------------------------ generation
@@ -369,7 +431,7 @@ class F2DPipeline:
             raise ValueError(f"{conditioning['context'].shape[0]} conditionings but {n} seeds: give one seed per image")
         schedule = make_scheduler(scheduler, sd.scheduler_config, steps)
         shape = self._check_latents(latents, n, height, width)
-        uncond = sd.negative_conditioning(self._embed(self.variables, token_ids([negative_prompt or ""], self.tokenizer)),
+        uncond = sd.negative_conditioning(self.programs.embed(self.variables, token_ids([negative_prompt or ""], self.tokenizer)),
                                           negative_prompt)
         uncond = sd.with_size(jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape[1:])), uncond), height, width)
         conditioning = sd.with_size(conditioning, height, width)
@@ -399,13 +461,13 @@ class F2DPipeline:
                 noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)  # the ancestral samplers' noise
                 rows_of = partial(jax.tree.map, lambda x: np.asarray(x)[rows])
                 batch = jax.device_put([noise, rows_of(conditioning), rows_of(uncond), noise_keys], self._batch)
-                contexts, noise_keys, state = self._start(schedule, *batch)
+                contexts, noise_keys, state = self.programs.start(schedule, *batch)
                 for i in range(0, steps, chunk):
-                    done, state = state, self._generate(unet, schedule, contexts, guidance, noise_keys, i,
+                    done, state = state, self.programs.generate(unet, schedule, contexts, guidance, noise_keys, i,
                                                         min(i + chunk, steps), *state)
                     if i:
                         finished(done, chunk)  # the previous chunk, while this one waits its turn
-                out, finite = jax.device_get(self._decode(self.variables["vae"], state[0]))
+                out, finite = jax.device_get(self.programs.decode(self.variables["vae"], state[0]))
                 finished(state, steps - (steps - 1) // chunk * chunk)
                 _check_finite(np.asarray(finite)[:n - first], first, seeds, guidance_scale)
                 images.append(np.asarray(out)[:n - first])

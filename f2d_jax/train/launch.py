@@ -2,6 +2,7 @@
 lock, and one-line errors (exit status 2 for a user's mistake, 1 for a run that failed)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -61,6 +62,24 @@ def check_run(config, workdir) -> None:
         path = config.weights[name]
         if path and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"weights.{name}: no weight file at {path}")
+
+
+def compile_for_target(config, args) -> int:
+    """f2d-train --target: the training step (Face2Diffusion's or MSID pretraining's) compiled for the
+    target's chips at train.batch_size over its devices, or (--fit) the largest batch per device that fits."""
+    from f2d_jax import targets
+
+    target = targets.parse(args.target)
+    if not args.fit and config.train.batch_size % target.num_devices:
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not a multiple of the {target.num_devices} "
+                         f"devices of {target.name}: set --config.train.batch_size (batch per device x "
+                         f"{target.num_devices}) or pass --fit")
+    if task(config) == "msid_arcface":
+        from f2d_jax.pretrain.loop import target_programs
+    else:
+        from f2d_jax.train.loop import target_programs
+    return cli.compile_for_target(args, functools.partial(target_programs, config),
+                                  max(1, config.train.batch_size // target.num_devices))
 
 
 def run(config, workdir, compile_cache: str | None = None) -> int:

@@ -23,16 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from f2d_jax.models.bundle import Models, compute_dtype, load_models
+from f2d_jax.compiled import TargetProgram
+from f2d_jax.config import config_from_dict
+from f2d_jax.data.synthetic import SyntheticFaces
+from f2d_jax.models.bundle import Models, abstract_models, compute_dtype, load_models
 from f2d_jax.models.stable_diffusion import alphas_cumprod
 from f2d_jax.faces import msid_input
 from f2d_jax.sampling import DDIM, decode_images, denoise
 from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from f2d_jax.targets import on_mesh, platform
 from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.train.checkpoint import Checkpoints, TrainingError, abstract_like
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
-from f2d_jax.train.metrics import MetricWriter, compile_counted, grid, is_primary, mfu
+from f2d_jax.compiled import compile_counted
+from f2d_jax.train.metrics import MetricWriter, grid, is_primary, mfu
 from f2d_jax.params import merge, partition
 from f2d_jax.train.state import TrainState, init_state, optimizer
 from f2d_jax.train.step import Constants, StepConfig, train_step
@@ -86,7 +91,7 @@ def train(config, workdir) -> int:
         f"{jax.process_count()} process(es)")
 
     # ------------------------------------------------------------------ models and data
-    dtype = compute_dtype(tc.compute_dtype)
+    dtype = compute_dtype(tc.compute_dtype, platform(mesh))
     models, variables, data = _models_and_data(config, dtype, say)
     program = step_program(config, models, variables, mesh)
     rep, batch_sh = replicated(mesh), batch_sharding(mesh)
@@ -105,7 +110,8 @@ def train(config, workdir) -> int:
     encode = encoder_vars = None
     if not data.encoded:  # raw images: the frozen encoders turn each batch into features on the devices
         encoder_vars = jax.device_put({k: variables[k] for k in ("msid", "expression", "vae")}, rep)
-        encode = jax.jit(functools.partial(encode_raw, models), in_shardings=(rep, batch_sh), out_shardings=batch_sh)
+        encode = jax.jit(on_mesh(functools.partial(encode_raw, models), mesh), in_shardings=(rep, batch_sh),
+                         out_shardings=batch_sh)
     sampler = _sampler(config, models, variables, frozen, data, mesh) if config.log.sample_every else None
 
     # ------------------------------------------------------------------ loop
@@ -230,6 +236,26 @@ class StepProgram:
         return compile_counted(self.step, self.abstract_state, self.frozen, features, self.constants, devices=devices)
 
 
+def target_programs(config, devices, batch_per_device: int) -> list[TargetProgram]:
+    """train.py's step over a mesh of `devices` (a compile target's: f2d_jax/targets.py) at `batch_per_device`
+    examples per device, from abstract parameters (f2d_jax/compiled.py compiles it): the frozen models and the
+    train state as config.mesh places them, the batch as cached features (a prepared dataset with
+    --cache-features, or synthetic data)."""
+    jax.config.update("jax_threefry_partitionable", True)  # as train()
+    mesh = make_mesh(config.mesh, devices)
+    config = config_from_dict(config.to_dict())
+    config.train.batch_size = batch_per_device * mesh.size
+    models, variables = abstract_models(config, compute_dtype(config.train.compute_dtype, platform(mesh)))
+    program = step_program(config, models, variables, mesh, abstract=True)
+    data = config.data
+    example = SyntheticFaces(1, 1, models.encoders.mapping.identity_dim, models.encoders.mapping.expression_dim,
+                             (data.resolution // 8,) * 2 + (models.sd.unet.in_channels,)).get([0])
+    features = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding(mesh))
+                for k, v in example.items() if k in FEATURES}
+    return [TargetProgram("train step", program.step, (program.abstract_state, program.frozen, features,
+                                                       program.constants), batch_per_device, mesh)]
+
+
 def step_config(config, models: Models) -> StepConfig:
     """The step's settings from `config` and the Stable Diffusion it trains against."""
     tc, sd = config.train, models.sd
@@ -259,7 +285,7 @@ def step_program(config, models: Models, variables, mesh, *, abstract: bool = Fa
     make_state = functools.partial(init_state, tx=tx)
     abstract_state = jax.eval_shape(make_state, trainable)
     state_shardings = param_shardings(abstract_state, mesh, "replicate")
-    step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
+    step = jax.jit(on_mesh(step_fn, mesh), in_shardings=(state_shardings, frozen_shardings, batch_sh, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=0)
     abstract_state = abstract_like(abstract_state, state_shardings)
     if abstract:
@@ -333,7 +359,6 @@ def _sampler(config, models: Models, variables, frozen, data, mesh):
                                     uncond=token_ids([""] * len(face_index), tokenizer), noise=noise,
                                     holdout=holdout, encoder_vars=encoder_vars), rep)
 
-    @functools.partial(jax.jit, out_shardings=rep)
     def sample(trainable, frozen, c):
         params = merge(trainable, frozen)
         identity = c["holdout"]["identity"] if data.encoded else \
@@ -345,6 +370,8 @@ def _sampler(config, models: Models, variables, frozen, data, mesh):
         latents = denoise(sd.unet, params["unet"], scheduler, c["noise"], sd.with_size(conditioning, size, size),
                           sd.with_size(uncond, size, size), lc.sample_guidance)
         return decode_images(sd.vae, c["encoder_vars"]["vae"], latents, sd.vae_scaling_factor)
+
+    sample = jax.jit(on_mesh(sample, mesh), out_shardings=rep)
 
     def run(trainable):
         """(the grid image, how many of its pictures came out NaN or infinite)."""

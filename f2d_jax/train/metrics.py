@@ -1,8 +1,8 @@
 """Training metrics: a JSON-lines file and TensorBoard event files in the workdir, images as PNG.
 
 Only process 0 writes. MFU is the step's FLOPs per device (its traced matrix multiplications and
-convolutions, every loop iteration counted) per second over the device's dense bf16 peak (the datasheet's, or a measured one where given);
-unknown devices (CPU) report none.
+convolutions, every loop iteration counted: f2d_jax/compiled.py) per second over the device's dense bf16
+peak (the datasheet's, or a measured one where given); unknown devices (CPU) report none.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.extend.core import ClosedJaxpr, Jaxpr
 from PIL import Image
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
@@ -26,56 +25,6 @@ PEAK_FLOPS = {
 
 def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if device.device_kind.startswith(k)), None)
-
-
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled function, from XLA's cost analysis (None if unavailable)."""
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops else None
-
-
-def matmul_flops(fn, *args) -> float:
-    """FLOPs of the matrix multiplications and convolutions of one call of `fn(*args)` (arrays or
-    ShapeDtypeStructs; traced, not compiled): 2 x the multiply-adds of every dot_general and
-    conv_general_dilated, a scan's body counted once per iteration (XLA's cost analysis counts a
-    loop's body once, so it misses all but one of a scanned stack of layers), a cond's costliest
-    branch, a while loop's body once. Elementwise operations are not counted."""
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def compile_counted(jitted, *args, devices: int = 1):
-    """Ahead-of-time compile `jitted` for `args` (ShapeDtypeStructs with shardings) from one trace:
-    (the compiled function, its per-device FLOPs as `matmul_flops` counts them over `devices`)."""
-    traced = jitted.trace(*args)
-    return traced.lower().compile(), _jaxpr_flops(traced.jaxpr.jaxpr) / devices
-
-
-def _jaxpr_flops(jaxpr) -> float:
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contracting])
-        elif name == "conv_general_dilated":
-            kernel, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
-            per_output = np.prod([kernel[i] for i in spec[1:]])   # input features (per group) x window
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * per_output
-        inner = [_jaxpr_flops(getattr(j, "jaxpr", j)) for value in eqn.params.values()
-                 for j in (value if isinstance(value, (tuple, list)) else (value,))
-                 if isinstance(j, (Jaxpr, ClosedJaxpr))]
-        if name == "cond":
-            total += max(inner, default=0.0)
-        else:
-            total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
-    return total
 
 
 class MetricWriter:
