@@ -29,14 +29,12 @@ GiB = 2 ** 30
 @dataclasses.dataclass(frozen=True)
 class TargetProgram:
     """One program as a command runs it: a jitted function and its arguments (ShapeDtypeStructs with
-    shardings over `mesh`, of the target's devices); `steps`: the steps one call makes (its FLOPs are
-    reported per step)."""
+    shardings over `mesh`, of the target's devices)."""
     name: str
     jitted: Any
     args: tuple
     batch_per_device: int
     mesh: Any
-    steps: int = 1
 
 
 def compiled_flops(compiled) -> float | None:
@@ -121,7 +119,7 @@ def compile_program(program: TargetProgram, target: targets.Target) -> dict[str,
     holding the compiled program."""
     start = time.perf_counter()
     traced = program.jitted.trace(*program.args)
-    flops = traced_flops(traced) / program.mesh.size / program.steps
+    flops = traced_flops(traced) / program.mesh.size
     lowered = traced.lower()
     try:
         compiled = lowered.compile()

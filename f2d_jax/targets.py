@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from importlib import resources
@@ -117,27 +118,24 @@ def _torus(chips: int, dims: int) -> tuple[int, ...]:
     """The slice's shape as Cloud TPU lays it out: v5e-8 2x4, v5e-256 16x16, v4-8 2x2x1, v5p-128 4x4x4 (the
     smallest side doubled until the chips are there, the last of equals first)."""
     shape = [2, 2, 1] if dims == 3 else [1, 1]
-    while _product(shape) < chips:
+    while math.prod(shape) < chips:
         smallest = max(i for i in range(dims) if shape[i] == min(shape))
         shape[smallest] *= 2
     return tuple(shape)
 
 
-def _product(shape) -> int:
-    out = 1
-    for size in shape:
-        out *= size
-    return out
+class CompilerMissing(ValueError):
+    """The target's compiler is not installed; the message says what to install."""
 
 
 def devices(target: Target) -> list[jax.Device]:
-    """The target's devices, from its compiler (nothing runs on them); an ImportError says what to install."""
+    """The target's devices, from its compiler (nothing runs on them); CompilerMissing says what to install."""
     from jax.experimental.topologies import get_topology_desc
 
     chip = target.chip
     if chip.platform == "tpu":
         if not _has_module("libtpu"):
-            raise ImportError(f"compiling for {target.name} needs libtpu: pip install 'f2d-jax[tpu]'")
+            raise CompilerMissing(f"compiling for {target.name} needs libtpu: pip install 'f2d-jax[tpu]'")
         # What a TPU VM's metadata would tell libtpu; without them it warns at start-up (a real VM's stay).
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name.split("x", 1)[-1].replace("v5e", "v5litepod"))
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -148,8 +146,9 @@ def devices(target: Target) -> list[jax.Device]:
             chip_config_name="megacore" if chip.cores_per_chip > 1 else "default",
             chips_per_host_bounds=target.host_bounds, num_slices=target.groups)
     else:
-        if not _has_module("jax_plugins.xla_cuda12"):
-            raise ImportError(f"compiling for {target.name} needs XLA's GPU compiler: pip install 'f2d-jax[gpu]'")
+        if not (_has_module("jax_plugins.xla_cuda12") and _has_module("nvidia.cudnn")):
+            raise CompilerMissing(f"compiling for {target.name} needs XLA's GPU compiler and cuDNN: pip install "
+                                  "'f2d-jax[gpu]'")
         spec = resources.files("f2d_jax").joinpath(f"assets/gpu_specs/{chip.topology}").read_text()
         topology = get_topology_desc(platform="cuda", target_config=spec,
                                      topology=f"1x{target.groups}x{target.per_group}")

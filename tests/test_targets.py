@@ -170,6 +170,16 @@ def test_the_commands_compile_for_a_target_and_refuse_an_unknown_one(tmp_path, c
     assert "set --config.arcface.num_identities" in capsys.readouterr().err
 
 
+def test_a_compiler_that_is_not_installed_says_what_to_install(capsys, monkeypatch):
+    from f2d_jax.cli import commands
+
+    monkeypatch.setattr(targets, "_has_module", lambda name: False)
+    for target, extra in (("h100x8", "XLA's GPU compiler and cuDNN: pip install 'f2d-jax[gpu]'"),
+                          ("v5e-8", "libtpu: pip install 'f2d-jax[tpu]'")):
+        assert commands.train(["--config", "tiny", "--target", target]) == 2
+        assert capsys.readouterr().err == f"error: compiling for {target} needs {extra}\n"
+
+
 # ----------------------------------------------------------------------------- GPU (make test-gpu)
 
 @pytest.mark.gpu
@@ -189,3 +199,20 @@ def test_sampling_compiles_for_an_h100():
     step, decode = _compile(functools.partial(target_programs, load_config("tiny"), dtype="bfloat16"),
                             target="h100", batch=2)
     assert step["fits"] and decode["fits"] and CUDNN_ATTENTION in step["compiled"].as_text()
+
+
+def test_the_flops_count_a_pallas_kernel_once_per_grid_step():
+    """The flash kernel's matmuls are in its body, which runs once per block: counted so, the forward pass
+    is the textbook attention's 2 matmuls (the backward pass computes the probabilities again: 4.5 for 3)."""
+    from f2d_jax.models import attention as attn
+
+    q = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.float32)
+    one_matmul = 2 * 2 * 2 * 256 * 256 * 64
+
+    def counted(implementation, backward):
+        f = functools.partial(attn.attention, implementation=implementation)
+        fn = jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)) if backward else f
+        return compiled.matmul_flops(fn, q, q, q) / one_matmul
+
+    assert counted("reference", False) == counted("pallas", False) == 2
+    assert (counted("reference", True), counted("pallas", True)) == (6, 9)
