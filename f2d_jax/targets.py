@@ -185,4 +185,8 @@ def on_mesh(fn, mesh):
     def traced(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args, **kwargs)
+    named = fn
+    while isinstance(named, functools.partial):
+        named = named.func
+    traced.__name__ = traced.__qualname__ = getattr(named, "__name__", "traced")  # jit_<name> in logs and caches
     return traced

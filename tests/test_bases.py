@@ -112,7 +112,7 @@ def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, sche
                          progress=False)
     sd = ours.models.sd
     cond = ours.encode_prompt(FACE, prompts)
-    uncond = sd.negative_conditioning(ours._embed(ours.variables, token_ids(["", ""], ours.tokenizer)), None)
+    uncond = sd.negative_conditioning(ours.programs.embed(ours.variables, token_ids(["", ""], ours.tokenizer)), None)
     embeds = dict(prompt_embeds=cond["context"], negative_prompt_embeds=uncond["context"])
     if base == "sdxl":   # no negative prompt: zeros, as diffusers' force_zeros_for_empty_prompt
         assert not np.any(uncond["context"]) and not np.any(uncond["text_embeds"])

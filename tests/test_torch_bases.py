@@ -61,7 +61,7 @@ def _jax_embeds(ours, prompts, negative_prompt=None) -> dict[str, np.ndarray]:
     """Our JAX pipeline's conditioning and unconditional branch, named as diffusers' keyword arguments."""
     cond = ours.encode_prompt(FACE, prompts)
     uncond = ours.models.sd.negative_conditioning(
-        ours._embed(ours.variables, token_ids([negative_prompt or ""] * len(prompts), ours.tokenizer)), negative_prompt)
+        ours.programs.embed(ours.variables, token_ids([negative_prompt or ""] * len(prompts), ours.tokenizer)), negative_prompt)
     out = dict(prompt_embeds=cond["context"], negative_prompt_embeds=uncond["context"])
     if "text_embeds" in cond:
         out.update(pooled_prompt_embeds=cond["text_embeds"], negative_pooled_prompt_embeds=uncond["text_embeds"])
