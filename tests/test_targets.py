@@ -5,6 +5,8 @@ large reported as not fitting, and the command line's mistakes."""
 import dataclasses
 import functools
 import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -153,8 +155,10 @@ def test_the_commands_compile_for_a_target_and_refuse_an_unknown_one(tmp_path, c
     out = capsys.readouterr().out
     assert out.startswith("compiled for, not run on:\n| program | target | devices | batch/device |")
     assert "| train step | v5e-4 | 4 | 2 | " in out and json.loads((tmp_path / "t.json").read_text())[0]["fits"]
-    assert commands.sample(["--config", "tiny", "--target", "v5e-4", "--batch-size", "8"]) == 0
+    assert commands.sample(["--config", "tiny", "--target", "v5e-4", "--batch-size", "8", "--json",
+                            str(tmp_path / "s.json")]) == 0
     assert "| denoising step | v5e-4 | 4 | 2 | " in capsys.readouterr().out
+    figures_tables(tmp_path / "t.json", tmp_path / "s.json", capsys)
     assert commands.evaluate(["generate", "--config", "tiny", "--target", "v5e-4"]) == 0
     assert "| decode | v5e-4 | 4 | 2 | " in capsys.readouterr().out
     for command in (["train", "--config", "tiny"], ["sample", "--config", "tiny"],
@@ -168,6 +172,23 @@ def test_the_commands_compile_for_a_target_and_refuse_an_unknown_one(tmp_path, c
                                        "--config.train.batch_size (batch per device x 16) or pass --fit\n")
     assert commands.train(["--config", "msid_tiny", "--target", "v5e-4", "--config.arcface.num_identities=0"]) == 2
     assert "set --config.arcface.num_identities" in capsys.readouterr().err
+
+
+def figures_tables(train_json, sample_json, capsys):
+    """benchmarks/compiled_figures.py: the memory table and images/s at 40% and 60% of the chip's peak."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import compiled_figures
+
+    assert compiled_figures.main([str(train_json), str(sample_json), "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    train, (step, decode) = json.loads(train_json.read_text())[0], json.loads(sample_json.read_text())
+    peak = targets.CHIPS["v5e"].peak_flops
+    per_image = {"t": train["flops"] / 2, "s": (10 * step["flops"] + decode["flops"]) / 2}
+    assert f"| t | v5e-4 | 2 | training image | {per_image['t'] / 1e9:,.0f} | {0.4 * peak / per_image['t']:,.1f} | " \
+           f"{0.6 * peak / per_image['t']:,.1f} |" in out
+    assert f"| s | v5e-4 | 2 | sampled image (10 steps) | {per_image['s'] / 1e9:,.0f} | " \
+           f"{0.4 * peak / per_image['s']:,.1f} |" in out
+    assert f"| s | decode | v5e-4 | 2 | {decode['arguments'] / targets.GiB:.2f} |" in out
 
 
 def test_a_compiler_that_is_not_installed_says_what_to_install(capsys, monkeypatch):
