@@ -29,7 +29,8 @@ def _gib(n: float) -> str:
 
 def memory_table(figures: dict[str, list[dict]]) -> str:
     head = ["figure", "program", "target", "batch/device", "arguments GiB", "temporaries GiB", "total GiB/device",
-            "usable GiB", "fits", "largest batch/device, estimated", "TFLOP/device/call", "compile s"]
+            "usable GiB", "fits", "largest batch/device, estimated", "TFLOP/device/call", "attention kernel calls",
+            "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in figures.items():
         for r in rows:
@@ -38,7 +39,7 @@ def memory_table(figures: dict[str, list[dict]]) -> str:
                          f"{' (largest)' if r.get('largest') else ''} | {_gib(r['arguments'])} | "
                          f"{_gib(r['temporaries'])} | {_gib(r['total'])} | {_gib(r['memory'])} | {fits} | "
                          f"{largest_estimate(r)} | "
-                         f"{r['flops'] / 1e12:.2f} | {r['compile_s']:.0f} |")
+                         f"{r['flops'] / 1e12:.2f} | {r.get('kernels', '-')} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
 
 

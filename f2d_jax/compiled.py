@@ -114,6 +114,16 @@ def memory(compiled) -> dict[str, int] | None:
                 temporaries=m.temp_size_in_bytes)
 
 
+# The fused attention kernels' custom calls in a compiled program: Mosaic (Pallas on TPU), cuDNN's attention.
+KERNEL_CALLS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__cudnn$fmha')
+
+
+def kernel_calls(compiled) -> int:
+    """The number of fused attention kernel calls in a compiled program's text (0 where it has none)."""
+    text = compiled.as_text() if compiled is not None else ""
+    return sum(text.count(call) for call in KERNEL_CALLS)
+
+
 def compile_program(program: TargetProgram, target: targets.Target) -> dict[str, Any]:
     """Trace, lower and compile `program` (for its mesh's devices): its figures as a dict, `compiled`
     holding the compiled program."""
@@ -136,7 +146,8 @@ def compile_program(program: TargetProgram, target: targets.Target) -> dict[str,
     return dict(program=program.name, target=target.name, devices=program.mesh.size,
                 batch_per_device=program.batch_per_device, **sizes, total=total, memory=target.usable_memory,
                 chip_memory=target.chip.memory, fits=compiled is not None and total <= target.usable_memory,
-                flops=flops, compile_s=round(time.perf_counter() - start, 1), note=note, compiled=compiled)
+                flops=flops, kernels=kernel_calls(compiled), compile_s=round(time.perf_counter() - start, 1),
+                note=note, compiled=compiled)
 
 
 def per_device_bytes(tree) -> int:
@@ -205,7 +216,7 @@ def _gib(n: float) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The figures as a markdown table, a row per program."""
     head = ["program", "target", "devices", "batch/device", "arguments", "outputs", "temporaries", "total/device",
-            "usable memory", "fits", "TFLOP/device/step", "compile s"]
+            "usable memory", "fits", "TFLOP/device/step", "attention kernel calls", "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -213,7 +224,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['batch_per_device']}" + (" (largest that fits)" if r.get("largest") else ""), _gib(r["arguments"]),
             _gib(r["outputs"]), _gib(r["temporaries"]), _gib(r["total"]),
             f"{_gib(r['memory'])}" + (f" (of {_gib(r['chip_memory'])})" if r["memory"] != r["chip_memory"] else ""),
-            "yes" if r["fits"] else "NO", f"{r['flops'] / 1e12:.3f}", f"{r['compile_s']:.1f}"]) + " |")
+            "yes" if r["fits"] else "NO", f"{r['flops'] / 1e12:.3f}", str(r.get("kernels", "-")),
+            f"{r['compile_s']:.1f}"]) + " |")
     return "\n".join(lines)
 
 
