@@ -124,6 +124,9 @@ def kernel_calls(compiled) -> int:
     return sum(text.count(call) for call in KERNEL_CALLS)
 
 
+FAILED = "the compiler failed: "  # a row's note when the compiler gave up (not for memory)
+
+
 def compile_program(program: TargetProgram, target: targets.Target) -> dict[str, Any]:
     """Trace, lower and compile `program` (for its mesh's devices): its figures as a dict, `compiled`
     holding the compiled program."""
@@ -135,9 +138,9 @@ def compile_program(program: TargetProgram, target: targets.Target) -> dict[str,
         compiled = lowered.compile()
         sizes, note = memory(compiled) or dict(arguments=0, outputs=0, temporaries=0), ""
     except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program larger than the chip: its answer
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
         compiled, note = None, str(e).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in str(e):  # e.g. XLA:GPU finds no GEMM tiling at some huge shape
+            note = FAILED + note
         needed = re.search(r"temporaries \(([\d.]+)([KMGT])\)", note)
         sizes = dict(arguments=per_device_bytes(program.args), outputs=per_device_bytes(lowered.out_info),
                      temporaries=int(float(needed.group(1)) * 2 ** (10 * "KMGT".index(needed.group(2)) + 10))
@@ -152,7 +155,8 @@ def compile_program(program: TargetProgram, target: targets.Target) -> dict[str,
 
 def per_device_bytes(tree) -> int:
     """The bytes one device holds of a tree of ShapeDtypeStructs (or lowered outputs) by their shardings."""
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape))
+               * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def compile_all(target: targets.Target, build: Callable[[Sequence, int], list[TargetProgram]], batch_per_device: int,
@@ -178,7 +182,7 @@ def compile_all(target: targets.Target, build: Callable[[Sequence, int], list[Ta
     while batch is not None:
         tried[batch] = at(batch)
         log(f"batch {batch} per device: {'fits' if _fits(tried[batch]) else 'does not fit'}")
-        batch = next_batch({b: (_fits(rows), max(r["total"] - r["memory"] for r in rows)) for b, rows in tried.items()})
+        batch = next_batch({b: (_fits(rows), _over(rows)) for b, rows in tried.items()})
     largest = max((b for b, rows in tried.items() if _fits(rows)), default=None)
     return [{**row, "largest": b == largest} for b in sorted(tried) for row in tried[b]]
 
@@ -187,16 +191,25 @@ def _fits(rows) -> bool:
     return all(row["fits"] for row in rows)
 
 
+def _over(rows) -> float | None:
+    """The bytes the programs need over the memory (negative: room left); None where the compiler failed."""
+    if any(row["note"].startswith(FAILED) for row in rows):
+        return None
+    return max(row["total"] - row["memory"] for row in rows)
+
+
 def next_batch(tried: dict[int, tuple[bool, float]]) -> int | None:
     """The next batch to compile in the search for the largest that fits, given {batch: (fits, bytes over the
-    memory: negative where it fits)}; None when it is found (or not even batch 1 fits)."""
+    memory: negative where it fits; None where the compiler failed)}; None when it is found (or not even batch 1
+    fits)."""
     fitting = [b for b, (ok, _) in tried.items() if ok]
     failing = [b for b, (ok, _) in tried.items() if not ok]
     lo, hi = max(fitting, default=0), min(failing, default=None)
     if hi is not None and hi - lo <= 1 or hi == 1:
         return None
     near = sorted(tried, key=lambda b: (abs(b - lo), b))[:2] if hi is None else [b for b in (lo, hi) if b in tried]
-    if len(near) == 2 and tried[near[0]][1] != tried[near[1]][1]:  # the memory's line through the two nearest
+    memories = [tried[b][1] for b in near]
+    if len(near) == 2 and None not in memories and memories[0] != memories[1]:  # the line through the two nearest
         (b1, m1), (b2, m2) = ((b, tried[b][1]) for b in near)
         guess = b1 - m1 * (b2 - b1) / (m2 - m1)  # where it crosses the memory
         guess = int(guess) if guess >= lo + 1 else lo + 1
@@ -236,7 +249,7 @@ def report(rows: Sequence[dict[str, Any]], json_path=None) -> int:
     print(table(rows))
     for r in rows:
         if r["note"]:
-            print(f"{r['program']}: the compiler says: {r['note']}")
+            print(f"{r['program']}, batch {r['batch_per_device']} per device: {r['note']}")
     if json_path:
         Path(json_path).write_text(json.dumps([{k: v for k, v in r.items() if k != "compiled"} for r in rows],
                                               indent=1) + "\n")

@@ -128,9 +128,27 @@ def test_a_batch_too_large_is_reported_as_not_fitting_and_fit_finds_the_largest(
     assert f"| MSID ArcFace step | v5e-4 | 4 | {found + 1} | " in capsys.readouterr().out
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert set(figures[0]) == {"program", "target", "devices", "batch_per_device", "arguments", "outputs",
-                               "temporaries", "total", "memory", "chip_memory", "fits", "flops", "compile_s", "note",
-                               "largest"}
+                               "temporaries", "total", "memory", "chip_memory", "fits", "flops", "kernels", "compile_s",
+                               "note", "largest"}
     assert figures[0]["fits"] is False and figures[0]["batch_per_device"] == found + 1
+
+
+def test_a_compiler_failure_is_a_row_that_does_not_fit(monkeypatch, capsys):
+    """A compiler that fails (XLA:GPU finding no GEMM tiling at some huge batch) gives a row that does not fit,
+    with the compiler's first line, so that a --fit search goes on below it."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    x = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+    program = compiled.TargetProgram("sine", jax.jit(jnp.sin), (x,), 4, mesh)
+
+    def fail(self):
+        raise jax.errors.JaxRuntimeError("INTERNAL: Couldn't find output tile sizes\nmore")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
+    row = compiled.compile_program(program, targets.parse("h100"))
+    assert not row["fits"] and row["compiled"] is None and row["arguments"] == 16
+    assert row["note"] == "the compiler failed: INTERNAL: Couldn't find output tile sizes"
+    assert compiled.report([row]) == 1
+    assert "sine, batch 4 per device: the compiler failed: INTERNAL: Couldn't" in capsys.readouterr().out
 
 
 def test_the_fit_search_finds_the_largest_batch_in_few_compiles():
@@ -147,6 +165,11 @@ def test_the_fit_search_finds_the_largest_batch_in_few_compiles():
         tried[batch] = (False, 1.0)
         batch = compiled.next_batch(tried)
     assert sorted(tried) == [1, 2, 4, 8]
+    tried, batch = {}, 16
+    while batch is not None:  # the compiler fails from batch 200 on (no memory figure): halved toward the last fit
+        tried[batch] = (batch <= 150, batch - 150.5) if batch < 200 else (False, None)
+        batch = compiled.next_batch(tried)
+    assert max(b for b, (ok, _) in tried.items() if ok) == 150 and len(tried) <= 8, tried
 
 
 def test_the_commands_compile_for_a_target_and_refuse_an_unknown_one(tmp_path, capsys):
@@ -212,6 +235,10 @@ def test_the_train_step_compiles_for_h100s_with_cudnn_attention():
     row = _compile(functools.partial(target_programs, config), target="h100x8", batch=1)[0]
     assert row["fits"] and row["devices"] == 8 and row["memory"] == int(0.75 * targets.CHIPS["h100"].memory)
     assert CUDNN_ATTENTION in row["compiled"].as_text() and row["kernels"] > 0
+    # SDXL's structure with the batch and the frozen weights over an fsdp axis of 8: cuDNN runs per device
+    config = load_config("tiny_sdxl", ["train.compute_dtype=auto", "mesh.data=1", "mesh.fsdp=8", "mesh.frozen=fsdp"])
+    row = _compile(functools.partial(target_programs, config), target="h100x8", batch=1)[0]
+    assert row["fits"] and row["kernels"] > 0
 
 
 @pytest.mark.gpu

@@ -219,11 +219,15 @@ def _padded(x, multiple: int, axis: int = 1):
 
 def _cudnn(q, k, v, causal):
     tq, tk = q.shape[1], k.shape[1]
-    q, k, v = _padded(q, 8), _padded(k, 8), _padded(v, 8)
-    lengths = jnp.full((q.shape[0],), tk, jnp.int32) if k.shape[1] != tk else None  # the padded keys drop out
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
-                                       implementation="cudnn")
-    return out[:, :tq]
+
+    def run(q, k, v):
+        q, k, v = _padded(q, 8), _padded(k, 8), _padded(v, 8)
+        lengths = jnp.full((q.shape[0],), tk, jnp.int32) if k.shape[1] != tk else None  # padded keys drop out
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                           implementation="cudnn")
+        return out[:, :tq]
+
+    return _per_device(run, q, k, v)
 
 
 def _pallas_tpu(q, k, v, causal):
@@ -245,13 +249,16 @@ def _pallas_tpu(q, k, v, causal):
         out = flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=d ** -0.5)
         return jnp.swapaxes(out, 1, 2)[:, :tq, :, :d]
 
-    if targets.platform() != "tpu":
-        run = _interpreted(run)
+    return _per_device(run if targets.platform() == "tpu" else _interpreted(run), q, k, v)
+
+
+def _per_device(run, q, k, v):
+    """`run(q, k, v)` on each device's part of the batch under a mesh (all of a batch the devices do not divide,
+    such as a single prompt's): XLA does not partition Mosaic kernels, and cuDNN's partitioning rule refuses
+    a batch split over more devices than it has."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return run(q, k, v)
-    # Mosaic kernels are not partitioned by XLA: each device runs its part of the batch (all of a batch
-    # the devices do not divide, such as a single prompt's).
     spec = P(mesh.axis_names) if q.shape[0] % mesh.size == 0 else P()
     return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
