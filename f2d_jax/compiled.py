@@ -216,6 +216,9 @@ def next_batch(tried: dict[int, tuple[bool, float]]) -> int | None:
     else:
         guess = 2 * lo if lo else max(1, hi // 2)
     upper = hi - 1 if hi is not None else 64 * max(lo, 1)
+    if hi is not None and hi - lo > 3:  # a step at least a quarter of the gap in: where memory is not a line
+        quarter = -(-(hi - lo) // 4)   # (the line stays on one side), still few compiles
+        guess = min(max(guess, lo + quarter), hi - quarter)
     guess = min(max(guess, lo + 1), upper)
     if guess in tried:  # no progress from the line: halve the gap
         guess = (lo + hi) // 2 if hi is not None else 2 * lo

@@ -170,6 +170,11 @@ def test_the_fit_search_finds_the_largest_batch_in_few_compiles():
         tried[batch] = (batch <= 150, batch - 150.5) if batch < 200 else (False, None)
         batch = compiled.next_batch(tried)
     assert max(b for b, (ok, _) in tried.items() if ok) == 150 and len(tried) <= 8, tried
+    tried, batch = {}, 8
+    while batch is not None:  # memory jumps after 20 (the line from the last fit keeps guessing just below a miss)
+        tried[batch] = (batch <= 20, -10.0 if batch <= 20 else 0.1 + 0.01 * (batch - 21))
+        batch = compiled.next_batch(tried)
+    assert max(b for b, (ok, _) in tried.items() if ok) == 20 and len(tried) <= 8, tried
 
 
 def test_the_commands_compile_for_a_target_and_refuse_an_unknown_one(tmp_path, capsys):
