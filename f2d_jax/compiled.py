@@ -156,7 +156,7 @@ def compile_program(program: TargetProgram, target: targets.Target) -> dict[str,
 def per_device_bytes(tree) -> int:
     """The bytes one device holds of a tree of ShapeDtypeStructs (or lowered outputs) by their shardings."""
     return sum(int(np.prod(x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape))
-               * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+               * x.dtype.itemsize for x in jax.tree.leaves(tree))  # x.dtype: a PRNG key's too
 
 
 def compile_all(target: targets.Target, build: Callable[[Sequence, int], list[TargetProgram]], batch_per_device: int,

@@ -138,14 +138,15 @@ def test_a_compiler_failure_is_a_row_that_does_not_fit(monkeypatch, capsys):
     with the compiler's first line, so that a --fit search goes on below it."""
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     x = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
-    program = compiled.TargetProgram("sine", jax.jit(jnp.sin), (x,), 4, mesh)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 2))  # 8 bytes each
+    program = compiled.TargetProgram("sine", jax.jit(lambda x, keys: (jnp.sin(x), keys)), (x, keys), 4, mesh)
 
     def fail(self):
         raise jax.errors.JaxRuntimeError("INTERNAL: Couldn't find output tile sizes\nmore")
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
     row = compiled.compile_program(program, targets.parse("h100"))
-    assert not row["fits"] and row["compiled"] is None and row["arguments"] == 16
+    assert not row["fits"] and row["compiled"] is None and row["arguments"] == 16 + 16
     assert row["note"] == "the compiler failed: INTERNAL: Couldn't find output tile sizes"
     assert compiled.report([row]) == 1
     assert "sine, batch 4 per device: the compiler failed: INTERNAL: Couldn't" in capsys.readouterr().out
