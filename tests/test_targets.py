@@ -93,6 +93,18 @@ def test_the_train_step_compiles_for_a_tpu_slice_with_the_pallas_kernel(tiny_tra
     assert "all-gather" not in text
 
 
+def test_the_train_step_compiles_for_two_pod_slices():
+    """Two v5e-256 slices joined over the data-centre network: 512 chips on 128 hosts, the batch over all of
+    them, the gradients summed across the slices."""
+    from f2d_jax.train.loop import target_programs
+
+    row = _compile(functools.partial(target_programs, load_config("tiny")), target="2xv5e-256", batch=1)[0]
+    assert (row["devices"], row["batch_per_device"], row["fits"]) == (512, 1, True) and row["kernels"] >= 6
+    assert "all-reduce" in row["compiled"].as_text()
+    found = targets.devices(targets.parse("2xv5e-256"))
+    assert len({d.process_index for d in found}) == 128 and {d.slice_index for d in found} == {0, 1}
+
+
 def test_sampling_and_msid_programs_compile_for_a_tpu_slice():
     from f2d_jax.pretrain.loop import target_programs as msid_programs
     from f2d_jax.sampling.pipeline import target_programs
