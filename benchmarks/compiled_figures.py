@@ -7,11 +7,11 @@
 
 Prints two markdown tables. The first: each program's memory per device as the chip's compiler assigned it
 (compiled for, not run on), and the batch per device at which it would fill the usable memory if its
-temporaries grew in proportion to the batch (an estimate: check it with --fit). The second, a prediction:
-images/s per device at 40% and at 60% of the chip's datasheet dense bfloat16 peak, from the FLOPs traced in
-each program (matrix products, convolutions and attention kernels, every loop iteration counted:
-f2d_jax.compiled.matmul_flops). A training step's images are its batch; a sampled image costs --steps
-denoising steps (the UNet on the image and its unconditional twin) and its decode.
+temporaries grew in proportion to the batch (an estimate: check it with --fit). The second, a prediction at
+each figure's largest batch that fits: images/s per device at 40% and at 60% of the chip's datasheet dense
+bfloat16 peak, from the FLOPs traced in each program (matrix products, convolutions and attention kernels,
+every loop iteration counted: f2d_jax.compiled.matmul_flops). A training step's images are its batch; a
+sampled image costs --steps denoising steps (the UNet on the image and its unconditional twin) and its decode.
 """
 from __future__ import annotations
 
@@ -72,8 +72,7 @@ def prediction_table(figures: dict[str, list[dict]], steps: int) -> str:
              "|" + "---|" * 7]
     for name, rows in figures.items():
         fitting = [r for r in rows if r["fits"]]
-        batches = sorted({r["batch_per_device"] for r in fitting})
-        for batch in batches:
+        for batch in sorted({r["batch_per_device"] for r in fitting})[-1:]:  # the largest batch that fits
             at = [r for r in fitting if r["batch_per_device"] == batch]
             found = flops_per_image(at, steps)
             if found is None:
