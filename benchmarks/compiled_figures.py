@@ -27,13 +27,28 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def memory_table(figures: dict[str, list[dict]]) -> str:
+def _fitting(rows: list[dict]) -> list[int]:
+    """The batches at which every program of a figure fits, in order."""
+    batches = sorted({r["batch_per_device"] for r in rows})
+    return [b for b in batches if all(r["fits"] for r in rows if r["batch_per_device"] == b)]
+
+
+def _brief(rows: list[dict]) -> list[dict]:
+    """A --fit search's rows at its first batch, the largest that fits and the smallest above it that does not."""
+    batches = sorted({r["batch_per_device"] for r in rows})
+    fitting = _fitting(rows)
+    keep = {batches[0], *fitting[-1:], *[b for b in batches if fitting and b > fitting[-1]][:1]}
+    return [r for r in rows if r["batch_per_device"] in keep]
+
+
+def memory_table(figures: dict[str, list[dict]], every: bool = False) -> str:
     head = ["figure", "program", "target", "batch/device", "arguments GiB", "temporaries GiB", "total GiB/device",
             "usable GiB", "fits", "largest batch/device, estimated", "TFLOP/device/call", "attention kernel calls",
             "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in figures.items():
-        for r in rows:
+        searched = any("largest" in r for r in rows)  # a --fit search's rows
+        for r in _brief(rows) if searched and not every else rows:
             fits = "yes" if r["fits"] else "no" + (f" ({r['note']})" if r["note"] else "")
             lines.append(f"| {name} | {r['program']} | {r['target']} | {r['batch_per_device']}"
                          f"{' (largest)' if r.get('largest') else ''} | {_gib(r['arguments'])} | "
@@ -71,9 +86,8 @@ def prediction_table(figures: dict[str, list[dict]], steps: int) -> str:
     lines = ["| figure | target | batch/device | per | GFLOP per image | images/s/device at 40% of peak | at 60% |",
              "|" + "---|" * 7]
     for name, rows in figures.items():
-        fitting = [r for r in rows if r["fits"]]
-        for batch in sorted({r["batch_per_device"] for r in fitting})[-1:]:  # the largest batch that fits
-            at = [r for r in fitting if r["batch_per_device"] == batch]
+        for batch in _fitting(rows)[-1:]:  # the largest batch that fits
+            at = [r for r in rows if r["batch_per_device"] == batch]
             found = flops_per_image(at, steps)
             if found is None:
                 continue
@@ -89,10 +103,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("files", nargs="+", type=Path, help="--json files of f2d-train/f2d-sample --target")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps per sampled image (default 30)")
+    parser.add_argument("--every-batch", action="store_true", help="every batch a --fit search compiled (default: "
+                        "its first, the largest that fits and the next that does not)")
     args = parser.parse_args(argv)
     figures = {path.stem: json.loads(path.read_text()) for path in sorted(args.files)}
     print("Compiled for, not run on: memory per device\n")
-    print(memory_table(figures))
+    print(memory_table(figures, args.every_batch))
     print("\nPredicted, not measured: images/s per device from the traced FLOPs\n")
     print(prediction_table(figures, args.steps))
     return 0
