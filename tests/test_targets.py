@@ -231,6 +231,10 @@ def figures_tables(train_json, sample_json, capsys):
     assert f"| s | v5e-4 | 2 | sampled image (10 steps) | {per_image['s'] / 1e9:,.0f} | " \
            f"{0.4 * peak / per_image['s']:,.1f} |" in out
     assert f"| s | decode | v5e-4 | 2 | {decode['arguments'] / targets.GiB:.2f} |" in out
+    # a --fit search's rows: its first batch, the largest that fits and the next that does not
+    search = [{**train, "batch_per_device": b, "fits": b <= 4, "largest": b == 4} for b in (2, 3, 4, 5, 8)]
+    shown = [line.split(" | ")[3] for line in compiled_figures.memory_table({"f": search}).splitlines()[2:]]
+    assert shown == ["2", "4 (largest)", "5"]
 
 
 def test_a_compiler_that_is_not_installed_says_what_to_install(capsys, monkeypatch):
