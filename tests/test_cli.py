@@ -92,6 +92,22 @@ def test_an_interrupt_dropped_by_a_garbage_collection_callback_still_stops_the_c
     assert (proc.returncode, err) == (130, "\ninterrupted\n")
 
 
+def test_an_interrupt_that_breaks_an_import_in_c_code_still_stops_the_command(tmp_path):
+    """Ctrl-C while a C extension initializes (jaxlib) comes out as "ImportError: Encountered an error while
+    initializing the extension": after a Ctrl-C, that is the interrupt; without one, an error stays an error."""
+    code = ("import signal, sys\nfrom f2d_jax import cli\n"
+            "@cli.command\ndef main(argv=None):\n"
+            "    try:\n        if argv: signal.raise_signal(signal.SIGINT)\n"
+            "    except KeyboardInterrupt:\n        pass\n"
+            "    raise ImportError('Encountered an error while initializing the extension.')\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    interrupted = subprocess.run([sys.executable, "-c", code, "x"], capture_output=True, text=True, timeout=60)
+    assert (interrupted.returncode, interrupted.stderr) == (130, "\ninterrupted\n")
+    failed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and failed.stderr.endswith("ImportError: Encountered an error while initializing "
+                                                             "the extension.\n")
+
+
 # ----------------------------------------------------------------------------- train: a config no run can use
 
 @pytest.mark.parametrize("override, message", [

@@ -153,7 +153,7 @@ def test_a_compiler_failure_is_a_row_that_does_not_fit(monkeypatch, capsys):
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 2))  # 8 bytes each
     program = compiled.TargetProgram("sine", jax.jit(lambda x, keys: (jnp.sin(x), keys)), (x, keys), 4, mesh)
 
-    def fail(self):
+    def fail(self, *options):
         raise jax.errors.JaxRuntimeError("INTERNAL: Couldn't find output tile sizes\nmore")
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", fail)

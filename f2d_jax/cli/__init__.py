@@ -170,12 +170,20 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
         _resurface_interrupts()
+        _INTERRUPTED.clear()
         try:
             return main(argv)
         except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            return INTERRUPTED
+            pass
+        except Exception:  # the interrupt broke an import in C code (jaxlib's "error while initializing the
+            if not _INTERRUPTED.is_set():  # extension"): what follows a Ctrl-C is the interrupt
+                raise
+        print("\ninterrupted", file=sys.stderr)
+        return INTERRUPTED
     return wrapped
+
+
+_INTERRUPTED = threading.Event()  # set by the SIGINT handler of `command`
 
 
 def _resurface_interrupts() -> None:
@@ -191,6 +199,7 @@ def _resurface_interrupts() -> None:
         threading.Timer(0.05, _thread.interrupt_main).start()
 
     def handler(signum, frame):
+        _INTERRUPTED.set()
         callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
         while frame is not None:
             if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
