@@ -67,6 +67,22 @@ def compile_for_target(args: argparse.Namespace, build, batch_per_device: int) -
     return compiled.report(rows, args.json)
 
 
+def compile_sampling_for_target(args: argparse.Namespace, config) -> int:
+    """--target of the commands that sample (f2d-sample, f2d-eval generate): the pipeline's denoising step and
+    decode at --batch-size images, compiled for one host of the target's chips (the pipeline runs per host)."""
+    import functools
+
+    from f2d_jax import targets
+    from f2d_jax.sampling import check_sampling
+    from f2d_jax.sampling.pipeline import target_programs
+
+    check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
+    target = targets.parse(args.target)
+    build = functools.partial(target_programs, config, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
+                              height=args.height, width=args.width)
+    return compile_for_target(args, build, -(-args.batch_size // target.devices_per_host))
+
+
 WEIGHT_SOURCES = ("checkpoint", "config", "model")  # the options that name the models' config (one at most)
 
 

@@ -105,22 +105,12 @@ def main(argv=None) -> int:
 def compile_for_target(args) -> int:
     """--target: the denoising step and the decode at --batch-size images, compiled for the target's chips
     (one host of them: the pipeline runs per host), from the weights options' config."""
-    import functools
-
-    from f2d_jax import targets
     from f2d_jax.config import config_from_dict
-    from f2d_jax.sampling import check_sampling
-    from f2d_jax.sampling.pipeline import target_programs
 
-    check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
-    target = targets.parse(args.target)
     if not any(getattr(args, name) for name in cli.WEIGHT_SOURCES) and not args.sd:
         raise ValueError("--target needs the model: give --config NAME (e.g. f2d_sd14, f2d_sdxl), --checkpoint "
                          "WORKDIR, --model DIR or --sd")
-    config = config_from_dict(cli.named_config(args))
-    build = functools.partial(target_programs, config, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
-                              height=args.height, width=args.width)
-    return cli.compile_for_target(args, build, -(-args.batch_size // target.devices_per_host))
+    return cli.compile_sampling_for_target(args, config_from_dict(cli.named_config(args)))
 
 
 def check(args) -> None:

@@ -137,18 +137,7 @@ def _generate(args) -> int | None:
 def _compile_for_target(args) -> int:
     """generate --target: the pipeline's denoising step and decode at --batch-size images, compiled for the
     target's chips (one host of them), as the generator's config builds them."""
-    import functools
-
-    from f2d_jax import targets
-    from f2d_jax.sampling import check_sampling
-    from f2d_jax.sampling.pipeline import target_programs
-
-    check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
-    target = targets.parse(args.target)
-    _, config = _generator(args)
-    build = functools.partial(target_programs, config, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
-                              height=args.height, width=args.width)
-    return cli.compile_for_target(args, build, -(-args.batch_size // target.devices_per_host))
+    return cli.compile_sampling_for_target(args, _generator(args)[1])
 
 
 def _generator(args) -> tuple[dict, ml_collections.ConfigDict]:

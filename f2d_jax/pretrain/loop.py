@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from f2d_jax.arcface import init_weight, weight_sharding
+from f2d_jax.compiled import TargetProgram, compile_counted
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.data.verification import verification_accuracy
 from f2d_jax.models.bundle import compute_dtype
@@ -36,8 +37,6 @@ from f2d_jax.sharding import AXES, batch_sharding, make_mesh, param_shardings, r
 from f2d_jax.targets import on_mesh, platform
 from f2d_jax.train.checkpoint import Checkpoints, abstract_like
 from f2d_jax.train.loop import resume_or_init, run_loop
-from f2d_jax.compiled import TargetProgram
-from f2d_jax.compiled import compile_counted
 from f2d_jax.train.metrics import MetricWriter, is_primary
 from f2d_jax.train.state import TrainState, init_state, optimizer
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from f2d_jax.compiled import TargetProgram
+from f2d_jax.compiled import TargetProgram, compile_counted
 from f2d_jax.config import config_from_dict
 from f2d_jax.data.synthetic import SyntheticFaces
 from f2d_jax.models.bundle import Models, abstract_models, compute_dtype, load_models
@@ -36,7 +36,6 @@ from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.train.checkpoint import Checkpoints, TrainingError, abstract_like
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
-from f2d_jax.compiled import compile_counted
 from f2d_jax.train.metrics import MetricWriter, grid, is_primary, mfu
 from f2d_jax.params import merge, partition
 from f2d_jax.train.state import TrainState, init_state, optimizer
