@@ -59,6 +59,9 @@ def test_ctrl_c_while_train_starts_is_one_line_and_130(tmp_path, after):
     ["app", "--port", "PORT"],
 ], ids=lambda args: args[0])
 def test_ctrl_c_while_any_command_starts_is_one_line_and_130(tmp_path, args):
+    # The input files exist (empty), so that no command stops at its first check before the interrupt.
+    for name in ("msid.pt", "lfw.bin"):
+        (tmp_path / name).write_bytes(b"")
     args = [str(_free_port()) if a == "PORT" else a for a in args]
     _assert_interrupted(_interrupt(args, 0.6, tmp_path))
 
