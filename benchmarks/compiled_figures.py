@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The README's "Compiled for accelerators" tables from the `--json` files of `--target` runs.
+"""The "Compiled for accelerators" tables of docs/performance.md from the `--json` files of `--target` runs.
 
     f2d-train --config f2d_sd14 --target v5e-8 --json figures/sd14_train_v5e8_b8.json
     f2d-sample --config f2d_sd14 --target h100 --batch-size 8 --json figures/sd14_sample_h100.json

@@ -28,7 +28,7 @@ from f2d_jax.cli import app as app_cli
 ROOT = Path(__file__).resolve().parent.parent
 FACE = str(ROOT / "f2d_jax/assets/face.jpg")
 FACES = [str(ROOT / "tests/data/faces/obama.jpg"), str(ROOT / "tests/data/faces/biden.jpg")]
-# The browser test's screenshot lands in its tmp_path; F2D_SCREENSHOT=docs/app.png refreshes the README's.
+# The browser test's screenshot lands in its tmp_path; F2D_SCREENSHOT=docs/app.png refreshes the docs' copy.
 SCREENSHOT = os.environ.get("F2D_SCREENSHOT")
 # The page's defaults on the tiny config (the programs the server compiled at start-up): images,
 # seed, steps, guidance, sampler, height, width, identity scale.

@@ -36,10 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="image j of a prompt uses seed + j; seeds are "
                         "0 to 2^32 - 1 (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images generated at a time; it changes neither "
-                        "seeds nor pictures, only the memory used. The default fits SD v1.4 at 512 px on a 16 GB "
-                        "accelerator: 8 images are 16 UNet rows with classifier-free guidance, about 5 GiB of "
-                        "bfloat16 activations (half of XLA's 10.2 GiB buffer assignment in float32) and 1.7 GiB "
-                        "of UNet and VAE weights, within the 75%% of the memory JAX takes (default: %(default)s)")
+                        "seeds nor pictures, only the memory used (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps, 1 to 1000 (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
                         "(default: the base's: 7 on SD 1.x (official), 7.5 on SD 2.x, 5 on SDXL)")

@@ -1,6 +1,6 @@
 """Train Face2Diffusion's mapping network (CGDR + expression guidance) on a device mesh.
 
-    f2d-train --config tiny --workdir /tmp/f2d            # CPU, ~1 minute
+    f2d-train --config tiny --workdir /tmp/f2d            # tiny random models, on CPU
     f2d-train --config f2d_sd14 --workdir runs/f2d \\
         --config.data.dir=/data/ffhq_prepared --config.weights.msid=msid.pt --config.train.batch_size=64
 

@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g.add_argument("--height", type=int, help="(default: the config's data.resolution)")
     g.add_argument("--width", type=int, help="(default: as --height)")
-    g.add_argument("--batch-size", type=int, default=8, help="images generated at a time; the default fits SD "
-                   "v1.4 at 512 px on a 16 GB accelerator (as f2d-sample's) (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="images generated at a time, as f2d-sample's "
+                   "(default: %(default)s)")
     g.add_argument("--sd", help="Stable Diffusion directory or hub id (replaces the config's)")
     g.add_argument("--msid", help="MSID weights (replace the config's)")
     g.add_argument("--mapping", help="mapping-network weights (replace the config's)")
