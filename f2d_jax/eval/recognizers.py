@@ -45,7 +45,7 @@ class DlibRecognizer:
 
 
 class CropRecognizer:
-    """A Flax recognizer of ArcFace-aligned 112 crops in [-1, 1] (MSID, IResNet), jitted, in batches."""
+    """A flax.linen recognizer of ArcFace-aligned 112 crops in [-1, 1] (MSID, IResNet), jitted, in batches."""
 
     def __init__(self, name: str, model, variables, batch_size: int = 32):
         self.name, self.batch_size = name, batch_size

@@ -10,6 +10,9 @@ CLIPTextModelWithProjection's bias-free `text_projection` of the pooled output,
 `penultimate` returns the state before the last layer (SDXL's `hidden_states[-2]`, no final
 LayerNorm), and `pad_token_id` re-pads the ids after the first end-of-text token, so that
 ids from a tokenizer padding with end-of-text give what a tokenizer padding with "!" gives.
+
+The layers and the fields of the transformer (CLIPLayer, CLIPTower) also make the image
+tower, f2d_jax.models.clip_vision.
 """
 from __future__ import annotations
 
@@ -36,21 +39,24 @@ def inject_tokens(hidden, tokens, positions):
 
 
 class CLIPAttention(nn.Module):
-    """Causal self-attention with separate q, k, v and output projections (HF's layout)."""
+    """Self-attention with separate q, k, v and output projections (HF's layout); causal in the text tower."""
 
     num_heads: int
     dtype: Any = jnp.float32
     attention: str = "auto"
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         dense = lambda name: nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_init, name=name)  # noqa: E731
         q, k, v = (dense(f"{n}_proj")(x) for n in "qkv")
-        return dense("out_proj")(multi_head_attention(q, k, v, self.num_heads, causal=True,
+        return dense("out_proj")(multi_head_attention(q, k, v, self.num_heads, causal=self.causal,
                                                              implementation=self.attention))
 
 
 class CLIPLayer(nn.Module):
+    """Pre-norm transformer layer of both CLIP towers (HF's CLIPEncoderLayer): attention, then the MLP."""
+
     num_heads: int
     mlp_dim: int
     activation: str
@@ -58,18 +64,48 @@ class CLIPLayer(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "auto"
     keep_input: bool = False  # the carry is (state, this layer's input): the scan ends with the penultimate state
+    causal: bool = True       # False in the vision tower
 
     @nn.compact
     def __call__(self, carry, _=None):
         x = carry[0] if self.keep_input else carry
         h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm1")(x)
-        out = x + CLIPAttention(self.num_heads, self.dtype, self.attention, name="self_attn")(h)
+        out = x + CLIPAttention(self.num_heads, self.dtype, self.attention, self.causal, name="self_attn")(h)
         h = LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(out)
         out = out + Mlp(self.mlp_dim, self.activation, self.dtype, _init, name="mlp")(h)
         return ((out, x) if self.keep_input else out), None
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTower(nn.Module):
+    """What both CLIP towers (text, image) share: the sizes of their transformer, built by
+    `stacked_layers`, and the makers of their LayerNorms and of the bias-free projection of the
+    pooled output (when `projection_dim` is set). Defaults are CLIP ViT-L/14's text tower."""
+
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+    remat: bool = False
+    attention: str = "auto"  # f2d_jax.models.attention's implementation
+    projection_dim: int | None = None  # width of the pooled output's projection; None: no projection
+
+    def stacked_layers(self, **fields) -> nn.Module:
+        """`num_layers` CLIPLayers (`fields`: CLIPLayer's others) run by nn.scan, parameters stacked."""
+        layer = nn.remat(CLIPLayer) if self.remat else CLIPLayer
+        return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.num_layers)(
+            self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype, self.attention, **fields)
+
+    def layer_norm(self) -> nn.Module:
+        return LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
+
+    def projection(self) -> nn.Module:
+        return nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, kernel_init=_init)
+
+
+class CLIPTextEncoder(CLIPTower):
     """(B, T) token ids [+ injected (B, K, D) at (B,) positions] -> (hidden states, pooled).
 
     Defaults are CLIP ViT-L/14's text tower, the one Stable Diffusion v1 uses. The pooled
@@ -82,31 +118,17 @@ class CLIPTextEncoder(nn.Module):
     """
 
     vocab_size: int = 49408
-    width: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
     max_length: int = 77
-    activation: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    dtype: Any = jnp.float32
-    remat: bool = False
-    attention: str = "auto"  # f2d_jax.models.attention's implementation
-    projection_dim: int | None = None  # width of the pooled output's text_projection; None: no projection
     penultimate: bool = False          # hidden states before the last layer, no final LayerNorm
     pad_token_id: int | None = None    # re-pad after the first end-of-text token with this id
 
     def setup(self):
         self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=_init, dtype=self.dtype)
         self.position_embedding = nn.Embed(self.max_length, self.width, embedding_init=_init, dtype=self.dtype)
-        layer = nn.remat(CLIPLayer) if self.remat else CLIPLayer
-        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              length=self.num_layers)(
-            self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype, self.attention,
-            self.penultimate)
-        self.final_layer_norm = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
+        self.layers = self.stacked_layers(keep_input=self.penultimate)
+        self.final_layer_norm = self.layer_norm()
         if self.projection_dim is not None:
-            self.text_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, kernel_init=_init)
+            self.text_projection = self.projection()
 
     def repad(self, input_ids):
         """The ids with every position after the first end-of-text token set to `pad_token_id` (if set)."""
