@@ -9,10 +9,8 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -13,13 +13,12 @@ import fnmatch
 import shutil
 from pathlib import Path
 
-# First: it silences diffusers' Flax deprecation logging, which importing the pipeline triggers.
-from f2d_jax.models.stable_diffusion import TINY_CONFIGS  # isort: skip
-from f2d_jax.text import load_tokenizer  # isort: skip
-
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from f2d_jax.models.stable_diffusion import TINY_CONFIGS
+from f2d_jax.text import load_tokenizer
 
 
 @dataclasses.dataclass

@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestral
     EulerDiscreteScheduler
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
-from f2d_jax.models.stable_diffusion import SD14_SCHEDULER, UnsupportedConfigError, tiny_stable_diffusion
+from f2d_jax.models.bases import SD14_SCHEDULER
+from f2d_jax.models.stable_diffusion import UnsupportedConfigError, tiny_stable_diffusion
 from f2d_jax.sampling import DDIM, SCHEDULERS, decode_images, denoise, make_scheduler
 
 THEIRS = {"euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler,

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 import sd_fixtures
 from f2d_jax.convert.layout import CheckpointMismatchError
 from f2d_jax.models import stable_diffusion as sdm
+from f2d_jax.models.bases import SD14_SCHEDULER
 
 PROMPTS = ["a photo of f l", "an oil painting of f l wearing a red hat, highly detailed"]
 
@@ -71,10 +72,8 @@ def test_full_size_sd14_unet_matches_diffusers_pytorch(tmp_path, parity):
         expected = theirs(torch.from_numpy(latents), torch.from_numpy(timesteps).long(),
                           torch.from_numpy(context)).sample.numpy()
     del theirs
-    unet = sdm.UNet.from_config(json.loads((tmp_path / "unet" / "config.json").read_text()))
-    params = sdm.load_component("unet", tmp_path / "unet", {"params": jax.eval_shape(unet.init_weights,
-                                                                                       jax.random.key(0))})
-    ours = jax.jit(lambda *args: unet.apply(*args).sample)(params, latents, timesteps, context)
+    unet, params = sdm.load_unet(tmp_path / "unet")
+    ours = jax.jit(unet.apply)(params, latents, timesteps, context)
     assert np.abs(expected).max() > 0.1
     parity("SD v1.4 UNet noise prediction (full size, 16x16 latents)", _max_err(ours, expected), 5e-5)
 
@@ -90,14 +89,11 @@ def test_unet_matches_diffusers_pytorch(tiny, loaded, parity):
                            torch.from_numpy(context)).sample.numpy()
 
     def run(unet):
-        return jax.jit(lambda *args: unet.apply(*args).sample)(params["unet"], latents, timesteps, context)
+        return jax.jit(unet.apply)(params["unet"], latents, timesteps, context)
 
     ours = run(sd.unet)
     assert ours.shape == (4, 4, 8, 8) and np.abs(theirs).max() > 0.1
-    parity("SD UNet noise prediction (tiny, t in 0..999)", _max_err(ours, theirs), 1e-4)
-    # diffusers' own Flax UNet (tanh GELU in GEGLU, GroupNorm eps 1e-5 before the transformers) is further off.
-    plain = sdm.FlaxUNet2DConditionModel.from_config(sdm.TINY_CONFIGS["unet"])
-    assert _max_err(ours, theirs) < 1e-5 < _max_err(run(plain), theirs)
+    parity("SD UNet noise prediction (tiny, t in 0..999)", _max_err(ours, theirs), 1e-5)
 
 
 def test_vae_matches_diffusers_pytorch(tiny, loaded, parity):
@@ -108,15 +104,14 @@ def test_vae_matches_diffusers_pytorch(tiny, loaded, parity):
 
     @jax.jit
     def moments(variables, images):
-        posterior = sd.vae.apply(variables, images, method=sd.vae.encode).latent_dist
-        return posterior.mean, posterior.logvar
+        return sd.vae.apply(variables, images, method=sd.vae.encode)
 
     mean, logvar = moments(params["vae"], images)
-    decoded = jax.jit(lambda p, z: sd.vae.apply(p, z, method=sd.vae.decode).sample)(params["vae"], latents)
+    decoded = jax.jit(lambda p, z: sd.vae.apply(p, z, method=sd.vae.decode))(params["vae"], latents)
     with torch.no_grad():
         theirs = tiny.vae.encode(torch.from_numpy(images)).latent_dist
         theirs_decoded = tiny.vae.decode(torch.from_numpy(latents)).sample.numpy()
-    nchw = lambda x: np.transpose(x, (0, 3, 1, 2))  # noqa: E731  (Flax's posterior is channels-last)
+    nchw = lambda x: np.transpose(x, (0, 3, 1, 2))  # noqa: E731  (our posterior is channels-last)
     assert mean.shape == (2, 8, 8, 4) and decoded.shape == (2, 3, 64, 64)
     parity("SD VAE encode: latent mean (tiny)", _max_err(nchw(mean), theirs.mean.numpy()), 1e-4)
     parity("SD VAE encode: latent logvar (tiny)", _max_err(nchw(logvar), theirs.logvar.numpy()), 1e-4)
@@ -136,7 +131,7 @@ def test_text_encoder_matches_transformers(tiny, loaded, parity):
 def test_alphas_cumprod_matches_diffusers():
     from diffusers import DDPMScheduler
 
-    for config in (sdm.SD14_SCHEDULER, {**sdm.SD14_SCHEDULER, "beta_schedule": "linear"}):
+    for config in (SD14_SCHEDULER, {**SD14_SCHEDULER, "beta_schedule": "linear"}):
         theirs = DDPMScheduler.from_config(config).alphas_cumprod.numpy()
         ours = sdm.alphas_cumprod(config)
         assert ours.shape == (1000,) and ours.dtype == np.float32
@@ -153,18 +148,15 @@ def test_loaded_bundle_settings(tiny, loaded):
 
 
 def test_flax_msgpack_weights_load_identically(tiny, loaded, tmp_path):
-    from transformers import FlaxCLIPTextModel
-
+    """A directory written by save_stable_diffusion (Flax msgpack weights, diffusers' Flax format) loads back to
+    the same variables and modules. (Hugging Face's Flax layout of CLIP: test_text_encoders.py.)"""
     sd, params = loaded
-    path = _copy(tiny, tmp_path, drop=["unet/diffusion_pytorch_model.safetensors",
-                                       "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"])
-    sd.unet.save_pretrained(path / "unet", params=params["unet"]["params"])  # diffusers' Flax format
-    sd.vae.save_pretrained(path / "vae", params=params["vae"]["params"])
-    # transformers' own PyTorch -> Flax conversion, in Hugging Face's Flax layout (layers/<i>/...).
-    FlaxCLIPTextModel.from_pretrained(tiny.path / "text_encoder", from_pt=True).save_pretrained(path / "text_encoder")
+    path = sdm.save_stable_diffusion(sd, params, tmp_path / "flax")
+    assert (path / "unet" / "diffusion_flax_model.msgpack").is_file()
     assert (path / "text_encoder" / "flax_model.msgpack").is_file()
 
     flax_sd, flax_params = sdm.load_stable_diffusion(path)
+    assert flax_sd.unet == sd.unet and flax_sd.vae == sd.vae
     jax.tree.map(np.testing.assert_array_equal, flax_params["unet"], params["unet"])
     jax.tree.map(np.testing.assert_array_equal, flax_params["vae"], params["vae"])
     ids = np.asarray(sd.tokenizer()(PROMPTS, padding="max_length", max_length=77).input_ids, np.int32)
@@ -217,7 +209,6 @@ def test_loading_needs_no_torch(tiny, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
-    assert "Flax classes are deprecated" not in result.stderr
 
 
 def test_hub_id_downloads_configs_tokenizer_and_one_weight_format(tiny, loaded, tmp_path, monkeypatch):
@@ -268,17 +259,15 @@ def test_wrong_shaped_weight(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("component, changes, message", [
-    ("unet", {"norm_num_groups": 16}, "norm_num_groups=16 is not supported.*always computes norm_num_groups=32"),
+    ("unet", {"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift='scale_shift' is not supported.*"
+     "always computes resnet_time_scale_shift='default'"),
     ("unet", {"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported"),
     ("unet", {"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]},
      "down_block_types=.*only builds .*not \\['SimpleCrossAttnDownBlock2D'\\]"),
     ("unet", {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type=.*only builds"),
     ("unet", {"future_option": 3}, "unknown option future_option=3"),
     ("unet", {"addition_embed_type": "text"}, "addition_embed_type='text': the Flax model only builds"),
-    ("unet", {"num_attention_heads": (2, 4)}, "num_attention_heads=\\(2, 4\\): the Flax model only builds \\[None\\]"),
     ("unet", {"transformer_layers_per_block": [[1], [2, 2]]}, "transformer_layers_per_block=.*one count per block"),
-    ("unet", {"addition_embed_type": "text_time", "addition_time_embed_dim": 7},
-     "addition_time_embed_dim=7: the Flax UNet's sinusoidal embedding needs an even width"),
     ("vae", {"act_fn": "gelu"}, "act_fn='gelu': the Flax model only builds"),
     ("vae", {"shift_factor": 0.1}, "shift_factor=0.1 is not supported"),
     ("text_encoder", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
@@ -302,7 +291,7 @@ def test_upcast_attention_in_any_dtype():
         configs = {**sdm.TINY_CONFIGS, "unet": {**sdm.TINY_CONFIGS["unet"], "upcast_attention": value}}
         unet = sdm.build(configs, dtype=jnp.bfloat16).unet
         assert unet.dtype == jnp.bfloat16 and unet.upcast_attention is upcast
-        assert "upcast_attention" not in unet.config  # ours, not a diffusers Flax config field
+        assert unet.config["upcast_attention"] is upcast
 
 
 # --------------------------------------------------------------------------- tiny bundle
@@ -313,8 +302,8 @@ def test_tiny_stable_diffusion_runs(loaded):
     @jax.jit
     def generate(params, ids, latents, timesteps):
         hidden, pooled = sd.text_encoder.apply(params["text_encoder"], ids)
-        noise = sd.unet.apply(params["unet"], latents, timesteps, hidden).sample
-        return hidden, pooled, noise, sd.vae.apply(params["vae"], noise, method=sd.vae.decode).sample
+        noise = sd.unet.apply(params["unet"], latents, timesteps, hidden)
+        return hidden, pooled, noise, sd.vae.apply(params["vae"], noise, method=sd.vae.decode)
 
     ids = jnp.asarray(sd.tokenizer()(PROMPTS, padding="max_length", max_length=77).input_ids)
     hidden, pooled, noise, images = generate(params, ids, jnp.ones((2, 4, 8, 8)), jnp.array([1, 999]))

@@ -1,9 +1,7 @@
 """SD 2.x's and SDXL's CLIP text encoders (GELU, text projection, penultimate state, "!" padding) vs transformers."""
-# First: it silences diffusers' Flax deprecation logging (sd_fixtures imports diffusers' pipelines).
-from f2d_jax.models import stable_diffusion as sdm  # isort: skip
-
 import contextlib
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,12 +10,15 @@ import torch
 from sd_fixtures import randomize
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from f2d_jax.convert.checkpoints import CLIP_LAYOUT, torch_state_dict
+from f2d_jax.convert.checkpoints import torch_state_dict
 from f2d_jax.convert.layout import CheckpointMismatchError, from_torch
 from f2d_jax.models import CLIPTextEncoder
+from f2d_jax.models import stable_diffusion as sdm
+from f2d_jax.models.clip_text import CLIP_LAYOUT
 from f2d_jax.text import identifier_prompts, load_tokenizer
 
 PROMPTS = ["a photo of f l", "f l eating bread in front of the Eiffel Tower", "portrait of f l, smiling"]
+DATA = Path(__file__).resolve().parent / "data" / "hf_flax_clip"
 EOS, BANG = 49407, 0   # SD v1's pad (<|endoftext|>), SD 2's and SDXL tokenizer_2's pad ("!")
 
 # name: (bundle configs, component, transformers class, pad id of the tokenizer it is used with, our extra fields)
@@ -141,9 +142,7 @@ def test_clip_text_fields_projection():
         sdm.clip_text_fields(dict(no_arch, hidden_act="relu"))
 
 
-def test_projection_weights_load_from_safetensors_and_flax(encoders, tmp_path):
-    from transformers import FlaxCLIPTextModelWithProjection
-
+def test_projection_weights_load_from_safetensors(encoders, tmp_path):
     model, ours, variables = encoders["SDXL bigG"]
     model.save_pretrained(tmp_path / "pt")  # model.safetensors: text_model.* and top-level text_projection.weight
     assert (tmp_path / "pt" / "model.safetensors").is_file()
@@ -155,22 +154,33 @@ def test_projection_weights_load_from_safetensors_and_flax(encoders, tmp_path):
     exported = torch_state_dict("text_encoder", variables, ours)  # and back: a strict load_state_dict succeeds
     model.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
 
-    # transformers' own PyTorch -> Flax conversion, in Hugging Face's Flax layout (text_model/..., text_projection).
-    FlaxCLIPTextModelWithProjection.from_pretrained(tmp_path / "pt", from_pt=True).save_pretrained(tmp_path / "flax")
-    assert (tmp_path / "flax" / "flax_model.msgpack").is_file()
-    from_flax = sdm.load_component("text_encoder", tmp_path / "flax", _target(built))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), from_flax, variables)
+
+
+@pytest.mark.parametrize("name", ["plain", "projection"])
+def test_hugging_face_flax_weights_load_as_their_pytorch_weights(name, tmp_path):
+    """transformers' own PyTorch -> Flax conversion (Hugging Face's Flax layout: text_model/encoder/layers/<i>/...,
+    text_projection), shipped in tests/data/hf_flax_clip, loads into the same variables as the PyTorch weights."""
+    folder = DATA / name
+    encoder = CLIPTextEncoder(**sdm.clip_text_fields(json.loads((folder / "config.json").read_text())))
+    from_flax = sdm.load_component("text_encoder", folder, _target(encoder))   # the msgpack comes first
+    (tmp_path / "pt").mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (tmp_path / "pt" / file).write_bytes((folder / file).read_bytes())
+    from_torch = sdm.load_component("text_encoder", tmp_path / "pt", _target(encoder))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), from_flax, from_torch)
 
 
 def test_missing_text_projection_is_a_mismatch(tmp_path):
-    from transformers import FlaxCLIPTextModel
-
     configs = sdm.TINY_SDXL_CONFIGS
     config = {k: v for k, v in configs["text_encoder_2"].items() if k != "architectures"}
     _torch_model({"te": config}, "te", CLIPTextModel, BANG).save_pretrained(tmp_path / "pt")
     target = _target(CLIPTextEncoder(**sdm.clip_text_fields(configs["text_encoder_2"])))
     with pytest.raises(CheckpointMismatchError, match=r"1 missing keys: text_projection\.weight$"):
         sdm.load_component("text_encoder", tmp_path / "pt", target)
-    FlaxCLIPTextModel.from_pretrained(tmp_path / "pt", from_pt=True).save_pretrained(tmp_path / "flax")
+    plain = json.loads((DATA / "plain" / "config.json").read_text())
+    target = _target(CLIPTextEncoder(**sdm.clip_text_fields({**plain, "projection_dim": 32,
+                                                             "architectures": ["CLIPTextModelWithProjection"]})))
     with pytest.raises(CheckpointMismatchError, match=r"1 missing keys: params/text_projection/kernel$"):
-        sdm.load_component("text_encoder", tmp_path / "flax", target)
+        sdm.load_component("text_encoder", DATA / "plain", target)
+
+

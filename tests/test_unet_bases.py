@@ -13,6 +13,7 @@ import torch
 
 import sd_fixtures
 from f2d_jax.models import stable_diffusion as sdm
+from f2d_jax.models import unet as unet_module
 
 
 def _max_err(a, b):
@@ -49,7 +50,7 @@ def _inputs(context_width: int, seed: int = 0):
 
 
 def _apply(unet, params, *args, **kwargs):
-    return jax.jit(lambda params, *args, **kwargs: unet.apply(params, *args, **kwargs).sample)(params, *args, **kwargs)
+    return jax.jit(lambda params, *args, **kwargs: unet.apply(params, *args, **kwargs))(params, *args, **kwargs)
 
 
 def _torch(model, latents, timesteps, context, **kwargs):
@@ -140,13 +141,13 @@ def test_upcast_attention_in_bfloat16(sd2, monkeypatch):
     assert unet.dtype == jnp.bfloat16 and unet.upcast_attention
     assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
     seen = []
-    attention = sdm.multi_head_attention
+    attention = unet_module.multi_head_attention
 
     def spy(q, k, v, *args, **kwargs):
         seen.append((q.dtype, k.dtype, v.dtype))
         return attention(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(sdm, "multi_head_attention", spy)
+    monkeypatch.setattr(unet_module, "multi_head_attention", spy)
     latents, timesteps, context = _inputs(32)
     upcast = _apply(unet, params, latents, timesteps, context)
     assert upcast.dtype == jnp.bfloat16 and bool(jnp.isfinite(upcast).all())

@@ -33,7 +33,7 @@ class FeatureModels:
 
     encoders: Encoders
     variables: dict[str, Any]        # {"msid", "expression"} Flax variables
-    vae: Any                         # diffusers FlaxAutoencoderKL
+    vae: Any                         # f2d_jax.models.vae.AutoencoderKL
     vae_params: Any                  # its {"params": ...}
     description: dict[str, Any]      # model sizes and weight sources, JSON-able
 
@@ -80,7 +80,7 @@ def load_feature_models(config, *, log: Callable[[str], None] | None = None) -> 
 
 
 def _load_feature_models(config) -> FeatureModels:
-    from f2d_jax.models.bundle import load_models
+    from f2d_jax.bundle import load_models
 
     models, variables = load_models(config, names=("msid", "expression"), log=lambda message: None)
     return FeatureModels(models.encoders, {name: variables[name] for name in ("msid", "expression")},
@@ -90,9 +90,9 @@ def _load_feature_models(config) -> FeatureModels:
 def vae_moments(vae, vae_params, images):
     """(B, R, R, 3) images in [-1, 1] -> (B, R/8, R/8, 8): the posterior's mean and logvar.
 
-    diffusers' Flax VAE takes NCHW input and returns a channels-last posterior.
+    The VAE takes NCHW input and returns a channels-last posterior.
     """
-    posterior = vae.apply(vae_params, jnp.transpose(images, (0, 3, 1, 2)), method=vae.encode).latent_dist
+    posterior = vae.apply(vae_params, jnp.transpose(images, (0, 3, 1, 2)), method=vae.encode)
     return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
 
 

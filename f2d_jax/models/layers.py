@@ -14,6 +14,7 @@ from f2d_jax.models.attention import attention
 # of a trained transformer is large enough for the fast form to lose digits.
 LayerNorm = functools.partial(nn.LayerNorm, use_fast_variance=False)
 BatchNorm = functools.partial(nn.BatchNorm, use_fast_variance=False)
+GroupNorm = functools.partial(nn.GroupNorm, use_fast_variance=False)
 
 
 class BatchNorm1d(nn.Module):

@@ -55,7 +55,7 @@ def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guid
 def decode_images(vae, vae_params, latents, scaling_factor: float):
     """(B, C, h, w) latents -> ((B, H, W, 3) uint8 images, (B,) whether the latents and the decoded image are
     finite: NaN or infinity would come out as a black or white picture)."""
-    images = vae.apply(vae_params, (latents / scaling_factor).astype(vae.dtype), method=vae.decode).sample
+    images = vae.apply(vae_params, (latents / scaling_factor).astype(vae.dtype), method=vae.decode)
     images = jnp.transpose(images.astype(jnp.float32), (0, 2, 3, 1))
     finite = jnp.isfinite(latents).all(axis=(1, 2, 3)) & jnp.isfinite(images).all(axis=(1, 2, 3))
     return jnp.round(jnp.clip((images + 1) * 127.5, 0, 255)).astype(jnp.uint8), finite
