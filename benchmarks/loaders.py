@@ -231,7 +231,7 @@ def f2d_step_flops(batch: int, resolution: int, raw: bool) -> float:
 
     from f2d_jax.models import stable_diffusion as sdm   # first among ours: it quiets diffusers' Flax logging
     from f2d_jax.encoders import Encoders
-    from f2d_jax.models.bundle import Models
+    from f2d_jax.bundle import Models
     from f2d_jax.params import partition
     from f2d_jax.train.inputs import encode_raw
     from f2d_jax.train.loop import STEP_MODELS, step_function

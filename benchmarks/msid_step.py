@@ -82,7 +82,7 @@ def jax_worker(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from f2d_jax.models.bundle import compute_dtype
+    from f2d_jax.bundle import compute_dtype
     from f2d_jax.pretrain.loop import padded_classes, program
     from f2d_jax.sharding import batch_sharding, make_mesh
     from f2d_jax.compiled import compiled_flops

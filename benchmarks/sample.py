@@ -64,7 +64,7 @@ def jax_worker(args) -> dict:
     from f2d_jax.models import stable_diffusion as sdm  # first: silences diffusers' Flax notices
     from f2d_jax.config import load_config
     from f2d_jax.encoders import Encoders
-    from f2d_jax.models.bundle import Models, compute_dtype
+    from f2d_jax.bundle import Models, compute_dtype
     from f2d_jax.sampling import F2DPipeline
 
     spec = PRESETS[args.preset]

@@ -118,7 +118,7 @@ def jax_models(args, config, dtype):
     # First among ours: it silences diffusers' Flax deprecation logging.
     from f2d_jax.models import stable_diffusion as sdm
     from f2d_jax.encoders import Encoders
-    from f2d_jax.models.bundle import Models
+    from f2d_jax.bundle import Models
 
     sd = sdm.build(model_configs(PRESETS[args.preset], SD14_SCHEDULER), dtype=dtype, attention=config.model.attention)
     abstract = sdm.abstract_params(sd, dtype)
@@ -142,7 +142,7 @@ def jax_worker(args) -> dict:
     import jax.numpy as jnp
 
     from f2d_jax.models import stable_diffusion as sdm
-    from f2d_jax.models.bundle import compute_dtype
+    from f2d_jax.bundle import compute_dtype
     from f2d_jax.sharding import batch_sharding, make_mesh
     from f2d_jax.train.loop import step_program
     from f2d_jax.compiled import compiled_flops

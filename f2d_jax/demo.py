@@ -15,7 +15,7 @@ from importlib import resources
 import jax
 import jax.numpy as jnp
 
-from f2d_jax import cli
+from f2d_jax import usage
 from f2d_jax.compile_cache import enable
 from f2d_jax.config import add_config_arguments, config_from_args, f2d_config
 from f2d_jax.encoders import Encoders
@@ -23,7 +23,7 @@ from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
 from f2d_jax.text import PromptError, identifier_prompts
 
 
-@cli.command
+@usage.command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="f2d-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,14 +31,14 @@ def main(argv=None) -> int:
     parser.add_argument("--image", help="face photo (default: the portrait shipped with the package)")
     parser.add_argument("--prompt", default="f l eating bread in front of the Eiffel Tower",
                         help="prompt containing the identifier 'f l' (default: %(default)r)")
-    cli.add_compile_cache(parser)
+    usage.add_compile_cache(parser)
     try:
         args, config = config_from_args(parser, argv)
         f2d_config(config, args.config)
         input_ids, positions = identifier_prompts(args.prompt)
         face = align_face(args.image or str(resources.files("f2d_jax").joinpath("assets/face.jpg")))
     except (NoFaceError, PromptError, FileNotFoundError, ValueError) as e:
-        return cli.error(str(e))
+        return usage.error(str(e))
     if any(config.weights[name] for name in ("sd", "msid", "mapping", "expression")):
         print("note: the demo runs random-init models of the config's sizes; weights are not loaded",
               file=sys.stderr)
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     try:
         encoders = Encoders.from_config(config.model, text_encoders)
     except ValueError as e:
-        return cli.error(f"{e}. The demo builds the text encoder from the config alone (SD v1's, or a tiny "
-                         "config's); for another base run sample.py, which reads it from the SD directory")
+        return usage.error(f"{e}. The demo builds the text encoder from the config alone (SD v1's, or a tiny "
+                           "config's); for another base run sample.py, which reads it from the SD directory")
     variables = encoders.init(jax.random.key(config.seed))
 
     @jax.jit

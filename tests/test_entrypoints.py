@@ -200,3 +200,15 @@ def test_sampling_evaluation_and_conversion_do_not_import_the_training_package()
             "f2d_jax.workdir; print(sorted(m for m in sys.modules if m.startswith('f2d_jax.train')))")
     result = _run(code, python_code=True)
     assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
+    # Nor may they, or their commands, as their imports say: those inside functions too, which run only later.
+    from test_layers import PACKAGE, reachable
+
+    reached = reachable(PACKAGE, ["f2d_jax.sampling", "f2d_jax.eval.generate", "f2d_jax.eval.score", "f2d_jax.workdir",
+                                  "f2d_jax.convert.__main__", "f2d_jax.eval.__main__", "f2d_jax.cli.sample",
+                                  "f2d_jax.cli.app"])
+
+    def chain(module: str) -> str:
+        return f"{chain(reached[module])} -> {module}" if reached[module] else module
+
+    training = [chain(m) for m in reached if m.split(".")[:2] in (["f2d_jax", "train"], ["f2d_jax", "pretrain"])]
+    assert training == []

@@ -54,7 +54,7 @@ def test_the_platform_and_dtype_come_from_the_mesh_not_the_host():
     from jax.sharding import Mesh
 
     from f2d_jax.models import attention as attn
-    from f2d_jax.models.bundle import compute_dtype
+    from f2d_jax.bundle import compute_dtype
 
     mesh = Mesh(np.asarray(targets.devices(targets.parse("v5e-4"))), ("data",))
     assert targets.platform() == "cpu" and compute_dtype("auto") == jnp.float32

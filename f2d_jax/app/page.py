@@ -20,10 +20,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from f2d_jax import InputWarning, cli
+from f2d_jax import InputWarning, usage
 from f2d_jax.faces import AlignedFace, align_face
 from f2d_jax.sampling import SCHEDULERS, F2DPipeline, seed_range
-from f2d_jax.sampling.metadata import png_text
+from f2d_jax.sampling.metadata import png_text, weights_source
 from f2d_jax.text import identifier_prompts
 
 MAX_IMAGES = 8
@@ -113,7 +113,7 @@ def aligned_faces(photos: list[str], expression_photo: str | None) -> tuple[list
 
 def public_message(error: BaseException, paths: list[str]) -> str:
     """The message of an error or warning, with the server's paths of the uploads cut to their file names."""
-    message = cli.describe(error)
+    message = usage.describe(error)
     for path in paths:
         message = message.replace(path, Path(path).name)
     return message
@@ -148,7 +148,7 @@ def generate_images(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits,
                     steps=settings.steps, guidance=settings.guidance, scheduler=settings.scheduler,
                     identity_scale=settings.identity_scale, negative_prompt=negative_prompt,
                     height=settings.height, width=settings.width)
-    source = cli.weights_source(args, pipe)
+    source = weights_source(args, pipe)
     gallery = [(with_text(image, png_text(prompt, settings.seed + j, recorded, source)), f"seed {settings.seed + j}")
                for j, image in enumerate(images)]
     crops = [(face.crop, name) for face, name in zip(faces, names)]
@@ -196,7 +196,7 @@ def build(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits) -> gr.Blo
                 warnings.showwarning = show
                 return generate_images(pipe, args, limits, photos, expression, prompt, negative_prompt,
                                        num_images, seed, steps, guidance, sampler, height, width, identity_scale)
-        except cli.USER_ERRORS as e:  # a message in the page and one line in the server's log
+        except usage.USER_ERRORS as e:  # a message in the page and one line in the server's log
             message = public_message(e, uploads)
             print(f"request refused: {message}", file=sys.stderr)
             raise gr.Error(message, print_exception=False) from None

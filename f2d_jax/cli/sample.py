@@ -68,15 +68,14 @@ def save(images, args, pipe, out: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from f2d_jax.sampling.metadata import png_info, png_text
-    from f2d_jax.train.metrics import grid
+    from f2d_jax.sampling.metadata import grid, png_info, png_text, weights_source
 
     settings = dict(images=[str(Path(p).resolve()) for p in args.image], num_images=args.num_images,
                     expression_image=str(Path(args.expression_image).resolve()) if args.expression_image else None,
                     steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                     identity_scale=args.identity_scale, negative_prompt=args.negative_prompt,
                     height=images.shape[1], width=images.shape[2])
-    source = cli.weights_source(args, pipe)
+    source = weights_source(args, pipe)
     seeds = range(args.seed, args.seed + args.num_images)
     rows = len(args.prompt) if len(args.prompt) > 1 else max(1, int(math.sqrt(len(images))))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,16 +102,17 @@ def compile_for_target(args) -> int:
     """--target: the denoising step and the decode at --batch-size images, compiled for the target's chips
     (one host of them: the pipeline runs per host), from the weights options' config."""
     from f2d_jax.config import config_from_dict
+    from f2d_jax.sampling.pipeline import compile_sampling_for_target
 
     if not any(getattr(args, name) for name in cli.WEIGHT_SOURCES) and not args.sd:
         raise ValueError("--target needs the model: give --config NAME (e.g. f2d_sd14, f2d_sdxl), --checkpoint "
                          "WORKDIR, --model DIR or --sd")
-    return cli.compile_sampling_for_target(args, config_from_dict(cli.named_config(args)))
+    return compile_sampling_for_target(args, config_from_dict(cli.named_config(args)))
 
 
 def check(args) -> None:
     """The cheap checks, before any weights load: a ValueError names the first mistake."""
-    from f2d_jax.models.bundle import size_multiple
+    from f2d_jax.bundle import size_multiple
     from f2d_jax.sampling import check_identity_scale, check_sampling, check_size, seed_range
     from f2d_jax.text import identifier_prompts
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from f2d_jax import cli
+from f2d_jax import usage
 
 IMPORTABLE = {
     "msid": "MSID encoder: official msid.pt (or .safetensors / .msgpack)",
@@ -75,7 +75,7 @@ def _import(args) -> None:
     chosen = {name: getattr(args, name) for name in IMPORTABLE if getattr(args, name)}
     if not chosen:
         raise ValueError("nothing to import: give at least one of " + ", ".join(f"--{n}" for n in IMPORTABLE))
-    cli.check_output(args.out, "--out", folder=True)
+    usage.check_output(args.out, "--out", folder=True)
     replaced = sorted(chosen.keys() & stored_models(args.out).keys())
     if replaced and not args.overwrite:
         raise ValueError(f"{args.out} already holds {', '.join(replaced)}; pass --overwrite to replace "
@@ -95,7 +95,7 @@ def _export(args) -> None:
     from f2d_jax.convert.weights_dir import load_weights_dir
     from f2d_jax.workdir import is_workdir, load_trained_models
 
-    cli.check_output(args.out, "--out", folder=True)
+    usage.check_output(args.out, "--out", folder=True)
     if is_workdir(args.weights):
         models = {k: v for k, v in load_trained_models(args.weights).items() if not args.only or k in args.only}
     else:
@@ -112,7 +112,7 @@ def _package(args) -> None:
         from huggingface_hub.utils import validate_repo_id
 
         validate_repo_id(args.push_to_hub)  # before any work: a mistyped id is a ValueError
-    cli.check_output(args.out, "--out", folder=True)
+    usage.check_output(args.out, "--out", folder=True)
     out = package_workdir(args.workdir, args.out, args.step, args.force, args.msid)
     print(f"wrote {out}")
     if args.push_to_hub:
@@ -150,11 +150,11 @@ def _inspect(args) -> None:
     print(f"{len(tensors)} tensors, {sum(int(np.size(v)) for v in tensors.values()):,} values")
 
 
-@cli.command
+@usage.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     command = {"import": _import, "export": _export, "package": _package, "inspect": _inspect}[args.command]
-    return cli.run(lambda: command(args), errors=(*cli.USER_ERRORS, ImportError))  # a missing torch included
+    return usage.run(lambda: command(args), errors=(*usage.USER_ERRORS, ImportError))  # a missing torch included
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from f2d_jax.convert import io
-from f2d_jax.convert.layout import TorchLayout, check_tree, from_torch, to_torch
-from f2d_jax.models.clip_text import CLIPTextEncoder
+from f2d_jax.convert.layout import TorchLayout, cast_like, check_tree, from_torch, to_torch
+from f2d_jax.models.clip_text import CLIP_LAYOUT, CLIPTextEncoder
 from f2d_jax.models.expression import ExpressionEncoder
 from f2d_jax.models.mapping import MappingNetwork
 from f2d_jax.models.msid import MSIDEncoder
@@ -37,17 +37,6 @@ def mapping_layout(model: MappingNetwork) -> TorchLayout:
     # The official MLP nests each Linear in a Sequential: `i2t_first.layers.{i}.0`.
     return TorchLayout(renames=tuple((f"{branch}.layers.{i}.0", f"{branch}.layers_{i}")
                                      for branch in ("i2t_first", "i2t_last") for i in range(model.num_layers)))
-
-
-# CLIPTextModel keys live under `text_model.`; CLIPTextModelWithProjection adds a top-level
-# `text_projection.weight`, which the generic rules map onto our `text_projection` Dense.
-CLIP_LAYOUT = TorchLayout(
-    renames=(("text_model.embeddings.token_embedding", "token_embedding"),
-             ("text_model.embeddings.position_embedding", "position_embedding"),
-             ("text_model.encoder.layers", "layers"),
-             ("text_model.final_layer_norm", "final_layer_norm")),
-    stacked=("layers",),
-    ignore=(r"position_ids$",))  # a buffer older transformers versions saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +61,6 @@ SPECS = {
 def abstract_variables(model: nn.Module, name: str) -> Any:
     """The model's variable tree as ShapeDtypeStructs (nothing is allocated)."""
     return jax.eval_shape(model.init, jax.random.key(0), *SPECS[name].example(model))
-
-
-def cast_like(variables: Any, target: Any) -> Any:
-    return jax.tree.map(lambda v, t: jnp.asarray(v, dtype=t.dtype), variables, target)
 
 
 def load_file(name: str, path, model: nn.Module | None = None) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -268,3 +270,8 @@ def check_tree(variables: Mapping[str, Any], target: Mapping[str, Any], what: st
     missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(what, missing, unexpected, sorted(mismatched))
+
+
+def cast_like(variables: Any, target: Any) -> Any:
+    """`variables` as arrays of the dtypes of `target`'s leaves (arrays or ShapeDtypeStructs of the same tree)."""
+    return jax.tree.map(lambda v, t: jnp.asarray(v, dtype=t.dtype), variables, target)

@@ -102,7 +102,7 @@ def trained_models(workdir, step: int | None = None, msid=None,
     the run trained."""
     from f2d_jax.config import config_from_dict
     from f2d_jax.encoders import face_models
-    from f2d_jax.models.bundle import encoder_variables
+    from f2d_jax.bundle import encoder_variables
     from f2d_jax.params import with_trained
     from f2d_jax.workdir import check_f2d_run, load_trained
 

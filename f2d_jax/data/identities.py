@@ -42,7 +42,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 import f2d_jax
-from f2d_jax import cli
+from f2d_jax import usage
 from f2d_jax.data import builder as builder_lib
 from f2d_jax.data.examples import find_images
 from f2d_jax.data.read import read_records
@@ -377,7 +377,7 @@ def open_identities(data_dir: str | os.PathLike, split: str = "train") -> Identi
 # --------------------------------------------------------------------------- command line
 
 
-@cli.command
+@usage.command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(prog=_COMMAND, description=__doc__,

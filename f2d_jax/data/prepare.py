@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 import f2d_jax
-from f2d_jax import cli
+from f2d_jax import usage
 from f2d_jax.compile_cache import enable
 from f2d_jax.config import check_config
 from f2d_jax.data import builder as builder_lib
@@ -504,7 +504,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@cli.command
+@usage.command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up log lines would bury the report
     from f2d_jax.config import add_config_arguments, config_from_args, f2d_config
@@ -524,7 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a finished dataset, or discard an unfinished run with other options")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    cli.add_compile_cache(parser)
+    usage.add_compile_cache(parser)
     try:
         args, config = config_from_args(parser, argv)
         f2d_config(config, args.config)

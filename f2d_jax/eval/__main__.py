@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from f2d_jax import cli
+from f2d_jax import usage
 from f2d_jax.compile_cache import enable
 
 if TYPE_CHECKING:
@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--msid", help="MSID weights (replace the config's)")
     g.add_argument("--mapping", help="mapping-network weights (replace the config's)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    cli.add_compile_cache(g)
-    cli.add_target(g)
+    usage.add_compile_cache(g)
+    usage.add_target(g)
 
     s = commands.add_parser("score", help="score a folder of generated images",
                             description="Identity similarity, CLIP score, their means and the face diversity of "
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--msid", help="MSID weights (default: those of the generator's config)")
     s.add_argument("--arcface", metavar="BACKBONE_PTH", help="insightface ArcFace IResNet backbone.pth")
     s.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    cli.add_compile_cache(s)
+    usage.add_compile_cache(s)
 
     r = commands.add_parser("report", help="tables, plot and contact sheets from score reports",
                             description="Combine score reports: report.json, report.md (a row per system and "
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args) -> int | None:
     from f2d_jax.eval.generate import GenerateError, align_references, check_resume, generate, parse_identity_scales
     from f2d_jax.eval.prompts import load_prompts
-    from f2d_jax.models.bundle import size_multiple
+    from f2d_jax.bundle import size_multiple
     from f2d_jax.sampling import F2DPipeline, check_sampling, check_size, seed_range
 
     if args.target:
@@ -110,7 +110,7 @@ def _generate(args) -> int | None:
     seed_range(0, args.seeds)
     check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
     scales = parse_identity_scales(args.identity_scale)
-    cli.check_output(args.out, "--out", folder=True)
+    usage.check_output(args.out, "--out", folder=True)
     prompts = load_prompts(args.prompts)
     generator, config = _generator(args)
     height = config.data.resolution if args.height is None else args.height
@@ -137,7 +137,9 @@ def _generate(args) -> int | None:
 def _compile_for_target(args) -> int:
     """generate --target: the pipeline's denoising step and decode at --batch-size images, compiled for the
     target's chips (one host of them), as the generator's config builds them."""
-    return cli.compile_sampling_for_target(args, _generator(args)[1])
+    from f2d_jax.sampling.pipeline import compile_sampling_for_target
+
+    return compile_sampling_for_target(args, _generator(args)[1])
 
 
 def _generator(args) -> tuple[dict, ml_collections.ConfigDict]:
@@ -211,7 +213,7 @@ def _score(args) -> None:
     settings, entries = read_manifest(args.generated)
     if Path(args.out).suffix.lower() != ".json":
         raise ValueError(f"--out must be a .json file, got {args.out}")
-    cli.check_output(args.out, "--out")
+    usage.check_output(args.out, "--out")
     enable(args.compile_cache)
     recognizers = _recognizers(args, settings)
     primary = args.primary or ("arcface" if "arcface" in recognizers else "dlib" if "dlib" in recognizers
@@ -232,19 +234,19 @@ def _score(args) -> None:
 def _report(args) -> None:
     from f2d_jax.eval.report import load_reports, write_report
 
-    cli.check_output(args.out, "--out", folder=True)
+    usage.check_output(args.out, "--out", folder=True)
     paths = write_report(load_reports(args.inputs), args.out, sheets=not args.no_sheets)
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
 
 
-@cli.command
+@usage.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     command = {"generate": _generate, "score": _score, "report": _report}[args.command]
     interrupted = ("interrupted: the images finished so far are kept; rerun the same command to resume"
                    if args.command == "generate" else "interrupted")
-    return cli.run(lambda: command(args), interrupted=interrupted)
+    return usage.run(lambda: command(args), interrupted=interrupted)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ from flax import traverse_util
 from PIL import Image
 
 from f2d_jax.convert import io
-from f2d_jax.convert.checkpoints import CLIP_LAYOUT, cast_like
-from f2d_jax.convert.layout import TorchLayout, from_torch
-from f2d_jax.models.clip_text import CLIPTextEncoder
+from f2d_jax.convert.layout import TorchLayout, cast_like, from_torch
+from f2d_jax.models.clip_text import CLIP_LAYOUT, CLIPTextEncoder
 from f2d_jax.models.clip_vision import CLIPVisionEncoder
 from f2d_jax.models.layers import ACTIVATIONS
 

@@ -21,9 +21,21 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from f2d_jax.convert.layout import TorchLayout
 from f2d_jax.models.layers import LayerNorm, Mlp, multi_head_attention
 
 _init = nn.initializers.normal(0.02)
+
+# The key layout of Hugging Face's checkpoints (f2d_jax.convert): CLIPTextModel's keys live under `text_model.`;
+# CLIPTextModelWithProjection adds a top-level `text_projection.weight`, which the generic rules map onto our
+# `text_projection` Dense.
+CLIP_LAYOUT = TorchLayout(
+    renames=(("text_model.embeddings.token_embedding", "token_embedding"),
+             ("text_model.embeddings.position_embedding", "position_embedding"),
+             ("text_model.encoder.layers", "layers"),
+             ("text_model.final_layer_norm", "final_layer_norm")),
+    stacked=("layers",),
+    ignore=(r"position_ids$",))  # a buffer older transformers versions saved
 
 
 def inject_tokens(hidden, tokens, positions):

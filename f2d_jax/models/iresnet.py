@@ -21,9 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from f2d_jax.convert.checkpoints import cast_like
 from f2d_jax.convert.io import read_state_dict
-from f2d_jax.convert.layout import TorchLayout, from_torch
+from f2d_jax.convert.layout import TorchLayout, cast_like, from_torch
 from f2d_jax.models.expression import _conv
 from f2d_jax.models.layers import BatchNorm
 

@@ -26,10 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from f2d_jax.arcface import init_weight, weight_sharding
+from f2d_jax.bundle import compute_dtype
 from f2d_jax.compiled import TargetProgram, compile_counted
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.data.verification import verification_accuracy
-from f2d_jax.models.bundle import compute_dtype
 from f2d_jax.models.msid import MSIDEncoder
 from f2d_jax.pretrain.data import SIZE, training_source, verification_sets
 from f2d_jax.pretrain.step import ArcFaceConfig, embed, train_step, with_frozen_stats

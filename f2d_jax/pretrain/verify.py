@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from f2d_jax import cli
+from f2d_jax import usage
 from f2d_jax.compile_cache import enable
 
 PROG = "f2d-verify"
@@ -94,7 +94,7 @@ def evaluate(model, variables, bins: list[str], batch_size: int = 256, folds: in
     return results
 
 
-@cli.command
+@usage.command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bins", nargs="+", metavar="BIN", help="insightface verification files (lfw.bin, ...)")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="images per call (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    cli.add_compile_cache(parser)
+    usage.add_compile_cache(parser)
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1 or args.folds < 1:

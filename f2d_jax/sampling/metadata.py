@@ -4,14 +4,16 @@ prompt and seed, every setting and the weights, and `parameters`, the usual one-
     {"prompt": "a photo of f l", "seed": 5, "steps": 30, ..., "checkpoint": "/abs/runs/f2d", "step": 5000,
      "weights": {...}}
 
-An image has its own prompt and seed; a grid of several has "prompts" and "seeds".
+An image has its own prompt and seed; a grid of several (`grid`) has "prompts" and "seeds".
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import PngImagePlugin
 
 
@@ -40,3 +42,26 @@ def png_info(text: Mapping[str, str]) -> PngImagePlugin.PngInfo:
     for key, value in text.items():
         info.add_text(key, value)
     return info
+
+
+def weights_source(args, pipe) -> dict[str, Any]:
+    """What names the weights of images `pipe` made, as their PNG metadata records it, from the weights options
+    of f2d-sample and the web app (`args`, f2d_jax.cli.add_weights): --checkpoint (absolute) and its step,
+    --config (a name, or a file's absolute path), --model (absolute), and the weights paths (local ones
+    absolute)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    source = dict(checkpoint=absolute(args.checkpoint), step=pipe.checkpoint[1] if pipe.checkpoint else None,
+                  config=absolute(args.config), model=absolute(args.model))
+    weights = pipe.config.weights if pipe.config is not None else {}
+    return {**source, "weights": {name: absolute(path) for name, path in weights.items()} or None}
+
+
+def grid(images: np.ndarray, rows: int) -> np.ndarray:
+    """(N, H, W, 3) -> one (rows * H, cols * W, 3) image."""
+    n, h, w, c = images.shape
+    cols = -(-n // rows)
+    canvas = np.zeros((rows * cols, h, w, c), images.dtype)
+    canvas[:n] = images
+    return canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)

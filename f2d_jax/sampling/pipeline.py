@@ -44,11 +44,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from f2d_jax import InputWarning
+from f2d_jax.bundle import Models, abstract_models, compute_dtype, load_models
 from f2d_jax.config import MAX_SEED, OFFICIAL_CONFIG, config_from_dict, f2d_config, load_config
 from f2d_jax.convert.package import FILES, is_package, package_weights, save_package
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.compiled import TargetProgram
-from f2d_jax.models.bundle import Models, abstract_models, compute_dtype, load_models
 from f2d_jax.params import with_trained
 from f2d_jax.sampling.loop import decode_images, start, steps
 from f2d_jax.sampling.schedulers import make_scheduler
@@ -236,6 +236,20 @@ def target_programs(config, devices, batch_per_device: int, *, dtype: str = "aut
                 scalar(jnp.int32), x, memory)
     return [TargetProgram("denoising step", progs.generate, generate, batch_per_device, mesh),
             TargetProgram("decode", progs.decode, (laid_out(variables["vae"], rep), x), batch_per_device, mesh)]
+
+
+def compile_sampling_for_target(args, config) -> int:
+    """--target of the commands that sample (f2d-sample, f2d-eval generate; `args`: their options): the
+    pipeline's denoising step and decode at --batch-size images, compiled for one host of the target's chips
+    (the pipeline runs per host)."""
+    from f2d_jax import targets
+    from f2d_jax.usage import compile_for_target
+
+    check_sampling(args.steps, args.guidance, args.scheduler, args.batch_size)
+    target = targets.parse(args.target)
+    build = partial(target_programs, config, dtype=args.dtype, steps=args.steps, scheduler=args.scheduler,
+                    height=args.height, width=args.width)
+    return compile_for_target(args, build, -(-args.batch_size // target.devices_per_host))
 
 
 class F2DPipeline:

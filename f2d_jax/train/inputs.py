@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from f2d_jax.bundle import Models
 from f2d_jax.data import compatibility_problems, latent_mask, open_prepared, read_info
 from f2d_jax.data.features import image_input, vae_moments
 from f2d_jax.data.synthetic import SyntheticFaces
 from f2d_jax.faces import expression_input, msid_input
-from f2d_jax.models.bundle import Models
 
 FEATURES = ("identity", "expression", "latent_moments", "mask")
 RAW = ("image", "face", "expression_face", "mask")

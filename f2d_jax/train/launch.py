@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from f2d_jax import cli
+from f2d_jax import usage
 from f2d_jax.compile_cache import enable
 from f2d_jax.workdir import RunLock, task
 
@@ -44,7 +44,7 @@ def check_run(config, workdir) -> None:
     """What a run cannot start with, found before anything loads (the config's own ranges were checked
     when it loaded): a workdir that cannot be written or named in a checkpoint, an image size the model
     cannot take, a weights path where there is nothing."""
-    cli.check_output(workdir, "--workdir", folder=True)
+    usage.check_output(workdir, "--workdir", folder=True)
     try:
         os.fsdecode(os.fsencode(workdir)).encode("utf-8")
     except UnicodeEncodeError:
@@ -52,7 +52,7 @@ def check_run(config, workdir) -> None:
                          "the checkpoints cannot record; choose another name") from None
     if task(config) != "f2d":
         return
-    from f2d_jax.models.bundle import size_multiple
+    from f2d_jax.bundle import size_multiple
 
     multiple = size_multiple(config)
     if config.data.resolution % multiple:
@@ -78,8 +78,8 @@ def compile_for_target(config, args) -> int:
         from f2d_jax.pretrain.loop import target_programs
     else:
         from f2d_jax.train.loop import target_programs
-    return cli.compile_for_target(args, functools.partial(target_programs, config),
-                                  max(1, config.train.batch_size // target.num_devices))
+    return usage.compile_for_target(args, functools.partial(target_programs, config),
+                                    max(1, config.train.batch_size // target.num_devices))
 
 
 def run(config, workdir, compile_cache: str | None = None) -> int:
@@ -106,11 +106,11 @@ def run(config, workdir, compile_cache: str | None = None) -> int:
             with RunLock(path, say):
                 return train(config, path)
         except TrainingError as e:
-            print(f"error: {cli.describe(e)}", file=sys.stderr)
+            print(f"error: {usage.describe(e)}", file=sys.stderr)
             return FAILED
 
     new = not os.path.lexists(workdir)
-    status = cli.run(body, interrupted="interrupted: the latest checkpoint is kept; run the same command to resume")
+    status = usage.run(body, interrupted="interrupted: the latest checkpoint is kept; run the same command to resume")
     if status and new:
         _remove_if_unused(Path(workdir))
     return status

@@ -23,20 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from f2d_jax.bundle import Models, abstract_models, compute_dtype, load_models
 from f2d_jax.compiled import TargetProgram, compile_counted
 from f2d_jax.config import config_from_dict
 from f2d_jax.data.synthetic import SyntheticFaces
-from f2d_jax.models.bundle import Models, abstract_models, compute_dtype, load_models
 from f2d_jax.models.stable_diffusion import alphas_cumprod
 from f2d_jax.faces import msid_input
 from f2d_jax.sampling import DDIM, decode_images, denoise
+from f2d_jax.sampling.metadata import grid
 from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from f2d_jax.targets import on_mesh, platform
 from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.train.checkpoint import Checkpoints, TrainingError, abstract_like
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
-from f2d_jax.train.metrics import MetricWriter, grid, is_primary, mfu
+from f2d_jax.train.metrics import MetricWriter, is_primary, mfu
 from f2d_jax.params import merge, partition
 from f2d_jax.train.state import TrainState, init_state, optimizer
 from f2d_jax.train.step import Constants, StepConfig, train_step

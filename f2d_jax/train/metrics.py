@@ -87,15 +87,6 @@ def _keep_until(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
-def grid(images: np.ndarray, rows: int) -> np.ndarray:
-    """(N, H, W, 3) -> one (rows * H, cols * W, 3) image."""
-    n, h, w, c = images.shape
-    cols = -(-n // rows)
-    canvas = np.zeros((rows * cols, h, w, c), images.dtype)
-    canvas[:n] = images
-    return canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
 def mfu(flops_per_step: float | None, seconds_per_step: float, device, peak: float | None = None) -> float | None:
     """Model FLOPs utilization of one device: its share of the step's FLOPs (the compiled SPMD
     program is per device) per second over its peak: `peak` FLOP/s where given (a measured one),

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from f2d_jax.models.bundle import Models
+from f2d_jax.bundle import Models
 from f2d_jax.models.stable_diffusion import unet_output
 from f2d_jax.objectives import cgdr_loss
 from f2d_jax.params import merge
