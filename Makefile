@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-gpu clean
+.PHONY: demo test test-fast test-gpu clean
 
 $(VENV)/.installed-%: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(VENV)/.installed-faces
 # The test suite (CPU only, no network; the TPU compiler, libtpu, comes with the dev extra).
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -n 2
+
+# The same without the tests marked slow: a quick test of every module, in a few minutes.
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -n 2 -m "not slow and not gpu"
 
 # The tests compiled for NVIDIA GPUs (marked gpu): XLA's GPU compiler and cuDNN in a venv of their own,
 # .venv-gpu (about 1.5 GB more), so that the main one's JAX prints no CUDA start-up lines.

@@ -96,6 +96,7 @@ def app_error(client, *args, **kwargs) -> str:
 
 # ----------------------------------------------------------------------------- gradio's client
 
+@pytest.mark.slow
 def test_client_gets_images_with_their_settings_and_the_faces_used(client):
     gallery, crops = generate(client, FACES, "a photo of f l on the moon", negative="blurry")
     assert [item["caption"] for item in gallery] == ["seed 0", "seed 1", "seed 2", "seed 3"]
@@ -115,6 +116,7 @@ def test_client_gets_images_with_their_settings_and_the_faces_used(client):
     assert all(Image.open(item["image"]).size == (112, 112) for item in crops)
 
 
+@pytest.mark.slow
 def test_identity_scale_reaches_the_pipeline(client):
     def first_image(scale: float) -> Image.Image:
         gallery, _ = generate(client, [FACE], "a photo of f l", *DEFAULTS[:-1], scale)
@@ -126,6 +128,7 @@ def test_identity_scale_reaches_the_pipeline(client):
     assert np.abs(np.asarray(person, np.int16) - np.asarray(neutral, np.int16)).mean() > 1
 
 
+@pytest.mark.slow
 def test_progress_follows_the_denoising_steps(client):
     job = client.submit([gradio_client.handle_file(FACE)], None, "f l as a knight", "", *DEFAULTS,
                         api_name="/generate")
@@ -138,6 +141,7 @@ def test_progress_follows_the_denoising_steps(client):
     assert ("step", 30, "sampling 4 images") in seen, seen
 
 
+@pytest.mark.slow
 def test_mistakes_and_warnings_are_one_line_each_in_the_servers_log(server, client, wall):
     """A refused request is one line in the log, no traceback; a warning goes to the page (gradio's toast, seen
     in the browser test) and is one line too."""
@@ -151,6 +155,7 @@ def test_mistakes_and_warnings_are_one_line_each_in_the_servers_log(server, clie
         "warning: identity scale 1.2 > 1 extrapolates beyond the person's tokens; the images may degrade"]
 
 
+@pytest.mark.slow
 def test_a_photo_without_a_face_is_a_message_and_the_next_request_works(client, wall):
     assert app_error(client, [wall], "a photo of f l").endswith(NO_FACE)
     gallery, crops = generate(client, [FACE], "a photo of f l")
@@ -173,6 +178,7 @@ def test_a_photo_without_a_face_is_a_message_and_the_next_request_works(client, 
     (dict(settings={1: -1}), "seeds must be between 0 and 4294967295 (2^32 - 1), got -1"),
     (dict(settings={1: 2 ** 32 - 2}), "got 4294967294 to 4294967297 (image j uses seed + j, for 4 images)"),
 ])
+@pytest.mark.slow
 def test_bad_requests_are_messages(client, change, message):
     settings = list(DEFAULTS)
     for index, value in change.pop("settings", {}).items():
@@ -182,6 +188,7 @@ def test_bad_requests_are_messages(client, change, message):
                                 expression=request["expression"])
 
 
+@pytest.mark.slow
 def test_photos_over_the_pixel_limit_are_refused_unread(client, tmp_path):
     path = tmp_path / "huge.png"
     Image.new("L", (6000, 5000)).save(path)
@@ -189,6 +196,7 @@ def test_photos_over_the_pixel_limit_are_refused_unread(client, tmp_path):
         "huge.png is 6000x5000 pixels: photos may have up to 25 megapixels")
 
 
+@pytest.mark.slow
 def test_uploads_are_limited_and_only_the_apps_folder_is_served(server, tmp_path):
     def upload(path: Path) -> httpx.Response:
         with open(path, "rb") as f:
@@ -217,6 +225,7 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_browser_upload_type_click_see_the_gallery_then_an_error_then_images(server, wall, tmp_path):
     chromium = _chromium()
     screenshot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "app.png"
@@ -269,6 +278,7 @@ def test_a_bad_port_is_one_line_and_status_2():
     (["--port", "{port}"], "error: cannot listen on 127.0.0.1 port {port}: Address already in use"),
     (["--port", "{port}", "--host", "0.0.0.0"], "error: cannot listen on 0.0.0.0 port {port}: Address already in use"),
 ])
+@pytest.mark.slow
 def test_command_line_mistakes_are_one_line(server, capsys, argv, message):
     argv = [arg.format(port=server.port) for arg in argv]
     assert app_cli.main(argv) == 2

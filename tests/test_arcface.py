@@ -167,6 +167,7 @@ def test_sharded_on_one_device_and_argument_checks():
         af.num_sampled(8, 0.0)
 
 
+@pytest.mark.slow
 def test_sharded_loss_matches_unsharded_on_8_devices(parity):
     errors = _eight_devices("parity")
     for mesh_name in ("model=8", "data=2,model=4", "both axes"):
@@ -177,6 +178,7 @@ def test_sharded_loss_matches_unsharded_on_8_devices(parity):
                                                                          errors["exact-gradient grads"]), 1e-5)
 
 
+@pytest.mark.slow
 def test_partial_fc_on_8_devices(parity):
     out = _eight_devices("partial_fc")
     parity("arcface partial FC rate 1 vs full (model=8)", max(out["rate 1 loss"], out["rate 1 grads"]), 1e-5)

@@ -8,7 +8,8 @@ import torch
 
 from f2d_jax.models import attention as attn
 
-CPU_IMPLEMENTATIONS = ("reference", "xla", "cpu", "pallas")  # pallas: the TPU kernel, interpreted
+# pallas: the TPU kernel, interpreted (slow on CPU)
+CPU_IMPLEMENTATIONS = ("reference", "xla", "cpu", pytest.param("pallas", marks=pytest.mark.slow))
 
 # (batch, queries, keys, heads, head width, causal, padding mask)
 CASES = {
@@ -84,6 +85,7 @@ def test_float32_matches_softmax_and_pytorch(implementation, case, parity):
 
 @pytest.mark.parametrize("case", ["self-attention", "causal, padded keys"])
 @pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+@pytest.mark.slow
 def test_bfloat16_matches_float32_softmax_and_pytorch(implementation, case):
     (q, k, v), mask = _inputs(case, jnp.bfloat16)
     out, grads = _ours(implementation, case, q, k, v, mask)
@@ -111,6 +113,7 @@ def test_cpu_blocks_and_padding_give_the_same_answer(monkeypatch, parity):
            max(map(_err, blocked_grads, torch_grads)), 1e-4)
 
 
+@pytest.mark.slow
 def test_a_query_dependent_mask_is_split_with_the_blocks(monkeypatch):
     (q, k, v), _ = _inputs("cross-attention")
     mask = np.random.default_rng(1).random((1, 1, q.shape[1], k.shape[1])) < 0.7

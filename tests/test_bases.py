@@ -45,6 +45,7 @@ def bases(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_base_is_read_from_the_directory(bases):
     sd2, sdxl = bases["sd2"][0].models.sd, bases["sdxl"][0].models.sd
     assert sd2.text_encoder_2 is None and not sd2.text_encoder.penultimate
@@ -73,6 +74,7 @@ def test_an_sd15_style_directory_loads(tmp_path):
     assert not sd.force_zeros_for_empty_prompt and sd.default_size == 64
 
 
+@pytest.mark.slow
 def test_sdxl_tokens_split_between_the_two_encoders(bases):
     """The mapping network's 80-wide tokens: the first 32 go into CLIP-L, the other 48 into bigG; the
     conditioning is both penultimate states side by side, plus bigG's projected pooled state."""
@@ -97,6 +99,7 @@ def test_sdxl_tokens_split_between_the_two_encoders(bases):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 @pytest.mark.parametrize("base", ["sd2", "sdxl"])
+@pytest.mark.slow
 def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, scheduler, parity):
     import torch
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
@@ -141,6 +144,7 @@ def assert_packaged(workdir, out, parity):
     parity(f"packaged {load_config(out / 'config.json').model.tiny_base} run vs its workdir, conditioning", error, 1e-6)
 
 
+@pytest.mark.slow
 def test_tiny_sd2_run_packages_as_one_folder(tmp_path, parity):
     from f2d_jax.train.launch import run
 
@@ -148,6 +152,7 @@ def test_tiny_sd2_run_packages_as_one_folder(tmp_path, parity):
     assert_packaged(tmp_path / "run", tmp_path / "model", parity)
 
 
+@pytest.mark.slow
 def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys, parity):
     """Tiny SDXL: 2 + 2 resumed steps equal 4; 2 steps on a 4 x 2 mesh of 8 devices, the frozen UNet and text
     encoders FSDP-sharded, equal 2 on one; the export loads strictly in PyTorch and the package in JAX; the

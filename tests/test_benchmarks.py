@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accelerator  # noqa: E402
@@ -138,6 +140,7 @@ def test_variant_rows_follow_their_benchmark():
         "msid_step"]
 
 
+@pytest.mark.slow
 def test_memory_only_sdxl_fsdp_over_8_simulated_devices(tmp_path):
     """train_step.py --memory-only: the tiny SDXL's train step compiled from abstract parameters over 8
     simulated CPU devices, the frozen parameters fsdp-sharded. XLA's per-device buffers are positive; each

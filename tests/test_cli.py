@@ -39,7 +39,7 @@ LONG_TRAIN = ["train", "--config", "tiny", "--workdir", "WORKDIR", "--config.tra
               "--config.log.sample_every=0"]
 
 
-@pytest.mark.parametrize("after", [0.3, 1.5, 3.0, 6.0])
+@pytest.mark.parametrize("after", [0.3, 1.5, 3.0, pytest.param(6.0, marks=pytest.mark.slow)])
 def test_ctrl_c_while_train_starts_is_one_line_and_130(tmp_path, after):
     """While modules import, the config loads, the models build and the step compiles."""
     args = [str(tmp_path / "run") if a == "WORKDIR" else a for a in LONG_TRAIN]

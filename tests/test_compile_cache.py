@@ -74,6 +74,7 @@ def test_off(where, tmp_path, monkeypatch, jax_settings):
     assert not jax.config.jax_enable_compilation_cache
 
 
+@pytest.mark.slow
 def test_a_folder_that_cannot_be_written_is_a_warning_and_the_command_runs(tmp_path, capsys, jax_settings):
     (tmp_path / "file").write_text("a file, not a folder")
     folder = tmp_path / "file" / "cache"
@@ -84,6 +85,7 @@ def test_a_folder_that_cannot_be_written_is_a_warning_and_the_command_runs(tmp_p
     assert "CLIP       text embedding" in out and not jax.config.jax_enable_compilation_cache
 
 
+@pytest.mark.slow
 def test_sample_py_reads_what_its_first_run_compiled(tmp_path):
     """The first run writes the cache's entries, the second compiles nothing afresh: each program it
     compiles is a cache hit, the sampling step's too, with the progress bar on (JAX logs each

@@ -49,6 +49,7 @@ def test_flax_to_file_to_flax_is_bit_exact(tmp_path, name, suffix):
     _assert_same_tree(convert.load(name, path, module), variables)
 
 
+@pytest.mark.slow
 def test_official_size_round_trip_through_pt(tmp_path):
     for name, module in [("msid", MSIDEncoder()), ("mapping", MappingNetwork())]:
         variables = _random_variables(name, module, seed=1)
@@ -58,6 +59,7 @@ def test_official_size_round_trip_through_pt(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["msid", "mapping", "expression"])
+@pytest.mark.slow
 def test_exported_pt_loads_strictly_into_the_official_module(tmp_path, name):
     module, torch_module = TINY[name]
     variables = _random_variables(name, module)
@@ -75,6 +77,7 @@ def test_exported_pt_loads_strictly_into_the_official_module(tmp_path, name):
         np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_official_keys_survive_import_and_export(tmp_path):
     torch_model = ref.randomize(ref.MSID(), seed=4)
     torch.save(torch_model.state_dict(), tmp_path / "msid.pt")
@@ -185,6 +188,7 @@ def test_weights_directory_round_trip_and_incomplete_directory(tmp_path):
         load_weights_dir(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_cli_import_export_inspect(tmp_path, capsys):
     mapping = ref.randomize(ref.Mapping(), seed=5)
     torch.save(mapping.state_dict(), tmp_path / "mapping.pt")

@@ -26,6 +26,7 @@ def _run(code_or_args, *, python_code=False):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_without_torch():
     result = _run(NO_TORCH + "from f2d_jax.demo import main; sys.exit(main(['--config', 'configs/tiny.py']))",
                   python_code=True)
@@ -42,6 +43,7 @@ def test_demo_runs_offline_without_torch():
     (["--image", "missing.jpg"], "error: image file not found: missing.jpg"),
     (["--config", "configs/nothing.py"], "error: no config file at configs/nothing.py"),
 ])
+@pytest.mark.slow
 def test_demo_bad_input_is_one_line(extra, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert demo.main(extra) == 2
@@ -71,6 +73,7 @@ def test_train_config_errors_are_one_line():
     assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
 
 
+@pytest.mark.slow
 def test_sample_missing_photo_is_one_line():
     result = _run(["sample.py", "--config", "tiny", "--image", "a.jpg", "--prompt", "f l", "--out", "o.png"])
     assert result.returncode == 2 and result.stderr == "error: image file not found: a.jpg\n"
@@ -89,6 +92,7 @@ def test_named_configs_load_anywhere_and_match_their_files(tmp_path, monkeypatch
         load_config("nothing")
 
 
+@pytest.mark.slow
 def test_the_pipeline_builds_from_a_named_config(tmp_path, monkeypatch):
     from f2d_jax.sampling import F2DPipeline
 
@@ -144,6 +148,7 @@ def test_an_override_of_the_wrong_type_is_one_line_in_every_command(command, tmp
     ("--workdir={file}", "--workdir {file} cannot be written: {file} is a file, not a directory"),
     ("--workdir={file}/run", "--workdir {file}/run cannot be written: {file} is a file, not a directory"),
 ])
+@pytest.mark.slow
 def test_train_refuses_impossible_settings_before_loading(setting, message, tmp_path):
     file = tmp_path / "notes.txt"
     file.write_text("not a directory")
@@ -179,6 +184,7 @@ def test_a_workdir_in_use_is_refused_and_a_crashed_runs_lock_is_taken_over(tmp_p
 
 # ----------------------------------------------------------------------------- reading never writes
 
+@pytest.mark.slow
 def test_reading_a_mistyped_or_empty_workdir_is_an_error_that_writes_nothing(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -55,6 +55,7 @@ def test_dlib_descriptor_scores_the_same_person_above_another():
 
 
 @pytest.mark.parametrize("attention", ["cpu", "xla"])
+@pytest.mark.slow
 def test_clip_score_matches_transformers_pytorch_clip(tmp_path, parity, attention):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -110,6 +111,7 @@ def test_means_and_landmark_spread():
     assert landmark_spread([face, mouth_open]) > 0.05
 
 
+@pytest.mark.slow
 def test_scores_another_systems_folder_and_counts_faceless_images_as_failures(tmp_path, blank, clip):
     """Images of the same person score above another person's; an image without a face is a failure."""
     folder = tmp_path / "other"
@@ -140,11 +142,13 @@ def test_scores_another_systems_folder_and_counts_faceless_images_as_failures(tm
     assert report["per_prompt"]["a photo of f l"]["diversity"] is None  # one face: no pair
 
 
+@pytest.mark.slow
 def test_a_reference_without_a_face_is_a_clear_error(blank, clip):
     with pytest.raises(ScoreError, match="no face found in the reference photo .*wall.png"):
         score_images([Entry(str(OBAMA[1]), str(blank), "a photo of f l")], clip, {}, progress=False)
 
 
+@pytest.mark.slow
 def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys):
     faces = tmp_path / "faces"
     faces.mkdir()
@@ -226,6 +230,7 @@ def test_generate_score_report_chain_on_the_tiny_config(tmp_path, blank, capsys)
     assert [r["system"] for r in json.loads((out / "report.json").read_text())] == ["tiny", "tiny again"]
 
 
+@pytest.mark.slow
 def test_generate_from_a_workdir_records_its_checkpoint_step_and_refuses_another(tmp_path, capsys):
     from f2d_jax.config import load_config
     from f2d_jax.train.launch import run

@@ -8,6 +8,10 @@ import venv
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("f2d-train", "f2d-sample", "f2d-convert", "f2d-eval", "f2d-prepare", "f2d-identities", "f2d-verify",
            "f2d-demo")

@@ -45,6 +45,8 @@ from f2d_jax.train.loop import step_config, step_constants
 from f2d_jax.train.step import noised_latents
 from f2d_jax.workdir import load_trained
 
+pytestmark = pytest.mark.slow
+
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 SYNTHETIC = ["data.resolution=16", "data.synthetic_identities=4", "train.batch_size=16", "log.sample_every=0"]
 PRETRAIN = ["train.trainable=^(mapping|unet)/", "train.cgdr_lambda=0", "train.steps=1500", "optim.lr=2e-3",

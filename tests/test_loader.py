@@ -136,6 +136,7 @@ def host_main(pack: str, out: str) -> None:
     np.savez(out, **saved)
 
 
+@pytest.mark.slow
 def test_two_hosts_each_load_their_rows_in_parallel(pack, tmp_path):
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",

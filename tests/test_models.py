@@ -22,7 +22,7 @@ def _max_err(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-@pytest.mark.parametrize("sizes", [{}, TINY_MSID], ids=["official", "tiny"])
+@pytest.mark.parametrize("sizes", [pytest.param({}, marks=pytest.mark.slow), TINY_MSID], ids=["official", "tiny"])
 def test_msid_matches_timm_layout_reference(tmp_path, parity, sizes):
     cfg = {**dict(width=384, depth=12, num_heads=12, tap_layers=(2, 5, 8, 11)), **sizes}
     torch_model = ref.randomize(ref.MSID(width=cfg["width"], depth=cfg["depth"], heads=cfg["num_heads"],
@@ -47,6 +47,7 @@ def test_msid_default_is_official_size():
     assert n == sum(p.numel() for p in ref.MSID().parameters())
 
 
+@pytest.mark.slow
 def test_msid_train_mode_updates_batch_stats():
     model = MSIDEncoder(**TINY_MSID)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 112, 112, 3)))
@@ -75,6 +76,7 @@ def test_mapping_matches_official_reference(tmp_path, parity, with_expression):
     parity(f"mapping (first, last), {label}", max(_max_err(first, t_first), _max_err(last, t_last)), 1e-4)
 
 
+@pytest.mark.slow
 def test_mapping_mask_semantics_and_dropout():
     model = MappingNetwork(identity_dim=8, expression_dim=4, hidden_dim=16, token_dim=6)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8)))
@@ -93,7 +95,8 @@ def test_mapping_mask_semantics_and_dropout():
     assert not np.allclose(train[0], kept[0])
 
 
-@pytest.mark.parametrize("sizes", [{}, dict(layers=(1, 1, 1, 1), width=8)], ids=["resnet50", "tiny"])
+@pytest.mark.parametrize("sizes", [pytest.param({}, marks=pytest.mark.slow), dict(layers=(1, 1, 1, 1), width=8)],
+                         ids=["resnet50", "tiny"])
 def test_expression_matches_torchvision_layout_reference(tmp_path, parity, sizes):
     torch_model = ref.randomize(ref.ReconNet(**sizes), seed=3)
     # The official file is Deep3DFaceRecon's training checkpoint with the network under "net_recon".

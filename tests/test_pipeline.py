@@ -41,6 +41,7 @@ def assert_same_pictures(a, b):
     np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)
 
 
+@pytest.mark.slow
 def test_generates_images_and_reuses_the_compiled_program(pipe, face):
     images = pipe(face, "a photo of f l", num_images=2, steps=3, height=64, width=64, scheduler="ddim",
                   progress=False)
@@ -52,6 +53,7 @@ def test_generates_images_and_reuses_the_compiled_program(pipe, face):
     assert not np.array_equal(again, np.stack([np.asarray(im) for im in images]))
 
 
+@pytest.mark.slow
 def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
     prompts = ["a photo of f l", "f l eating bread in front of the Eiffel Tower"]
     embeddings = pipe.encode_prompt(face, prompts)["context"]
@@ -81,6 +83,7 @@ def test_several_prompts_photos_and_an_expression(pipe, face, monkeypatch):
 
 
 @pytest.mark.parametrize("config", ["tiny", "tiny_sdxl"])
+@pytest.mark.slow
 def test_identity_scale_moves_the_tokens_from_the_class_words_to_the_person(pipe, face, config):
     """1: the conditioning as without the knob, bit for bit; 0: that of the prompt with "a person" for "f l"
     (only the identifier's "f l": the second prompt has another); 0.5: the tokens' midpoint. On SDXL each
@@ -112,11 +115,13 @@ def test_identity_scale_moves_the_tokens_from_the_class_words_to_the_person(pipe
 
 
 @pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf")])
+@pytest.mark.slow
 def test_identity_scale_must_be_finite_and_not_negative(pipe, face, scale):
     with pytest.raises(ValueError, match=f"the identity scale must be a finite number of at least 0 .*, got {scale}"):
         pipe.encode_prompt(face, "a photo of f l", identity_scale=scale)
 
 
+@pytest.mark.slow
 def test_identity_scale_above_one_extrapolates_with_a_warning(pipe, face):
     with pytest.warns(UserWarning, match="identity scale 1.5 > 1 extrapolates"):
         beyond = pipe.encode_prompt(face, "a photo of f l", identity_scale=1.5)["context"]
@@ -124,6 +129,7 @@ def test_identity_scale_above_one_extrapolates_with_a_warning(pipe, face):
     assert not np.allclose(beyond, person, atol=1e-3) and not np.allclose(middle, person, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_an_expression_photo_needs_expression_weights(pipe, face):
     """A random-init expression encoder's code means nothing: without weights.expression there is none."""
     assert "expression" not in pipe.variables
@@ -131,6 +137,7 @@ def test_an_expression_photo_needs_expression_weights(pipe, face):
         pipe.encode_prompt(face, "a photo of f l", expression_image=face)
 
 
+@pytest.mark.slow
 def test_an_image_depends_on_its_seed_not_on_its_batch(pipe, face):
     """Image j of a call is seed + j's image (Euler-A draws noise at every step, per image); up to float32
     rounding of other batch shapes (1/255)."""
@@ -147,6 +154,7 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(pipe, face):
         pipe.sample(context, [7, 2 ** 40], **args)  # not wrapped onto seed 0
 
 
+@pytest.mark.slow
 def test_the_batch_size_changes_neither_seeds_nor_pictures(pipe, face):
     """5 images in batches of 1, 3 (the last one padded) and 5; the batches of a call share one program."""
     args = dict(num_images=5, seed=11, steps=3, height=64, width=64, progress=False)
@@ -181,12 +189,14 @@ def test_given_latents_make_the_seed_irrelevant(pipe, face):
     (dict(seed=2 ** 32 - 1, num_images=2), ValueError, r"got 4294967295 to 4294967296 \(image j uses seed \+ j"),
     (dict(latents=np.zeros((2, 4, 8, 8))), ValueError, r"latents must have shape \(1, 4, 8, 8\)"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_a_clear_error(pipe, face, kwargs, error, message):
     args = dict(image=face, prompt="a photo of f l", num_images=1, steps=2, height=64, width=64, progress=False)
     with pytest.raises(error, match=message):
         pipe.generate(**{**args, **kwargs})
 
 
+@pytest.mark.slow
 def test_non_finite_images_are_an_error_not_black_pictures(pipe):
     """NaN in the conditioning (as NaN weights or an overflowing dtype would give) reaches the latents."""
     context = np.zeros((3, 77, 32), np.float32)
@@ -203,6 +213,7 @@ def test_a_prompt_with_the_identifier_twice_is_a_warning():
     assert positions.tolist() == [1]
 
 
+@pytest.mark.slow
 def test_no_face_names_the_file(pipe, tmp_path):
     blank = tmp_path / "wall.png"
     Image.new("RGB", (200, 200), (90, 120, 150)).save(blank)
@@ -221,6 +232,7 @@ def run_sample(*argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *argv], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_sample_py_writes_a_grid_with_its_settings(tmp_path):
     out = tmp_path / "grid.png"
     result = run_sample("--config", TINY, "--image", FACE, "--prompt", "a photo of f l", "--prompt",
@@ -284,8 +296,8 @@ def sample_errors(capsys, argv) -> list[str]:
     (["--height", "0"], "error: height=0 is not possible: height and width must be positive multiples of 16"),
     (["--height", "8"], "error: height=8 is not possible: height and width must be positive multiples of 16"),
     (["--width", "24"], "error: width=24 is not possible: height and width must be positive multiples of 16"),
-    (["--image", "{huge}"], "error: image {huge} is too large (400 megapixels): photos may have up to 179 "
-     "megapixels; downscale it"),
+    pytest.param(["--image", "{huge}"], "error: image {huge} is too large (400 megapixels): photos may have up to "
+                 "179 megapixels; downscale it", marks=pytest.mark.slow),
 ])
 def test_sample_py_checks_everything_before_loading_weights(tmp_path, capsys, monkeypatch, argv, message):
     """Each mistake is one line and status 2, found before any weights load: nothing is computed and lost."""
@@ -304,6 +316,7 @@ def test_sample_py_checks_everything_before_loading_weights(tmp_path, capsys, mo
     assert err[-1].startswith(message.format(**places)), err
 
 
+@pytest.mark.slow
 def test_sample_py_refuses_non_finite_weights_naming_the_tensor(tmp_path, capsys):
     from f2d_jax.convert import io
 
@@ -377,6 +390,7 @@ def tiny_sd_pipelines(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++2m"])
+@pytest.mark.slow
 def test_images_match_diffusers_pytorch(tiny_sd_pipelines, face, scheduler, parity):
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
@@ -407,6 +421,7 @@ def test_images_match_diffusers_pytorch(tiny_sd_pipelines, face, scheduler, pari
     ("nowhere.safetensors", "error: "),
     ("mapping.safetensors", "error: msid weights "),
 ])
+@pytest.mark.slow
 def test_sample_py_missing_or_wrong_weights(tiny_sd_pipelines, tmp_path, capsys, msid, message):
     _, path = tiny_sd_pipelines
     root = path.parent
@@ -417,6 +432,7 @@ def test_sample_py_missing_or_wrong_weights(tiny_sd_pipelines, tmp_path, capsys,
     assert error.startswith(message) and msid in error, error
 
 
+@pytest.mark.slow
 def test_euler_ancestral_steps_match_diffusers_with_the_same_noise(tiny_sd_pipelines, face, monkeypatch, parity):
     """UNet + guidance + the Euler-ancestral update, the noise we draw injected into diffusers."""
     import torch

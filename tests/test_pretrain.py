@@ -48,6 +48,7 @@ def test_synthetic_identities_are_deterministic_and_pairs_held_out():
     assert not any((images[0] == source.get([i])["image"][0]).all() for i in range(64))
 
 
+@pytest.mark.slow
 def test_msid_tiny_trains_resumes_and_exports(tmp_path, capsys):
     overrides = ["train.steps=20", "checkpoint.every=10", "log.every=5", "log.verify_every=10"]
     config = load_config(MSID_TINY, overrides)
@@ -116,6 +117,7 @@ def _train(workdir, *overrides, devices=1):
     return _metrics(workdir)
 
 
+@pytest.mark.slow
 def test_classifier_split_over_8_devices_matches_one_device(tmp_path):
     single = _train(tmp_path / "single")
     sharded = _train(tmp_path / "sharded", "--config.mesh.data=4", "--config.mesh.fsdp=2",
@@ -156,6 +158,7 @@ def _data_config(data_dir, pairs, *overrides):
                                    "arcface.num_identities=0", "log.every=1", *overrides])
 
 
+@pytest.mark.slow
 def test_trains_on_an_identity_dataset_with_partial_fc_and_a_pack_alike(identity_data, tmp_path, capsys):
     """The tiny MSID learns 16 identities from an f2d_identities dataset with Partial FC (half the
     classes scored per step), verified on a .bin; the same images as a RecordIO pack train identically."""
@@ -226,6 +229,7 @@ def test_data_dir_errors(identity_data, tmp_path, capsys):
 
 # ------------------------------------------------------------------ parity of the training loss with PyTorch
 
+@pytest.mark.slow
 def test_msid_arcface_loss_and_gradients_match_pytorch(tmp_path, parity):
     """The pretraining objective (MSID in train mode -> ArcFace s=64 m=0.5 over the classifier ->
     cross-entropy) against the official MSID in plain torch with insightface's CombinedMarginLoss

@@ -82,6 +82,7 @@ def tiny_sd():
     return tiny_stable_diffusion(jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_guided_denoising_loop_runs_under_jit(tiny_sd):
     sd, params = tiny_sd
     scheduler = DDIM.create(sd.scheduler_config, 3)
@@ -101,6 +102,7 @@ def test_guided_denoising_loop_runs_under_jit(tiny_sd):
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.slow
 def test_every_scheduler_runs_in_the_jitted_loop(tiny_sd, name):
     sd, params = tiny_sd
     context = jax.random.normal(jax.random.key(1), (2, 77, 32))

@@ -54,6 +54,7 @@ def _edit_config(path, component, **changes):
 
 # --------------------------------------------------------------------------- parity
 
+@pytest.mark.slow
 def test_full_size_sd14_unet_matches_diffusers_pytorch(tmp_path, parity):
     """SD v1.4's UNet at full width (860M parameters) on a small latent, from a diffusers folder, with
     the default attention ("auto": the cpu implementation here): every attention shape of SD's
@@ -147,6 +148,7 @@ def test_loaded_bundle_settings(tiny, loaded):
     assert sd.tokenizer()("a photo of f l").input_ids == [49406, 320, 1125, 539, 325, 331, 49407]
 
 
+@pytest.mark.slow
 def test_flax_msgpack_weights_load_identically(tiny, loaded, tmp_path):
     """A directory written by save_stable_diffusion (Flax msgpack weights, diffusers' Flax format) loads back to
     the same variables and modules. (Hugging Face's Flax layout of CLIP: test_text_encoders.py.)"""
@@ -182,6 +184,7 @@ def test_old_vae_attention_names_and_conv_shapes(tiny, loaded, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params["vae"], loaded[1]["vae"])
 
 
+@pytest.mark.slow
 def test_loading_needs_no_torch(tiny, tmp_path):
     bin_only = _copy(tiny, tmp_path, drop=["text_encoder/model.safetensors"])
     torch.save({k: torch.from_numpy(v) for k, v in load_file(tiny.path / "text_encoder/model.safetensors").items()},
@@ -296,6 +299,7 @@ def test_upcast_attention_in_any_dtype():
 
 # --------------------------------------------------------------------------- tiny bundle
 
+@pytest.mark.slow
 def test_tiny_stable_diffusion_runs(loaded):
     sd, params = sdm.tiny_stable_diffusion(jax.random.key(0))
 
@@ -316,6 +320,7 @@ def test_tiny_stable_diffusion_runs(loaded):
 
 
 @pytest.mark.parametrize("base", ["sd1", "sdxl"])
+@pytest.mark.slow
 def test_remat_recomputes_each_layer_and_changes_no_gradient(base):
     """`UNet.remat` (training's remat_unet): one checkpointed call per ResNet block and transformer layer,
     whose recomputation in the backward pass gives the gradients of the plain UNet."""

@@ -80,6 +80,7 @@ def tiny_train():
     return _compile(functools.partial(target_programs, config))[0]
 
 
+@pytest.mark.slow
 def test_the_train_step_compiles_for_a_tpu_slice_with_the_pallas_kernel(tiny_train):
     row = tiny_train
     assert (row["program"], row["target"], row["devices"], row["batch_per_device"]) == ("train step", "v5e-4", 4, 2)
@@ -93,6 +94,7 @@ def test_the_train_step_compiles_for_a_tpu_slice_with_the_pallas_kernel(tiny_tra
     assert "all-gather" not in text
 
 
+@pytest.mark.slow
 def test_the_train_step_compiles_for_two_pod_slices():
     """Two v5e-256 slices joined over the data-centre network: 512 chips on 128 hosts, the batch over all of
     them, the gradients summed across the slices."""
@@ -105,6 +107,7 @@ def test_the_train_step_compiles_for_two_pod_slices():
     assert len({d.process_index for d in found}) == 128 and {d.slice_index for d in found} == {0, 1}
 
 
+@pytest.mark.slow
 def test_sampling_and_msid_programs_compile_for_a_tpu_slice():
     from f2d_jax.pretrain.loop import target_programs as msid_programs
     from f2d_jax.sampling.pipeline import target_programs
@@ -116,6 +119,7 @@ def test_sampling_and_msid_programs_compile_for_a_tpu_slice():
     assert msid["program"] == "MSID ArcFace step" and msid["fits"] and TPU_KERNEL in msid["compiled"].as_text()
 
 
+@pytest.mark.slow
 def test_a_batch_too_large_is_reported_as_not_fitting_and_fit_finds_the_largest(tmp_path, capsys):
     from f2d_jax.pretrain.loop import target_programs as msid_programs
     from f2d_jax.train.loop import target_programs
@@ -190,6 +194,7 @@ def test_the_fit_search_finds_the_largest_batch_in_few_compiles():
     assert max(b for b, (ok, _) in tried.items() if ok) == 20 and len(tried) <= 8, tried
 
 
+@pytest.mark.slow
 def test_the_commands_compile_for_a_target_and_refuse_an_unknown_one(tmp_path, capsys):
     from f2d_jax.cli import commands
 

@@ -76,6 +76,7 @@ def _jax_prompt_embeddings(encoders, variables, prompts, identity, expression=No
 
 # --------------------------------------------------------------------------- parity with the JAX path
 
+@pytest.mark.slow
 def test_msid_features_match_jax(jax_side, f2d, parity):
     encoders, variables, _, _ = jax_side
     faces = np.random.default_rng(1).uniform(-1, 1, (3, 112, 112, 3)).astype(np.float32)
@@ -88,6 +89,7 @@ def test_msid_features_match_jax(jax_side, f2d, parity):
 @pytest.mark.parametrize("name, prompts, with_expression", [
     ("one prompt", PROMPTS[0], False), ("several prompts", PROMPTS, False),
     ("expression code", PROMPTS, True)])
+@pytest.mark.slow
 def test_prompt_embeds_match_jax(jax_side, f2d, pipe, parity, name, prompts, with_expression):
     encoders, variables, _, _ = jax_side
     rng = np.random.default_rng(2)
@@ -102,6 +104,7 @@ def test_prompt_embeds_match_jax(jax_side, f2d, pipe, parity, name, prompts, wit
     assert _max_err(other, ours) > 1e-3
 
 
+@pytest.mark.slow
 def test_one_identity_per_prompt(jax_side, f2d, pipe, parity):
     encoders, variables, _, _ = jax_side
     identity = np.random.default_rng(3).normal(size=(2, f2d.msid.features)).astype(np.float32)
@@ -110,6 +113,7 @@ def test_one_identity_per_prompt(jax_side, f2d, pipe, parity):
            _max_err(ours, _jax_prompt_embeddings(encoders, variables, PROMPTS[:2], identity)), 1e-4)
 
 
+@pytest.mark.slow
 def test_identity_from_photos(jax_side, f2d, parity):
     encoders, variables, _, _ = jax_side
     crop = align_face(FACE).crop

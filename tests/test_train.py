@@ -78,6 +78,7 @@ def tiny_run(tmp_path_factory):
     return workdir, err.getvalue()
 
 
+@pytest.mark.slow
 def test_tiny_config_end_to_end_and_export(tiny_run, tmp_path, capsys):
     workdir, err = tiny_run
     metrics = _metrics(workdir)
@@ -114,6 +115,7 @@ def test_tiny_config_end_to_end_and_export(tiny_run, tmp_path, capsys):
     assert images.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_run_packaged_as_one_folder_loads_in_jax_and_pytorch(tiny_run, tmp_path, capsys, parity):
     """f2d-convert package: the run's folder loads in JAX to the checkpoint's own embeddings, and in
     f2d_jax.torch to the same embeddings (float32)."""
@@ -207,6 +209,7 @@ def test_run_packaged_as_one_folder_loads_in_jax_and_pytorch(tiny_run, tmp_path,
         assert (saved / name).read_bytes() == before[name]
 
 
+@pytest.mark.slow
 def test_a_run_read_back_names_its_steps_its_path_and_shares_its_files(tiny_run, tmp_path, capsys, monkeypatch):
     """A missing step lists those there are; images record the run by its absolute path and step; a packaged
     folder's files are readable by all; inspect reads a run and a package; outputs that cannot be written are
@@ -249,6 +252,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_sharded_run_and_restore_onto_another_mesh_match_single_device(tmp_path):
     """8 simulated devices (mesh 4x2, frozen params FSDP-sharded) resume a 1-device run and
     continue it exactly as the 1-device run does."""
@@ -273,6 +277,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_train_and_checkpoint(tmp_path):
     """Two JAX processes (2 CPU devices each) form one 4-device mesh, read their own halves of
     each batch, and write one checkpoint; the result is the single-process one."""
@@ -301,6 +306,7 @@ def _wait_for(predicate, timeout=300):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     cache = tmp_path / "cache"
     common = ["--config.train.steps=40", "--config.checkpoint.every=10", "--config.log.every=5"]
@@ -320,6 +326,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("every", [100000, 1], ids=["between-checkpoints", "on-a-checkpoint-step"])
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, every):
     """SIGTERM saves and exits 143, also on a step that was just checkpointed (every step with every=1)."""
     proc = subprocess.Popen(_command(tmp_path, "--config.train.steps=100000", "--config.log.every=1",
@@ -340,6 +347,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, every):
     assert "error:" not in err and load_trained(tmp_path)[2] == saved[-1]
 
 
+@pytest.mark.slow
 def test_corrupt_or_mismatched_checkpoint_is_an_error(tmp_path, capsys):
     config = load_config(TINY, ["train.steps=2", "checkpoint.every=2", "log.sample_every=0"])
     assert run(config, tmp_path) == 0
@@ -433,6 +441,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_diagnostic(tmp_path, capsys):
     config = load_config(TINY, ["train.steps=20", "log.every=5", "log.sample_every=0", "optim.lr=1e30",
                                 "optim.warmup_steps=0", "optim.grad_clip=0.0"])
@@ -458,6 +467,7 @@ def photos(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["raw", "cached-features"])
+@pytest.mark.slow
 def test_a_prepared_real_photo_dataset_trains(tmp_path, photos, cached, capsys):
     from f2d_jax.data.prepare import main as prepare_main
 

@@ -135,6 +135,7 @@ def test_load_unet_from_the_hub(sd2, tmp_path, monkeypatch):
         sdm.load_unet("nobody/nothing")
 
 
+@pytest.mark.slow
 def test_upcast_attention_in_bfloat16(sd2, monkeypatch):
     """bfloat16 weights and activations; with upcast_attention the attention runs in float32."""
     unet, params = sdm.load_unet(sd2[0], dtype=jnp.bfloat16)
