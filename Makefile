@@ -1,14 +1,15 @@
-# The two quickstart commands. Each creates .venv (Python 3.11) and installs what it needs.
+# The two quickstart commands. Each creates .venv (Python 3.11 or later) and installs what it needs, at the
+# versions constraints.txt pins (the set the tests ran against).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test test-fast test-gpu clean
 
-$(VENV)/.installed-%: pyproject.toml setup.py
+$(VENV)/.installed-%: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$*]"
+	$(PY) -m pip install -q -e ".[$*]" -c constraints.txt
 	touch $@
 
 # Offline, tiny random-init models: face photo -> "f l" tokens -> SD text conditioning, a short CGDR

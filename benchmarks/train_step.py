@@ -312,11 +312,10 @@ def torch_worker(args) -> dict:
 
     diffusers.utils.logging.set_verbosity_error()  # Flax deprecation notices (diffusers imports its Flax side)
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
 
     from f2d_jax.text import identifier_prompts, load_tokenizer, token_ids
 
-    from f2d_jax.torch import Mapping  # the official IMG2TEXTwithEXP structure, plain torch
+    from f2d_jax.torch import Mapping, text_transformer  # the official IMG2TEXTwithEXP structure, plain torch
 
     rss_baseline = max_rss_bytes()  # Python + torch + diffusers (+ the JAX it imports), before any model
     config = train_config(args)
@@ -367,7 +366,6 @@ def torch_worker(args) -> dict:
                                 dtype=torch.long, device=device) for pad in pads]
     ids = encoder_ids(ids)
     positions = torch.as_tensor(positions, dtype=torch.long, device=device)
-    causal = _create_4d_causal_attention_mask((1, ids[0].shape[1]), dtype, device=device)
     size = spec["resolution"]
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=device)
 
@@ -378,15 +376,23 @@ def torch_worker(args) -> dict:
         state and the time ids."""
         states, offset, added = [], 0, None
         for text, input_ids in zip(texts, ids):
-            model = text.text_model
-            hidden = model.embeddings(input_ids=input_ids)
-            if tokens is not None:
-                width, rows = hidden.shape[-1], torch.arange(len(input_ids), device=device)
+            embeddings = text_transformer(text).embeddings
+            width = embeddings.token_embedding.embedding_dim
+
+            def inject(module, args, hidden, offset=offset, width=width):  # the tokens over the embeddings
+                hidden, rows = hidden.clone(), torch.arange(len(input_ids), device=device)
                 for i, token in enumerate(tokens):
                     hidden[rows, positions + i] = token[:, offset:offset + width].to(hidden.dtype)
-                offset += width
-            out = model.encoder(inputs_embeds=hidden, causal_attention_mask=causal, output_hidden_states=sdxl)
-            final = model.final_layer_norm(out.last_hidden_state)
+                return hidden
+
+            handle = embeddings.register_forward_hook(inject) if tokens is not None else None
+            try:
+                out = text(input_ids, output_hidden_states=sdxl)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            offset += width
+            final = out.last_hidden_state
             states.append(out.hidden_states[-2] if sdxl else final)
             if hasattr(text, "text_projection"):   # pooled at the first end-of-text token
                 rows = torch.arange(len(input_ids), device=device)

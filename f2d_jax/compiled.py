@@ -142,6 +142,7 @@ def compile_program(program: TargetProgram, target: targets.Target) -> dict[str,
         sizes, note = memory(compiled) or dict(arguments=0, outputs=0, temporaries=0), ""
     except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program larger than the chip: its answer
         compiled, note = None, str(e).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0]
+        note = re.sub(r"^E\d+: \w+: ", "", note)  # libtpu's error code ("E1000: CompileTimeHbmOom: ") before its answer
         if "RESOURCE_EXHAUSTED" not in str(e):  # e.g. XLA:GPU finds no GEMM tiling at some huge shape
             note = FAILED + note
         needed = re.search(r"temporaries \(([\d.]+)([KMGT])\)", note)

@@ -30,10 +30,16 @@ class PromptError(ValueError):
     """A prompt the model cannot use (no identifier, identifier cut off by truncation)."""
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) byte -> printable character table: the printable Latin-1 bytes map to themselves,
+    the other bytes to the characters from U+0100 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
 def _bpe_files(directory: Path) -> tuple[Path, Path]:
     """Write Hugging Face's vocab.json/merges.txt from OpenAI's bpe_simple_vocab_16e6.txt.gz."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
     with resources.files("f2d_jax").joinpath("assets/bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
         lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # the merge list, after the version line

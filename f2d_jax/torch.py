@@ -245,6 +245,11 @@ def load_strict(module: nn.Module, state, what: str) -> nn.Module:
 # ----------------------------------------------------------------------------- text conditioning
 
 
+def text_transformer(text_encoder):
+    """The CLIPTextModel that embeds and encodes: a CLIPTextModelWithProjection's `text_model`, else the model."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
 def encode_text(text_encoder, input_ids, positions=None, tokens=None):
     """transformers CLIPTextModel(WithProjection)'s whole output for (B, 77) ids, with every hidden state
     (`last_hidden_state`, `hidden_states[-2]`, and `text_embeds` for the projected model), with `tokens`
@@ -261,7 +266,7 @@ def encode_text(text_encoder, input_ids, positions=None, tokens=None):
         hidden[rows, columns] = tokens.to(device=device, dtype=hidden.dtype)
         return hidden
 
-    handle = text_encoder.text_model.embeddings.register_forward_hook(inject) if tokens is not None else None
+    handle = text_transformer(text_encoder).embeddings.register_forward_hook(inject) if tokens is not None else None
     try:
         return text_encoder(input_ids, output_hidden_states=True)
     finally:

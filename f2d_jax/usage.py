@@ -13,6 +13,7 @@ import argparse
 import errno
 import functools
 import gc
+import importlib.machinery
 import signal
 import sys
 import tempfile
@@ -112,8 +113,10 @@ _INTERRUPTED = threading.Event()  # set by the SIGINT handler of `command`
 def _resurface_interrupts() -> None:
     """Ctrl-C's KeyboardInterrupt is raised in whatever Python code runs when it comes; in a garbage-collection
     callback (JAX has one) or a finalizer, Python reports it as "Exception ignored" and drops it, and the
-    program would go on. From here on such an interrupt is raised a moment later instead, in the code that
-    runs then; one that is dropped all the same is not reported but raised again."""
+    program would go on. While a C extension initializes, an interrupt breaks its import, and the extension
+    may print it as a traceback (NumPy's C API does, importing numpy for it). From here on such an interrupt
+    is raised a moment later instead, in the code that runs then; one that is dropped all the same is not
+    reported but raised again."""
     report = sys.unraisablehook
     if getattr(report, "resurfaces_interrupts", False):
         return
@@ -125,7 +128,7 @@ def _resurface_interrupts() -> None:
         _INTERRUPTED.set()
         callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
         while frame is not None:
-            if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            if frame.f_code in callbacks or frame.f_code.co_name == "__del__" or _initializes_extension(frame):
                 return later()
             frame = frame.f_back
         raise KeyboardInterrupt
@@ -141,6 +144,12 @@ def _resurface_interrupts() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler and \
             threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
+
+
+def _initializes_extension(frame) -> bool:
+    """Whether `frame` is importlib creating or executing a C extension module."""
+    return frame.f_code.co_name in ("create_module", "exec_module") and \
+        isinstance(frame.f_locals.get("self"), importlib.machinery.ExtensionFileLoader)
 
 
 def run(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = USER_ERRORS,

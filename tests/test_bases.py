@@ -75,6 +75,29 @@ def test_an_sd15_style_directory_loads(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_sdxl_tokenizers_share_one_vocabulary_in_either_file_format(tmp_path):
+    """The two tokenizers' vocabularies are compared whether a folder has vocab.json and merges.txt (published
+    repositories) or tokenizer.json alone (what transformers 5 saves); a different one, or none, is refused."""
+    from f2d_jax.models.stable_diffusion import UnsupportedConfigError
+    from f2d_jax.text import _bpe_files
+
+    root = tmp_path / "sdxl"
+    sd_fixtures.write_tiny_base(root, "sdxl", seed=5)
+    assert (root / "tokenizer_2" / "tokenizer.json").is_file() and not (root / "tokenizer_2" / "vocab.json").exists()
+    (root / "tokenizer" / "tokenizer.json").unlink()
+    _bpe_files(root / "tokenizer")   # the same vocabulary as vocab.json and merges.txt
+    assert load_stable_diffusion(root)[0].text_encoder_2.pad_token_id == 0
+    saved = json.loads((root / "tokenizer_2" / "tokenizer.json").read_text())
+    saved["model"]["merges"] = saved["model"]["merges"][:-1]
+    (root / "tokenizer_2" / "tokenizer.json").write_text(json.dumps(saved))
+    with pytest.raises(UnsupportedConfigError, match=r"^tokenizer_2/tokenizer.json differs from tokenizer/merges.txt"):
+        load_stable_diffusion(root)
+    (root / "tokenizer_2" / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer_2 has no vocabulary: vocab.json and merges.txt, or "):
+        load_stable_diffusion(root)
+
+
 def test_sdxl_tokens_split_between_the_two_encoders(bases):
     """The mapping network's 80-wide tokens: the first 32 go into CLIP-L, the other 48 into bigG; the
     conditioning is both penultimate states side by side, plus bigG's projected pooled state."""

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
-from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
 
 from f2d_jax import convert
 from f2d_jax.models import CLIPTextEncoder, inject_tokens
 from f2d_jax.text import PromptError, class_ids, identifier_ids, identifier_prompts, load_tokenizer, token_ids
+from f2d_jax.torch import text_transformer
 
 TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                  num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -77,13 +77,14 @@ def test_inject_tokens_writes_only_the_identifier_positions():
 
 def _official_injected_forward(model, input_ids, first, last, positions):
     """The official pipeline: embeddings, overwrite pos and pos+1, causal encoder, final norm."""
-    text = model.text_model
+    text = text_transformer(model)
     hidden = text.embeddings(input_ids=input_ids)
     rows = torch.arange(len(input_ids))
     hidden[rows, positions] = first
     hidden[rows, positions + 1] = last
-    mask = _create_4d_causal_attention_mask(hidden.shape[:2], hidden.dtype, device=hidden.device)
-    return text.final_layer_norm(text.encoder(inputs_embeds=hidden, causal_attention_mask=mask).last_hidden_state)
+    length = hidden.shape[1]  # additive causal mask: the lowest float above the diagonal
+    mask = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
+    return text.final_layer_norm(text.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from f2d_jax.models import CLIPTextEncoder
 from f2d_jax.models import stable_diffusion as sdm
 from f2d_jax.models.clip_text import CLIP_LAYOUT
 from f2d_jax.text import identifier_prompts, load_tokenizer
+from f2d_jax.torch import text_transformer
 
 PROMPTS = ["a photo of f l", "f l eating bread in front of the Eiffel Tower", "portrait of f l, smiling"]
 DATA = Path(__file__).resolve().parent / "data" / "hf_flax_clip"
@@ -78,7 +79,7 @@ def _injected(model, positions, tokens):
         hidden[rows, torch.as_tensor(positions).long()[:, None] + torch.arange(tokens.shape[1])] = tokens
         return hidden
 
-    handle = model.text_model.embeddings.register_forward_hook(hook) if tokens is not None else None
+    handle = text_transformer(model).embeddings.register_forward_hook(hook) if tokens is not None else None
     try:
         yield
     finally:
@@ -92,6 +93,7 @@ def _max_err(a, b) -> float:
 
 @pytest.mark.parametrize("inject", [False, True], ids=["plain", "injected"])
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_text_encoder_matches_transformers(encoders, prompts, name, inject, parity):
     """Ours on eos-padded ids (as F2D tokenizes) == transformers on the ids of the encoder's own tokenizer."""
     model, ours, variables = encoders[name]

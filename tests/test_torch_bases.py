@@ -14,7 +14,9 @@ from f2d_jax.encoders import Encoders
 from f2d_jax.models.stable_diffusion import load_stable_diffusion
 from f2d_jax.sampling import F2DPipeline
 from f2d_jax.text import identifier_prompts, token_ids
-from f2d_jax.torch import Face2DiffusionEncoder, pipeline_text_encoders
+from f2d_jax.torch import Face2DiffusionEncoder, pipeline_text_encoders, text_transformer
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"sd2": ROOT / "configs" / "tiny_sd2.py", "sdxl": ROOT / "configs" / "tiny_sdxl.py"}
@@ -98,7 +100,7 @@ def test_plain_text_is_the_pipelines_encode_prompt(bases, base, monkeypatch):
     for encoder, tokenizer in pipeline_text_encoders(pipe):
         ids, positions = identifier_prompts(PROMPTS, tokenizer)
         with torch.no_grad():
-            embedded = encoder.text_model.embeddings(torch.as_tensor(ids, dtype=torch.long))
+            embedded = text_transformer(encoder).embeddings(torch.as_tensor(ids, dtype=torch.long))
         tokens.append(torch.stack([embedded[row, p:p + 2] for row, p in enumerate(positions)]))
     monkeypatch.setattr(f2d, "identity_tokens", lambda identity, expression=None: torch.cat(tokens, -1))
     for negative_prompt in (None, NEGATIVE):

@@ -167,7 +167,9 @@ def test_run_packaged_as_one_folder_loads_in_jax_and_pytorch(tiny_run, tmp_path,
     # PyTorch: the folder's encoders, with the tiny SD's text encoder in transformers.
     f2d = Face2DiffusionEncoder.from_pretrained(model=out)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CONFIGS["text_encoder"])).eval()
-    state = {k: torch.from_numpy(np.array(v)) for k, v in
+    # The published layout (keys under text_model.), which transformers 5's CLIPTextModel holds without the prefix.
+    prefix = "" if hasattr(text_encoder, "text_model") else "text_model."
+    state = {k.removeprefix(prefix): torch.from_numpy(np.array(v)) for k, v in
              torch_state_dict("text_encoder", packaged.variables["text_encoder"]).items()}
     load_strict(text_encoder, state, "the tiny text encoder")
     ours = f2d.prompt_embeds(text_encoder, packaged.tokenizer, prompts, f2d.identity(FACE)).numpy()

@@ -26,14 +26,16 @@ from f2d_jax.models.layers import LayerNorm, Mlp, multi_head_attention
 
 _init = nn.initializers.normal(0.02)
 
-# The key layout of Hugging Face's checkpoints (f2d_jax.convert): CLIPTextModel's keys live under `text_model.`;
+# The key layout of Hugging Face's checkpoints (f2d_jax.convert): CLIPTextModel's keys live under `text_model.`
+# in published checkpoints (and in what we write), without it in what transformers 5's CLIPTextModel saves;
 # CLIPTextModelWithProjection adds a top-level `text_projection.weight`, which the generic rules map onto our
 # `text_projection` Dense.
+_CLIP_TEXT_MODULES = (("embeddings.token_embedding", "token_embedding"),
+                      ("embeddings.position_embedding", "position_embedding"),
+                      ("encoder.layers", "layers"),
+                      ("final_layer_norm", "final_layer_norm"))
 CLIP_LAYOUT = TorchLayout(
-    renames=(("text_model.embeddings.token_embedding", "token_embedding"),
-             ("text_model.embeddings.position_embedding", "position_embedding"),
-             ("text_model.encoder.layers", "layers"),
-             ("text_model.final_layer_norm", "final_layer_norm")),
+    renames=(*((f"text_model.{torch}", flax) for torch, flax in _CLIP_TEXT_MODULES), *_CLIP_TEXT_MODULES),
     stacked=("layers",),
     ignore=(r"position_ids$",))  # a buffer older transformers versions saved
 

@@ -157,16 +157,32 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+def _vocabulary(folder: Path) -> tuple[tuple[dict, list[str]], tuple[str, str]]:
+    """((token -> id, the merges as "a b" lines), the files they come from) of a Hugging Face BPE tokenizer
+    folder: vocab.json and merges.txt, else the model in tokenizer.json (which transformers 5 saves alone)."""
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [line for line in lines if line.strip() and not line.startswith("#version")]
+        return (_read_json(folder / "vocab.json"), merges), ("vocab.json", "merges.txt")
+    if (folder / "tokenizer.json").is_file():
+        model = _read_json(folder / "tokenizer.json").get("model") or {}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        return (model.get("vocab", {}), merges), ("tokenizer.json", "tokenizer.json")
+    raise FileNotFoundError(f"{folder} has no vocabulary: vocab.json and merges.txt, or tokenizer.json")
+
+
 def _tokenizer_settings(folder: Path, vocabulary: Path | None = None) -> dict:
     """{"pad_token": ...} of a Hugging Face tokenizer folder (its special tokens map or config), checking
     that its vocabulary and merges are those of `vocabulary` (the first tokenizer's folder)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder.parent} has no {folder.name}/ subfolder")
     if vocabulary is not None:
-        for file in ("vocab.json", "merges.txt"):
-            if (folder / file).read_bytes().strip() != (vocabulary / file).read_bytes().strip():
-                raise UnsupportedConfigError(f"{folder.name}/{file} differs from {vocabulary.name}/{file}: the "
-                                             "text encoders are fed the same token ids, so both need one vocabulary")
+        (mine, files), (theirs, their_files) = _vocabulary(folder), _vocabulary(vocabulary)
+        for part in range(2):
+            if mine[part] != theirs[part]:
+                raise UnsupportedConfigError(f"{folder.name}/{files[part]} differs from {vocabulary.name}/"
+                                             f"{their_files[part]}: the text encoders are fed the same token ids, "
+                                             "so both need one vocabulary")
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         pad = _read_json(folder / file).get("pad_token") if (folder / file).is_file() else None
         if pad is not None:
