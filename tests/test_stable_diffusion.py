@@ -151,7 +151,7 @@ def test_loaded_bundle_settings(tiny, loaded):
 @pytest.mark.slow
 def test_flax_msgpack_weights_load_identically(tiny, loaded, tmp_path):
     """A directory written by save_stable_diffusion (Flax msgpack weights, diffusers' Flax format) loads back to
-    the same variables and modules. (Hugging Face's Flax layout of CLIP: test_text_encoders.py.)"""
+    the same variables and modules. (Hugging Face's Flax layout of CLIP: test_clip_text.py.)"""
     sd, params = loaded
     path = sdm.save_stable_diffusion(sd, params, tmp_path / "flax")
     assert (path / "unet" / "diffusion_flax_model.msgpack").is_file()
