@@ -1,5 +1,6 @@
 """SD 2.x's and SDXL's CLIP text encoders (GELU, text projection, penultimate state, "!" padding) vs transformers."""
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def encoders():
 def prompts():
     """(eos-padded ids as SD v1's tokenizer makes them, "!"-padded ids from the same vocabulary, positions of f)."""
     ids, positions = identifier_prompts(PROMPTS)
-    bang = load_tokenizer()
+    bang = copy.deepcopy(load_tokenizer())   # the loaded one is cached and shared
     bang.pad_token = "!"
     assert bang.pad_token_id == BANG
     bang_ids, bang_positions = identifier_prompts(PROMPTS, bang)
