@@ -52,12 +52,19 @@ def _unwrap(obj: Any, path: Path, key: str | None) -> Mapping[str, Any]:
 
 
 def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
-    """A PyTorch state dict from .pt/.pth/.bin/.ckpt (torch) or .safetensors, as numpy arrays.
+    """A PyTorch state dict from .pt/.pth/.bin/.ckpt (torch) or .safetensors, as numpy arrays; from every shard
+    of a sharded checkpoint given its index (`*.safetensors.index.json`, `*.bin.index.json`).
 
     `key` selects a nested state dict (e.g. "net_recon" in a Deep3DFaceRecon checkpoint).
     bfloat16 tensors become float32 (numpy has no bfloat16).
     """
     path = _existing(path)
+    if path.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise ValueError(f"{path} is not a sharded checkpoint's index (JSON with a weight_map)") from None
+        return {k: v for shard in shards for k, v in read_state_dict(path.parent / shard, key).items()}
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return dict(_unwrap(_read_safetensors(path), path, key))

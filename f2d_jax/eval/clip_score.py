@@ -9,7 +9,6 @@ the shorter side resized to the model's input size (PIL bicubic), a centre crop,
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,9 +143,6 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     """The PyTorch state dict of a weight file of WEIGHT_FILES (all shards of an index)."""
     if path.suffix == ".msgpack":
         return _flax_state_dict(io.read_flax(path))
-    if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return {key: value for shard in shards for key, value in io.read_state_dict(path.parent / shard).items()}
     return io.read_state_dict(path)
 
 
