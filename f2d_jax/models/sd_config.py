@@ -14,7 +14,7 @@ import numpy as np
 
 from f2d_jax.models import unet as unet_module
 from f2d_jax.models import vae as vae_module
-from f2d_jax.models.bases import SD14_SCHEDULER
+from f2d_jax.models.bases import SD14_SCHEDULER, SD14_VAE
 from f2d_jax.models.clip_text import CLIPTextEncoder
 
 SECOND_ENCODER = "text_encoder_2"   # SDXL's OpenCLIP bigG, beside CLIP ViT-L
@@ -72,6 +72,15 @@ TINY_SDXL_CONFIGS = {
 
 TINY_BASES = {"sd1": TINY_CONFIGS, "sd2": TINY_SD2_CONFIGS, "sdxl": TINY_SDXL_CONFIGS}
 
+# FLUX.1's VAE (black-forest-labs/FLUX.1-dev and -schnell, vae/config.json): SD's structure with 16 latent
+# channels, no 1x1 convolutions around the latent, latents normalized as (z - 0.1159) * 0.3611. The tiny one
+# is the tiny SD VAE (64x64 images <-> 8x8 latents) in the same form.
+FLUX_VAE = dict(SD14_VAE, sample_size=1024, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False, latents_mean=None, latents_std=None,
+                force_upcast=True, mid_block_add_attention=True)
+TINY_FLUX_VAE = dict(_TINY_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                     use_post_quant_conv=False)
+
 
 class UnsupportedConfigError(ValueError):
     """A model config asks for something our models do not compute."""
@@ -90,10 +99,7 @@ _UNET_TORCH_DEFAULTS = {
     "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
     "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
 }
-_VAE_TORCH_DEFAULTS = {
-    "shift_factor": None, "latents_mean": None, "latents_std": None, "use_quant_conv": True,
-    "use_post_quant_conv": True, "mid_block_add_attention": True,
-}
+_VAE_TORCH_DEFAULTS = {"latents_mean": None, "latents_std": None, "mid_block_add_attention": True}
 # The values our modules build of these options.
 _BUILDS = {
     "unet": {"down_block_types": set(unet_module.DOWN_BLOCKS), "up_block_types": set(unet_module.UP_BLOCKS),

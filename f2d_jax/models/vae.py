@@ -1,4 +1,4 @@
-"""Stable Diffusion's VAE in Flax: diffusers' AutoencoderKL, computing what PyTorch computes.
+"""Stable Diffusion's and FLUX.1's VAE in Flax: diffusers' AutoencoderKL, computing what PyTorch computes.
 
 The fields are diffusers' config.json options; the parameter tree is diffusers' Flax layout
 (`encoder/down_blocks_0/resnets_0/conv1/kernel`, `.../mid_block/attentions_0/query/kernel`), which every
@@ -6,6 +6,10 @@ msgpack, safetensors and PyTorch .bin folder loads into (`weights.normalize_vae_
 attention projections). The mid-block attention runs through `f2d_jax.models.attention` (one head as
 wide as the block), its GroupNorms and the ResNet blocks' with PyTorch's epsilon of 1e-6 and two-pass
 variances (closer to PyTorch's decode than the one-pass form: 1.9e-5 against 2.4e-5 on the tiny VAE).
+FLUX.1's VAE (`sd_config.FLUX_VAE`) has 16 latent channels and neither 1x1 convolution around the latent
+(use_quant_conv, use_post_quant_conv False: no `quant_conv` / `post_quant_conv` parameters, as diffusers');
+its shift_factor, like scaling_factor, is kept for the pipeline, which normalizes latents as
+(z - shift_factor) * scaling_factor (`f2d_jax.models.flux_latents`).
 
 `encode` takes (B, 3, H, W) images in [-1, 1] and returns the posterior's channels-last mean and log
 variance (clipped to [-30, 20], as diffusers'); `decode` takes (B, C, h, w) latents and returns
@@ -95,6 +99,9 @@ class AutoencoderKL(nn.Module):
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
     # Ours: not part of the config.
     attention: str = "auto"
     dtype: Any = jnp.float32
@@ -111,17 +118,24 @@ class AutoencoderKL(nn.Module):
         coder = lambda down, out: _Coder(down, out, tuple(self.block_out_channels), self.layers_per_block,  # noqa: E731
                                          self.norm_num_groups, self.attention, self.dtype)
         self.encoder = coder(True, 2 * self.latent_channels)
-        self.quant_conv = conv(2 * self.latent_channels, kernel=1, dtype=self.dtype)
-        self.post_quant_conv = conv(self.latent_channels, kernel=1, dtype=self.dtype)
+        if self.use_quant_conv:
+            self.quant_conv = conv(2 * self.latent_channels, kernel=1, dtype=self.dtype)
+        if self.use_post_quant_conv:
+            self.post_quant_conv = conv(self.latent_channels, kernel=1, dtype=self.dtype)
         self.decoder = coder(False, self.out_channels)
 
     def encode(self, images) -> Posterior:
-        moments = self.quant_conv(self.encoder(jnp.transpose(images, (0, 2, 3, 1))))
+        moments = self.encoder(jnp.transpose(images, (0, 2, 3, 1)))
+        if self.use_quant_conv:
+            moments = self.quant_conv(moments)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return Posterior(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, latents):
-        x = self.decoder(self.post_quant_conv(jnp.transpose(latents, (0, 2, 3, 1))))
+        x = jnp.transpose(latents, (0, 2, 3, 1))
+        if self.use_post_quant_conv:
+            x = self.post_quant_conv(x)
+        x = self.decoder(x)
         return jnp.transpose(x, (0, 3, 1, 2))
 
     def __call__(self, images):
