@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from f2d_jax import convert, targets
 from f2d_jax.encoders import Encoders, face_models, init_models
+from f2d_jax.models import flux_bundle
+from f2d_jax.models.flux_bundle import Flux, build_flux, is_flux, load_flux, tiny_flux
 from f2d_jax.models.stable_diffusion import (TINY_BASES, StableDiffusion, abstract_params, build, bundle_configs,
                                              load_stable_diffusion, read_size_multiple, tiny_stable_diffusion)
 
@@ -24,11 +26,25 @@ from f2d_jax.models.stable_diffusion import (TINY_BASES, StableDiffusion, abstra
 @dataclasses.dataclass(frozen=True)
 class Models:
     encoders: Encoders
-    sd: StableDiffusion
+    sd: StableDiffusion | Flux   # the frozen base: Stable Diffusion 1.x, 2.x, SDXL or FLUX.1
+
+
+def flux_base(config: Mapping[str, Any]) -> bool:
+    """Whether a config trains on FLUX.1: its weights.sd is a FLUX folder or hub id, or empty with tiny_base "flux"."""
+    path = config["weights"]["sd"]
+    return is_flux(path) if path else config["model"].get("tiny_base", "sd1") == "flux"
+
+
+def _max_sequence_length(config: Mapping[str, Any]) -> int:
+    """FLUX's T5 prompt length: config.flux.max_sequence_length (the tiny FLUX's 32 for an empty weights.sd)."""
+    default = flux_bundle.TINY_MAX_SEQUENCE_LENGTH if not config["weights"]["sd"] else 512
+    return (config.get("flux") or {}).get("max_sequence_length", default)
 
 
 def size_multiple(config: Mapping[str, Any]) -> int:
-    """The multiple of image sides for the Stable Diffusion a config names (read from its configs alone)."""
+    """The multiple of image sides for the base a config names (read from its configs alone)."""
+    if flux_base(config):
+        return 16   # the VAE's 8 times the 2x2 packing
     return read_size_multiple(config["weights"]["sd"], config["model"].get("tiny_base", "sd1"))
 
 
@@ -49,7 +65,14 @@ def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "ma
     face_variables = encoder_variables(config, {name: face[name] for name in names}, log)
     weights = config["weights"]
     attention = config["model"].get("attention", "auto")
-    if weights["sd"]:
+    if flux_base(config):
+        if weights["sd"]:
+            sd, variables = load_flux(weights["sd"], dtype=dtype, attention=attention,
+                                      max_sequence_length=_max_sequence_length(config))
+        else:
+            log("sd: tiny random-init FLUX.1 (weights.sd is empty)")
+            sd, variables = tiny_flux(jax.random.key(config["seed"]), dtype=dtype, attention=attention)
+    elif weights["sd"]:
         sd, variables = load_stable_diffusion(weights["sd"], dtype=dtype, attention=attention)
     else:
         base = config["model"].get("tiny_base", "sd1")
@@ -66,11 +89,18 @@ def abstract_models(config: Mapping[str, Any], dtype, names=("mapping",)) -> tup
     compiling the programs for an accelerator on any host (f2d_jax/targets.py)."""
     model = config["model"]
     sd_path = config["weights"]["sd"]
-    configs, options = bundle_configs(sd_path) if sd_path else (TINY_BASES[model.get("tiny_base", "sd1")], {})
-    sd = build(configs, dtype=dtype, attention=model.get("attention", "auto"), **options)
+    attention = model.get("attention", "auto")
+    if flux_base(config):
+        configs = flux_bundle.flux_bundle_configs(sd_path) if sd_path else flux_bundle.TINY_FLUX_CONFIGS
+        sd = build_flux(configs, dtype=dtype, attention=attention, max_sequence_length=_max_sequence_length(config))
+        params = flux_bundle.abstract_params(sd, dtype)
+    else:
+        configs, options = bundle_configs(sd_path) if sd_path else (TINY_BASES[model.get("tiny_base", "sd1")], {})
+        sd = build(configs, dtype=dtype, attention=attention, **options)
+        params = abstract_params(sd, dtype)
     encoders = Encoders.from_config(model, sd.text_encoders)
     face = {name: getattr(encoders, name) for name in names}
-    return Models(encoders, sd), {**abstract_params(sd, dtype),
+    return Models(encoders, sd), {**params,
                                   **jax.eval_shape(lambda key: init_models(face, key), jax.random.key(0))}
 
 

@@ -169,6 +169,7 @@ RANGES = {
     "optim.lr": POSITIVE, "optim.warmup_steps": _at_least(0), "optim.weight_decay": _at_least(0),
     "optim.b1": _between(0, 1, below_high=True), "optim.b2": _between(0, 1, below_high=True),
     "optim.grad_clip": _at_least(0), "optim.power": POSITIVE,
+    "flux.max_sequence_length": _at_least(8), "flux.train_guidance": _at_least(0),
     "arcface.num_identities": _at_least(0), "arcface.scale": POSITIVE, "arcface.init_std": POSITIVE,
     "arcface.sample_rate": _between(0, 1, above_low=True),
     "checkpoint.every": _at_least(1), "checkpoint.keep": _at_least(1),
@@ -181,7 +182,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine", "polynomial"),
     "data.mask_source": ("landmarks", "files"),
     "mesh.frozen": ("replicate", "fsdp"), "mesh.params": ("replicate", "fsdp"),
-    "model.tiny_base": ("sd1", "sd2", "sdxl"),
+    "model.tiny_base": ("sd1", "sd2", "sdxl", "flux"),
 }
 _ABSENT = object()
 

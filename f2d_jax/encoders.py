@@ -7,6 +7,9 @@
 SDXL has two text encoders (CLIP ViT-L, 768 wide, and OpenCLIP bigG, 1280): the mapping network's
 tokens are 768 + 1280 wide, split between them, and the conditioning is their penultimate states side
 by side, {"context": (B, 77, 2048)}, with bigG's projected pooled state {"text_embeds": (B, 1280)}.
+FLUX.1 has CLIP ViT-L (768) and T5-XXL (4096): the tokens are 768 + 4096 wide, written into both encoders'
+inputs (T5 at the tokens carrying "f" and "l", `text_t5`), and the conditioning is T5's states and CLIP's
+pooled state, {"context": (B, 512, 4096), "pooled": (B, 768)}.
 
 `Encoders` holds the Flax modules (configuration only); every method is a pure function of a
 variables dict {"msid", "mapping", "text_encoder"[, "text_encoder_2"], "expression"} and arrays, so
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from f2d_jax.models import CLIPTextEncoder, ExpressionEncoder, MappingNetwork, MSIDEncoder, expression_code
+from f2d_jax.models.t5 import T5Encoder
 
 NAMES = ("msid", "mapping", "text_encoder", "expression")
 
@@ -63,7 +67,12 @@ class Encoders:
     mapping: MappingNetwork
     text_encoder: CLIPTextEncoder
     expression: ExpressionEncoder
-    text_encoder_2: CLIPTextEncoder | None = None   # SDXL's bigG
+    text_encoder_2: CLIPTextEncoder | T5Encoder | None = None   # SDXL's bigG, FLUX's T5
+
+    @property
+    def flux(self) -> bool:
+        """FLUX.1's encoders: CLIP ViT-L for the pooled vector, T5 for the sequence."""
+        return isinstance(self.text_encoder_2, T5Encoder)
 
     def __post_init__(self):
         if self.mapping.identity_dim != self.msid.features:
@@ -115,12 +124,17 @@ class Encoders:
     def class_tokens(self, variables, input_ids, positions, class_ids) -> jax.Array:
         """(B, K, D): the text encoders' input at the K positions from (B,) `positions` when the K words
         `class_ids` (K,) stand there, token + position embeddings as the encoders embed any word, each
-        encoder's in its slice of the width."""
-        index = jnp.asarray(positions)[:, None] + jnp.arange(jnp.shape(class_ids)[-1])  # (B, K)
-        ids = jnp.asarray(input_ids).at[jnp.arange(index.shape[0])[:, None], index].set(class_ids)
-        embedded = [encoder.apply(variables[name], ids, method=encoder.embed)
-                    for name, encoder in self.text_encoders.items()]
-        return jnp.take_along_axis(jnp.concatenate(embedded, axis=-1), index[..., None], axis=1)
+        encoder's in its slice of the width. FLUX: the three are dicts by encoder as `prompt_embeddings` takes
+        them, T5's positions (B, K) (its class words need not follow each other)."""
+        parts = []
+        for name, encoder in self.text_encoders.items():
+            ids, where, words = (_of(x, name) for x in (input_ids, positions, class_ids))
+            where = jnp.asarray(where)
+            index = where if where.ndim == 2 else where[:, None] + jnp.arange(jnp.shape(words)[-1])  # (B, K)
+            ids = jnp.asarray(ids).at[jnp.arange(index.shape[0])[:, None], index].set(words)
+            embedded = encoder.apply(variables[name], ids, method=encoder.embed)
+            parts.append(jnp.take_along_axis(embedded, index[..., None], axis=1))
+        return jnp.concatenate(parts, axis=-1)
 
     def scaled_identity_tokens(self, variables, tokens, input_ids, positions, class_ids, scale) -> jax.Array:
         """Identity strength: (B, K, D) tokens to write at (B,) `positions` of (B, T) `input_ids` ->
@@ -133,14 +147,25 @@ class Encoders:
     def prompt_embeddings(self, variables, input_ids, positions=None, tokens=None) -> dict[str, jax.Array]:
         """(B, 77) ids [+ (B, K, D) tokens written at (B,) positions] -> the conditioning {"context": (B, 77, D)},
         and with SDXL's second encoder {"text_embeds": (B, P)}, its projected pooled state. Each encoder
-        takes its slice of the tokens' width, in order."""
-        states, offset = [], 0
+        takes its slice of the tokens' width, in order.
+
+        FLUX (T5 as the second encoder): `input_ids` and `positions` are dicts by encoder, {"text_encoder": CLIP's
+        (B, 77) ids and (B,) positions of "f", "text_encoder_2": T5's (B, L) ids and (B, 2) positions of "f" and
+        "l"}, and the conditioning is {"context": T5's states (B, L, 4096), "pooled": CLIP's pooled state (B, 768)}."""
+        outputs, offset = {}, 0
         for name, encoder in self.text_encoders.items():
             part = None if tokens is None else tokens[..., offset:offset + encoder.width]
             offset += encoder.width
-            hidden, pooled = encoder.apply(variables[name], input_ids, part, positions)
-            states.append(hidden)
+            outputs[name] = encoder.apply(variables[name], _of(input_ids, name), part, _of(positions, name))
+        if self.flux:
+            return {"context": outputs["text_encoder_2"], "pooled": outputs["text_encoder"][1]}
+        states = [hidden for hidden, _ in outputs.values()]
         conditioning = {"context": jnp.concatenate(states, axis=-1) if len(states) > 1 else states[0]}
         if self.text_encoder_2 is not None:
-            conditioning["text_embeds"] = pooled
+            conditioning["text_embeds"] = outputs["text_encoder_2"][1]
         return conditioning
+
+
+def _of(x, name: str):
+    """An encoder's part of a per-encoder dict (FLUX's ids, positions, class ids); what every encoder shares else."""
+    return x[name] if isinstance(x, Mapping) else x

@@ -1,46 +1,22 @@
-"""A tiny FLUX.1 text side for tests, made offline: a T5 tokenizer built with the `tokenizers` library and a
+"""A tiny FLUX.1 text side for tests, made offline: the tiny T5 tokenizer (built with the `tokenizers` library) and a
 randomized transformers T5EncoderModel of `f2d_jax.models.t5.TINY_T5`'s sizes, each saved with save_pretrained.
 Needs torch and transformers.
 """
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import torch
 from sd_fixtures import randomize
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import Unigram
-from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import T5Config, T5EncoderModel
 
+from f2d_jax import text_t5
 from f2d_jax.models.t5 import TINY_T5
-
-SPECIAL = ("<pad>", "</s>", "<unk>")   # ids 0, 1, 2 as in T5's vocabulary
-WORDS = ("a", "photo", "of", "f", "l", "person", "in", "paris", "portrait", "smiling", "eating", "bread", "the",
-         "front", "eiffel", "tower", "an", "oil", "painting", "as", "knight", "fl", "and")
-
-
-def tiny_t5_vocabulary() -> list[tuple[str, float]]:
-    """(piece, log probability) of the tiny Unigram model: the specials, the word marker "▁", whole words with
-    their marker, then single characters (less likely: a known word stays one piece, an unknown one is the
-    marker and its letters)."""
-    pieces = [(token, 0.0) for token in SPECIAL] + [("▁", -2.0)]
-    pieces += [(f"▁{word}", -3.0) for word in WORDS]
-    return pieces + [(char, -6.0) for char in string.ascii_letters + string.digits + ",.!?'()-"]
 
 
 def tiny_t5_tokenizer(folder) -> Path:
-    """Write a T5TokenizerFast folder (tokenizer.json, tokenizer_config.json) built as T5's: a Unigram model
-    (<pad> 0, </s> 1, <unk> 2), runs of spaces collapsed, the Metaspace pre-tokenizer ("▁" before each word)
-    and "$A </s>" after; no sentinel tokens."""
-    tokenizer = Tokenizer(Unigram(tiny_t5_vocabulary(), unk_id=2, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tokenizer.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
-                                                             special_tokens=[("</s>", 1)])
-    fast = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0, model_max_length=512)
-    fast.save_pretrained(folder)
+    """Write the tiny FLUX's T5 tokenizer (`f2d_jax.text_t5.tiny_t5_tokenizer`) as a T5TokenizerFast folder."""
+    text_t5.tiny_t5_tokenizer().save_pretrained(folder)
     return Path(folder)
 
 
@@ -51,3 +27,28 @@ def tiny_t5(folder, seed: int = 0, **changes) -> T5EncoderModel:
     model = randomize(T5EncoderModel(T5Config(**{**TINY_T5, **changes})), seed)
     model.save_pretrained(folder)
     return model
+
+
+def write_tiny_flux(path, seed: int = 0):
+    """Write a tiny PyTorch FLUX.1 folder of `flux_bundle.TINY_FLUX_CONFIGS`' sizes (the dev structure: guidance
+    embedding) with seeded random weights, SD v1's CLIP tokenizer and the tiny T5 tokenizer, through
+    FluxPipeline.save_pretrained (safetensors); returns the pipeline."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from f2d_jax.models.flux_bundle import TINY_FLUX_CONFIGS
+    from f2d_jax.text import load_tokenizer
+
+    configs = TINY_FLUX_CONFIGS
+    torch.manual_seed(seed)
+    transformer = randomize(FluxTransformer2DModel(**configs["transformer"]), seed)
+    vae = randomize(AutoencoderKL(**configs["vae"]), seed + 1)
+    clip = randomize(CLIPTextModel(CLIPTextConfig(**configs["text_encoder"], bos_token_id=49406, eos_token_id=49407,
+                                                  pad_token_id=49407)), seed + 2)
+    t5 = randomize(T5EncoderModel(T5Config(**configs["text_encoder_2"])), seed + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in configs["scheduler"].items()
+                                                   if not k.startswith("_")})
+    pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=load_tokenizer(),
+                            text_encoder_2=t5, tokenizer_2=text_t5.tiny_t5_tokenizer(), transformer=transformer)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return pipeline

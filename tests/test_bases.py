@@ -126,7 +126,7 @@ def test_sdxl_tokens_split_between_the_two_encoders(bases):
 def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, scheduler, parity):
     import torch
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
-    from test_pipeline import psnr
+    from test_pipeline import assert_images_match
 
     ours, theirs = bases[base]
     theirs.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler].from_config(
@@ -147,12 +147,7 @@ def test_images_match_diffusers_pipelines_given_our_embeddings(bases, base, sche
         reference = theirs(**{k: torch.from_numpy(np.asarray(v)) for k, v in embeds.items()},
                            latents=torch.from_numpy(latents), num_inference_steps=10, guidance_scale=guidance,
                            height=64, width=64, output_type="np").images
-    reference = np.round(reference * 255).astype(np.uint8)
-    value = psnr(mine, reference)
-    difference = np.abs(mine.astype(int) - reference.astype(int)).max() / 255
-    parity(f"tiny {base} images vs diffusers, {scheduler} 10 steps, PSNR {value:.1f} dB (max diff / 255)",
-           difference, 0.1)
-    assert value >= 40, f"PSNR {value:.1f} dB < 40 dB"
+    assert_images_match(mine, reference, f"tiny {base} images vs diffusers, {scheduler} 10 steps", parity, 40.0)
 
 
 def assert_packaged(workdir, out, parity):
@@ -165,6 +160,22 @@ def assert_packaged(workdir, out, parity):
     assert packaged.keys() == trained.keys()
     error = max(float(np.max(np.abs(packaged[k] - trained[k]))) for k in trained)
     parity(f"packaged {load_config(out / 'config.json').model.tiny_base} run vs its workdir, conditioning", error, 1e-6)
+
+
+def assert_generates(workdir, tmp_path, defaults) -> list[str]:
+    """`f2d-eval generate` from a run makes one 48 x 64 image of one face with the base's (guidance, sampler)
+    `defaults` in tmp_path/gen; returns its arguments but --out."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    shutil.copy(FACE, faces)
+    (tmp_path / "prompts.txt").write_text("a photo of f l\n")
+    args = ["generate", "--config", str(workdir), "--faces", str(faces), "--prompts", str(tmp_path / "prompts.txt"),
+            "--seeds", "1", "--steps", "2", "--height", "64", "--width", "48"]
+    assert eval_main([*args, "--out", str(tmp_path / "gen")]) == 0
+    settings, entries = read_manifest(tmp_path / "gen")
+    assert (settings["guidance_scale"], settings["scheduler"]) == defaults
+    assert len(entries) == 1 and Image.open(entries[0].image).size == (48, 64)
+    return args
 
 
 @pytest.mark.slow
@@ -218,18 +229,9 @@ def test_tiny_sdxl_trains_resumes_shards_and_exports(tmp_path, capsys, parity):
     _assert_close(load_trained(tmp_path / "sharded")[1], load_trained(tmp_path / "resumed", 2)[1], atol=1e-6)
     shutil.rmtree(tmp_path / "resumed")
     # eval generate samples from the run with the base's defaults (SDXL's size conditioning from the size)
-    faces, gen = tmp_path / "faces", tmp_path / "gen"
-    faces.mkdir()
-    shutil.copy(FACE, faces)
-    (tmp_path / "prompts.txt").write_text("a photo of f l\n")
-    args = ["generate", "--config", str(tmp_path / "whole"), "--faces", str(faces), "--prompts",
-            str(tmp_path / "prompts.txt"), "--seeds", "1", "--steps", "2", "--height", "64", "--width", "48"]
-    assert eval_main([*args, "--out", str(gen)]) == 0
-    settings, entries = read_manifest(gen)
-    assert (settings["guidance_scale"], settings["scheduler"]) == (5.0, "euler")
-    assert len(entries) == 1 and Image.open(entries[0].image).size == (48, 64)
+    args = assert_generates(tmp_path / "whole", tmp_path, (5.0, "euler"))
     capsys.readouterr()
-    assert eval_main([*args, "--guidance", "6", "--out", str(gen)]) == 2
+    assert eval_main([*args, "--guidance", "6", "--out", str(tmp_path / "gen")]) == 2
     assert "other settings (guidance_scale: 5.0 -> 6.0)" in capsys.readouterr().err
 
 

@@ -83,12 +83,13 @@ def test_sample_missing_photo_is_one_line():
 
 def test_named_configs_load_anywhere_and_match_their_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert config_names() == ["f2d_sd14", "f2d_sd15", "f2d_sd21", "f2d_sdxl", "msid_arcface", "msid_tiny", "tiny", "tiny_sd2", "tiny_sdxl"]
+    assert config_names() == ["f2d_flux", "f2d_sd14", "f2d_sd15", "f2d_sd21", "f2d_sdxl", "msid_arcface", "msid_tiny",
+                              "tiny", "tiny_flux", "tiny_sd2", "tiny_sdxl"]
     for name in config_names():
         assert load_config(name).to_dict() == load_config(ROOT / "configs" / f"{name}.py").to_dict()
     with pytest.raises(FileNotFoundError, match=r"^no config file at nothing, and no named config 'nothing' "
-                                                r"\(named configs: f2d_sd14, f2d_sd15, f2d_sd21, f2d_sdxl, msid_arcface, "
-                                                r"msid_tiny, tiny, tiny_sd2, tiny_sdxl\)$"):
+                                                r"\(named configs: f2d_flux, f2d_sd14, f2d_sd15, f2d_sd21, f2d_sdxl, "
+                                                r"msid_arcface, msid_tiny, tiny, tiny_flux, tiny_sd2, tiny_sdxl\)$"):
         load_config("nothing")
 
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_shift
 
+from f2d_jax.models.bases import FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER
 from f2d_jax.models.sd_config import UnsupportedConfigError
 from f2d_jax.sampling import flow_match as fm
 
@@ -33,10 +34,10 @@ def test_calculate_shift_is_diffusers(image_seq_len):
 
 
 @pytest.mark.parametrize("name, config, num_steps, image_seq_len", [
-    ("FLUX.1-dev 256x256", fm.FLUX_DEV_SCHEDULER, 28, 16 * 16),
-    ("FLUX.1-dev 1024x1024", fm.FLUX_DEV_SCHEDULER, 28, 64 * 64),
-    ("FLUX.1-schnell 1024x1024", fm.FLUX_SCHNELL_SCHEDULER, 4, 64 * 64),
-    ("linear time shift 512x512", dict(fm.FLUX_DEV_SCHEDULER, time_shift_type="linear"), 10, 32 * 32),
+    ("FLUX.1-dev 256x256", FLUX_DEV_SCHEDULER, 28, 16 * 16),
+    ("FLUX.1-dev 1024x1024", FLUX_DEV_SCHEDULER, 28, 64 * 64),
+    ("FLUX.1-schnell 1024x1024", FLUX_SCHNELL_SCHEDULER, 4, 64 * 64),
+    ("linear time shift 512x512", dict(FLUX_DEV_SCHEDULER, time_shift_type="linear"), 10, 32 * 32),
 ])
 def test_schedule_matches_diffusers(name, config, num_steps, image_seq_len, parity):
     theirs = _diffusers_scheduler(config, num_steps, image_seq_len)
@@ -53,10 +54,10 @@ def test_schedule_shift_by_resolution():
     small, large = (fm.flow_schedule(28, n)[1][:-1] for n in (256, 4096))
     assert np.all(large[1:] > small[1:]) and np.all(small[1:] > plain[1:]) and large[0] == small[0] == 1
     np.testing.assert_allclose(small, np.exp(0.5) / (np.exp(0.5) + 1 / plain - 1), rtol=1e-6)
-    np.testing.assert_allclose(fm.flow_schedule(4, 4096, fm.FLUX_SCHNELL_SCHEDULER)[1], [1, 0.75, 0.5, 0.25, 0])
+    np.testing.assert_allclose(fm.flow_schedule(4, 4096, FLUX_SCHNELL_SCHEDULER)[1], [1, 0.75, 0.5, 0.25, 0])
 
 
-@pytest.mark.parametrize("config, num_steps", [(fm.FLUX_DEV_SCHEDULER, 8), (fm.FLUX_SCHNELL_SCHEDULER, 4)])
+@pytest.mark.parametrize("config, num_steps", [(FLUX_DEV_SCHEDULER, 8), (FLUX_SCHNELL_SCHEDULER, 4)])
 def test_sampling_loop_matches_diffusers(config, num_steps, parity):
     """Both loops with the same velocity, linear in the latents and the time it is given."""
     rng = np.random.default_rng(0)
@@ -98,7 +99,7 @@ def test_training_sigmas():
     key = jax.random.key(0)
     u = jax.nn.sigmoid(jax.random.normal(key, (4096,)))
     small, large = (fm.training_sigmas(key, 4096, n) for n in (256, 4096))
-    schnell = fm.training_sigmas(key, 4096, 4096, fm.FLUX_SCHNELL_SCHEDULER)
+    schnell = fm.training_sigmas(key, 4096, 4096, FLUX_SCHNELL_SCHEDULER)
     for sigmas in (small, large, schnell):
         assert sigmas.shape == (4096,) and sigmas.dtype == jnp.float32
         assert float(sigmas.min()) > 0 and float(sigmas.max()) < 1
@@ -113,7 +114,7 @@ def test_training_sigmas():
 def test_noised_matches_scale_noise(parity):
     """Per-sample sigmas as diffusers' scale_noise applies them; an Euler step from there to sigma 0 with
     the target velocity lands on x0."""
-    scheduler = _diffusers_scheduler(fm.FLUX_DEV_SCHEDULER, 28, 1024)
+    scheduler = _diffusers_scheduler(FLUX_DEV_SCHEDULER, 28, 1024)
     rng = np.random.default_rng(0)
     x0, noise = (rng.standard_normal((3, 16, 8, 8)).astype(np.float32) for _ in range(2))
     index = np.array([0, 9, 27])
@@ -137,4 +138,4 @@ def test_noised_matches_scale_noise(parity):
 ])
 def test_unsupported_scheduler_config(changes, message):
     with pytest.raises(UnsupportedConfigError, match=f"scheduler config: {message}"):
-        fm.flow_schedule(4, 256, dict(fm.FLUX_DEV_SCHEDULER, **changes))
+        fm.flow_schedule(4, 256, dict(FLUX_DEV_SCHEDULER, **changes))

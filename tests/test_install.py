@@ -57,7 +57,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert "CLIP       text embedding             (1, 77, 32)" in demo
     loaded = run(python, "-c", "from f2d_jax.config import config_names, load_config\n"
                                "for name in config_names(): print(name, len(load_config(name)))")
-    assert loaded.split()[::2] == ["f2d_sd14", "f2d_sd15", "f2d_sd21", "f2d_sdxl", "msid_arcface", "msid_tiny", "tiny",
-                                  "tiny_sd2", "tiny_sdxl"]
+    assert loaded.split()[::2] == ["f2d_flux", "f2d_sd14", "f2d_sd15", "f2d_sd21", "f2d_sdxl", "msid_arcface",
+                                  "msid_tiny", "tiny", "tiny_flux", "tiny_sd2", "tiny_sdxl"]
     for script in SCRIPTS:
         assert "usage: " in run(env_dir / "bin" / script, "--help"), script

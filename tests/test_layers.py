@@ -23,6 +23,7 @@ LAYERS = (
         "f2d_jax.sharding", "f2d_jax.objectives", "f2d_jax.arcface")),
     ("inputs and weight files", (
         "f2d_jax.text",           # prompts and the tokenizer, which the Stable Diffusion models load
+        "f2d_jax.text_t5",        # FLUX's T5 prompts and tokenizer
         "f2d_jax.faces",
         "f2d_jax.convert.io",     # state dicts in files
         "f2d_jax.convert.layout",  # PyTorch keys <-> Flax trees

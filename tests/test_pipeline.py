@@ -373,6 +373,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+def assert_images_match(mine: np.ndarray, reference: np.ndarray, what: str, parity, minimum: float = 35.0) -> None:
+    """Our uint8 images against a diffusers pipeline's float ones in [0, 1]: PSNR at least `minimum` dB, recorded
+    with the largest difference (in 1/255)."""
+    reference = np.round(reference * 255).astype(np.uint8)
+    value = psnr(mine, reference)
+    difference = np.abs(mine.astype(int) - reference.astype(int)).max() / 255
+    parity(f"{what}, PSNR {value:.1f} dB (max diff / 255)", difference, 0.1)
+    assert value >= minimum, f"PSNR {value:.1f} dB < {minimum} dB"
+
+
 @pytest.fixture(scope="module")
 def tiny_sd_pipelines(tmp_path_factory):
     """The same tiny random SD in diffusers format, loaded by F2DPipeline (JAX) and diffusers (PyTorch)."""
@@ -410,11 +420,7 @@ def test_images_match_diffusers_pytorch(tiny_sd_pipelines, face, scheduler, pari
         reference = theirs(prompt_embeds=torch.from_numpy(context), negative_prompt_embeds=torch.from_numpy(uncond),
                            latents=torch.from_numpy(latents), num_inference_steps=10, guidance_scale=7.0,
                            height=64, width=64, output_type="np").images
-    reference = np.round(reference * 255).astype(np.uint8)
-    value = psnr(mine, reference)
-    difference = np.abs(mine.astype(int) - reference.astype(int)).max() / 255
-    parity(f"images vs diffusers, {scheduler} 10 steps, PSNR {value:.1f} dB (max diff / 255)", difference, 0.1)
-    assert value >= 35, f"PSNR {value:.1f} dB < 35 dB"
+    assert_images_match(mine, reference, f"images vs diffusers, {scheduler} 10 steps", parity)
 
 
 @pytest.mark.parametrize("msid, message", [

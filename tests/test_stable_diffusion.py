@@ -272,7 +272,7 @@ def test_wrong_shaped_weight(tiny, tmp_path):
     ("unet", {"addition_embed_type": "text"}, "addition_embed_type='text': the Flax model only builds"),
     ("unet", {"transformer_layers_per_block": [[1], [2, 2]]}, "transformer_layers_per_block=.*one count per block"),
     ("vae", {"act_fn": "gelu"}, "act_fn='gelu': the Flax model only builds"),
-    ("vae", {"shift_factor": 0.1}, "shift_factor=0.1 is not supported"),
+    ("vae", {"latents_mean": [0.0] * 4}, "latents_mean=.* is not supported"),
     ("text_encoder", {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
     ("scheduler", {"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule='squaredcos_cap_v2' is not supported"),
 ])

@@ -55,3 +55,12 @@ PUBLISHED = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": SD14,
     "stabilityai/stable-diffusion-xl-base-1.0": SDXL,
 }
+
+# FLUX.1's schedulers (scheduler/scheduler_config.json): FLUX.1-dev shifts its flow-matching sigmas by the image's
+# token count (`shift` unused then); FLUX.1-schnell does not shift at all.
+FLUX_DEV_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL_SCHEDULER = dict(FLUX_DEV_SCHEDULER, shift=1.0, use_dynamic_shifting=False)

@@ -51,6 +51,26 @@ class StableDiffusion:
     text_encoder_2: CLIPTextEncoder | None = None
     force_zeros_for_empty_prompt: bool = False   # SDXL: no negative prompt means a conditioning of zeros
 
+    denoiser = "unet"   # the variables key of the model that denoises
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.in_channels
+
+    @property
+    def vae_shift_factor(self) -> float:
+        return 0.0
+
+    def predict(self, params, latents, t, conditioning: dict, guidance=None):
+        """The UNet's prediction for latents (B, C, h, w) at timesteps t (B,) under a conditioning without the
+        size micro-conditioning (added here for SDXL from the latents' size); `guidance` is FLUX's, unused."""
+        size = [n * self.vae_scale_factor for n in latents.shape[2:]]
+        return unet_output(self.unet, params, latents, t, self.with_size(conditioning, *size))
+
+    def with_remat(self) -> StableDiffusion:
+        """The bundle with its UNet recomputing each layer in the backward pass (`UNet2DConditionModel.remat`)."""
+        return dataclasses.replace(self, unet=self.unet.clone(remat=True))
+
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for SD)."""
@@ -100,6 +120,26 @@ class StableDiffusion:
     def tokenizer(self):
         from f2d_jax.text import load_tokenizer
         return load_tokenizer(self.tokenizer_path)
+
+    def prompt_ids(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+        """((N, 77) ids, (N,) positions of "f") of prompts with the identifier (`text.identifier_prompts`)."""
+        from f2d_jax.text import identifier_prompts
+        return identifier_prompts(prompts, self.tokenizer())
+
+    def plain_ids(self, prompts) -> np.ndarray:
+        """(N, 77) ids of prompts as they are (`text.token_ids`)."""
+        from f2d_jax.text import token_ids
+        return token_ids(prompts, self.tokenizer())
+
+    def class_ids(self) -> np.ndarray:
+        """(2,) ids of the class words ("a person"): what identity scale 0 writes in place of "f l"."""
+        from f2d_jax.text import class_ids
+        return np.asarray(class_ids(self.tokenizer()), np.int32)
+
+    @property
+    def conditioning_keys(self) -> tuple[str, ...]:
+        """The entries of a conditioning (before `with_size`): the context, and SDXL's pooled "text_embeds"."""
+        return ("context", "text_embeds") if self.text_encoder_2 is not None else ("context",)
 
 
 def build_unet(config: dict, *, dtype=jnp.float32, attention: str = "auto") -> UNet2DConditionModel:

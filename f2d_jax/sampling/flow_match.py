@@ -8,7 +8,7 @@ last bit; `sample` runs the Euler steps x + (sigma_next - sigma) v under `jax.la
 `training_sigmas` and `noised` are the training side: sigmas drawn with the same shift, the noised latents
 and the velocity target.
 
-The scheduler configs are diffusers' scheduler_config.json entries (`FLUX_DEV_SCHEDULER`,
+The scheduler configs are diffusers' scheduler_config.json entries (`models.bases.FLUX_DEV_SCHEDULER`,
 `FLUX_SCHNELL_SCHEDULER` as published); settings that would change the schedule and are not computed here
 raise UnsupportedConfigError.
 """
@@ -22,17 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from f2d_jax.models.bases import FLUX_DEV_SCHEDULER
 from f2d_jax.models.sd_config import UnsupportedConfigError
 
-# scheduler/scheduler_config.json of black-forest-labs/FLUX.1-dev: the shift follows the image's token count
-# (`shift` is unused then) ...
-FLUX_DEV_SCHEDULER = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-# ... and of black-forest-labs/FLUX.1-schnell: no shift at all.
-FLUX_SCHNELL_SCHEDULER = dict(FLUX_DEV_SCHEDULER, shift=1.0, use_dynamic_shifting=False)
 
 # FlowMatchEulerDiscreteScheduler options with the value computed here.
 _COMPUTED = {"invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,

@@ -1,12 +1,13 @@
 """The denoising loop with classifier-free guidance: `start` (the state before the first step),
 `guided_step` (one step), `steps` (steps first..last - 1 in one `lax.fori_loop`) and `denoise` (all
-of them)."""
+of them); FLUX.1's flow-matching loop, `flow_denoise`; `decode_images`."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 from f2d_jax.models.stable_diffusion import unet_output
+from f2d_jax.sampling import flow_match
 
 
 def start(unet, scheduler, latents, context, uncond_context, key=None):
@@ -52,10 +53,37 @@ def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guid
     return steps(unet, unet_params, scheduler, contexts, guidance, keys, 0, scheduler.timesteps.shape[0], *state)[0]
 
 
+def flux_start(flux, sigmas, latents, context, uncond_context, key=None):
+    """FLUX.1's `start`, for the same calls: (the conditioning in the transformer's dtype, keys, (x, ())).
+    The flow-matching Euler steps draw no noise and keep no memory; the guidance is the transformer's guidance
+    embedding, so `uncond_context` is not used."""
+    del sigmas, uncond_context
+    keys = key if key is not None else jax.random.key(0)
+    keys = jax.random.split(keys, latents.shape[0]) if keys.ndim == 0 else keys
+    context = jax.tree.map(lambda x: x.astype(flux.transformer.dtype), context)
+    return context, keys, (latents.astype(jnp.float32), ())
+
+
+def flux_steps(flux, params, sigmas, context, guidance, keys, first, last, x, memory):
+    """FLUX.1's `steps`: Euler steps first .. last - 1 (traced bounds) of the flow from sigmas[first] to
+    sigmas[last] (`flow_match.flow_schedule`'s), the velocity `flux.predict` under `context` with the guidance
+    embedding `guidance` (FLUX.1-dev; unused by schnell)."""
+    del keys
+    return flow_match.sample(lambda x, sigma: flux.predict(params, x, sigma, context, guidance), x, sigmas,
+                             first, last), memory
+
+
+def flow_denoise(flux, params, noise, conditioning, sigmas, guidance=None):
+    """FLUX.1: (B, C, h, w) noise -> latents, every step of `sigmas` in one `lax.fori_loop`."""
+    return flux_steps(flux, params, sigmas, conditioning, guidance, None, 0, sigmas.shape[0] - 1, noise, ())[0]
+
+
 def decode_images(vae, vae_params, latents, scaling_factor: float):
     """(B, C, h, w) latents -> ((B, H, W, 3) uint8 images, (B,) whether the latents and the decoded image are
-    finite: NaN or infinity would come out as a black or white picture)."""
-    images = vae.apply(vae_params, (latents / scaling_factor).astype(vae.dtype), method=vae.decode)
+    finite: NaN or infinity would come out as a black or white picture). The VAE decodes
+    latents / scaling_factor + its shift_factor (FLUX.1's; none for SD)."""
+    images = vae.apply(vae_params, (latents / scaling_factor + (vae.shift_factor or 0.0)).astype(vae.dtype),
+                       method=vae.decode)
     images = jnp.transpose(images.astype(jnp.float32), (0, 2, 3, 1))
     finite = jnp.isfinite(latents).all(axis=(1, 2, 3)) & jnp.isfinite(images).all(axis=(1, 2, 3))
     return jnp.round(jnp.clip((images + 1) * 127.5, 0, 255)).astype(jnp.uint8), finite

@@ -50,10 +50,11 @@ from f2d_jax.convert.package import FILES, is_package, package_weights, save_pac
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
 from f2d_jax.compiled import TargetProgram
 from f2d_jax.params import with_trained
-from f2d_jax.sampling.loop import decode_images, start, steps
+from f2d_jax.sampling.flow_match import flow_schedule
+from f2d_jax.sampling.loop import decode_images, flux_start, flux_steps, start, steps
 from f2d_jax.sampling.schedulers import make_scheduler
 from f2d_jax.targets import on_mesh, platform
-from f2d_jax.text import CLASS_WORDS, class_ids, identifier_prompts, token_ids
+from f2d_jax.text import CLASS_WORDS
 from f2d_jax.workdir import check_f2d_run, is_workdir, load_trained
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
@@ -68,10 +69,13 @@ class WeightsError(ValueError):
 
 
 def base_defaults(sd) -> dict[str, Any]:
-    """Sampling defaults of a Stable Diffusion base: the official Face2Diffusion settings on SD 1.x (Euler
+    """Sampling defaults of a base: the official Face2Diffusion settings on SD 1.x (Euler
     ancestral, guidance 7), diffusers' defaults on SD 2.x and SDXL (their scheduler's sampler, guidance 7.5
-    and 5); images of the size the base was trained at."""
-    if sd.base == "sd1":
+    and 5) and FLUX.1 (the flow-matching Euler sampler, the guidance embedding at 3.5 on dev; schnell has
+    none); images of the size the base was trained at."""
+    if sd.base == "flux":
+        sampler, guidance = "euler", 3.5 if sd.guidance_embeds else 0.0
+    elif sd.base == "sd1":
         sampler, guidance = "euler_a", 7.0
     else:
         sampler = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
@@ -174,8 +178,9 @@ class Programs:
 
 def condition(encoders, variables, identity, expression, ids, positions, class_ids, identity_scale):
     """The conditioning of prompts `ids` (N, 77) with the person's "f l" tokens at `positions`: identity
-    (1, F) and expression (1, 64) or None (null_exp), `identity_scale` toward `class_ids`."""
-    n = ids.shape[0]
+    (1, F) and expression (1, 64) or None (null_exp), `identity_scale` toward `class_ids` (FLUX: ids, positions
+    and class ids are dicts by encoder)."""
+    n = jax.tree.leaves(ids)[0].shape[0]
     identity = jnp.broadcast_to(identity, (n, identity.shape[-1]))
     expression = None if expression is None else jnp.broadcast_to(expression, (n, expression.shape[-1]))
     tokens = encoders.identity_tokens(variables, identity, expression)
@@ -186,15 +191,17 @@ def condition(encoders, variables, identity, expression, ids, positions, class_i
 def programs(models: Models, mesh: Mesh) -> Programs:
     """The programs, traced on `mesh` (the kernels and shardings of its platform): the encoders compile once
     per input shape; a batch's set-up, each denoising step (the program generation repeats) and its decode
-    take and give the batch sharded over the devices."""
+    take and give the batch sharded over the devices. FLUX.1's set-up and steps are the flow-matching ones
+    (`sampling.loop.flux_start`, `flux_steps`), with the same arguments."""
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     encoders, sd = models.encoders, models.sd
     jit = lambda fn, **shardings: jax.jit(on_mesh(fn, mesh), **shardings)  # noqa: E731
+    first, generate = (partial(flux_start, sd), partial(flux_steps, sd)) if sd.base == "flux" else \
+        (partial(start, sd.unet), partial(steps, sd.unet))
     return Programs(
         identity=jit(encoders.identity_features), expression=jit(encoders.expression_codes),
         embed=jit(encoders.prompt_embeddings), condition=jit(partial(condition, encoders)),
-        start=jit(partial(start, sd.unet), out_shardings=batch),
-        generate=jit(partial(steps, sd.unet), out_shardings=batch),
+        start=jit(first, out_shardings=batch), generate=jit(generate, out_shardings=batch),
         decode=jit(partial(decode_images, sd.vae, scaling_factor=sd.vae_scaling_factor),
                    out_shardings=replicated))
 
@@ -264,7 +271,7 @@ class F2DPipeline:
         self._batch = NamedSharding(self.mesh, P("data"))
         self.variables = jax.device_put(variables, self._replicated)
         self.tokenizer = models.sd.tokenizer()
-        self.class_ids = np.asarray(class_ids(self.tokenizer), np.int32)  # "a person": identity scale 0
+        self.class_ids = models.sd.class_ids()  # "a person": identity scale 0
         self.defaults = base_defaults(models.sd)
         self.size_multiple = models.sd.size_multiple
         self.programs = programs(models, self.mesh)
@@ -383,11 +390,12 @@ class F2DPipeline:
         if identity_scale > 1:
             warnings.warn(f"identity scale {identity_scale} > 1 extrapolates beyond the person's tokens; the "
                           "images may degrade", InputWarning, stacklevel=2)
-        ids, positions = identifier_prompts(_as_list(prompt), self.tokenizer)
+        ids, positions = self.models.sd.prompt_ids(_as_list(prompt))
         identity = self.identity(image)
         expression = self.expression(expression_image) if expression_image is not None else None
-        return self.programs.condition(self.variables, identity, expression, jnp.asarray(ids), jnp.asarray(positions),
-                               self.class_ids, jnp.float32(identity_scale))
+        return self.programs.condition(self.variables, identity, expression, jax.tree.map(jnp.asarray, ids),
+                                       jax.tree.map(jnp.asarray, positions), self.class_ids,
+                                       jnp.float32(identity_scale))
 
     # ------------------------------------------------------------------ generation
 
@@ -437,16 +445,26 @@ class F2DPipeline:
         if not isinstance(conditioning, dict):
             conditioning = {"context": conditioning}
         conditioning = jax.tree.map(np.asarray, conditioning)
-        expected = {"context", "text_embeds"} if sd.text_encoder_2 is not None else {"context"}
+        expected = set(sd.conditioning_keys)
         if set(conditioning) != expected:
-            raise ValueError(f"this {len(sd.text_encoders)}-text-encoder model's conditioning has "
-                             f"{sorted(expected)}, got {sorted(conditioning)}")
+            raise ValueError(f"this {sd.base.upper()} model's conditioning has {sorted(expected)}, got "
+                             f"{sorted(conditioning)}")
         if conditioning["context"].shape[0] != n:
             raise ValueError(f"{conditioning['context'].shape[0]} conditionings but {n} seeds: give one seed per image")
-        schedule = make_scheduler(scheduler, sd.scheduler_config, steps)
         shape = self._check_latents(latents, n, height, width)
-        uncond = sd.negative_conditioning(self.programs.embed(self.variables, token_ids([negative_prompt or ""], self.tokenizer)),
-                                          negative_prompt)
+        if sd.base == "flux":
+            if scheduler != "euler":
+                raise ValueError(f"scheduler {scheduler!r}: FLUX.1 samples with the flow-matching Euler sampler "
+                                 "('euler') only")
+            if negative_prompt is not None:
+                raise ValueError("FLUX.1 takes no negative prompt: its guidance is the transformer's guidance "
+                                 "embedding (--guidance)")
+            schedule = jnp.asarray(flow_schedule(steps, (shape[2] // 2) * (shape[3] // 2), sd.scheduler_config)[1])
+            uncond = conditioning   # unused by FLUX's steps
+        else:
+            schedule = make_scheduler(scheduler, sd.scheduler_config, steps)
+            uncond = sd.negative_conditioning(self.programs.embed(self.variables, sd.plain_ids([negative_prompt or ""])),
+                                              negative_prompt)
         uncond = sd.with_size(jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape[1:])), uncond), height, width)
         conditioning = sd.with_size(conditioning, height, width)
         guidance = jnp.float32(guidance_scale)
@@ -455,7 +473,7 @@ class F2DPipeline:
         # first images, dropped after), so the programs compile once.
         size = -(-min(batch_size, n) // self.mesh.size) * self.mesh.size
         starts = range(0, n, size)
-        images, unet = [], self.variables["unet"]
+        images, denoiser = [], self.variables[sd.denoiser]
         # Steps per program call: all of them without a progress bar; with one, about a tenth, so that
         # the bar moves ten times while the calls' fixed costs (each re-reads the UNet's weights) stay small.
         chunk = -(-steps // 10) if progress else steps
@@ -477,8 +495,8 @@ class F2DPipeline:
                 batch = jax.device_put([noise, rows_of(conditioning), rows_of(uncond), noise_keys], self._batch)
                 contexts, noise_keys, state = self.programs.start(schedule, *batch)
                 for i in range(0, steps, chunk):
-                    done, state = state, self.programs.generate(unet, schedule, contexts, guidance, noise_keys, i,
-                                                        min(i + chunk, steps), *state)
+                    done, state = state, self.programs.generate(denoiser, schedule, contexts, guidance, noise_keys, i,
+                                                                min(i + chunk, steps), *state)
                     if i:
                         finished(done, chunk)  # the previous chunk, while this one waits its turn
                 out, finite = jax.device_get(self.programs.decode(self.variables["vae"], state[0]))
@@ -489,9 +507,9 @@ class F2DPipeline:
 
     def _check_latents(self, latents, n: int, height: int, width: int) -> tuple[int, ...]:
         factor = self.models.sd.vae_scale_factor
-        shape = (n, self.models.sd.unet.in_channels, height // factor, width // factor)
+        shape = (n, self.models.sd.latent_channels, height // factor, width // factor)
         if latents is not None and tuple(np.shape(latents)) != shape:
-            raise ValueError(f"latents must have shape {shape} (images, channels, height / 8, width / 8), "
+            raise ValueError(f"latents must have shape {shape} (images, channels, height / {factor}, width / {factor}), "
                              f"got {tuple(np.shape(latents))}")
         return shape
 

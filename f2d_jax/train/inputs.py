@@ -39,7 +39,7 @@ def training_data(config: Mapping[str, Any], models: Models) -> TrainingData:
     if not data["dir"]:
         sizes = dict(identity_dim=models.encoders.mapping.identity_dim,
                      expression_dim=models.encoders.mapping.expression_dim,
-                     latent_shape=(data["resolution"] // 8,) * 2 + (models.sd.unet.in_channels,), seed=config["seed"])
+                     latent_shape=(data["resolution"] // models.sd.vae_scale_factor,) * 2 + (models.sd.latent_channels,), seed=config["seed"])
         train = SyntheticFaces(data["synthetic_examples"], data["synthetic_identities"], **sizes,
                                shuffle_identity=data["synthetic_shuffle_identity"])
         holdout = SyntheticFaces(max(data["holdout"], 1), max(data["holdout"], 1), **sizes,

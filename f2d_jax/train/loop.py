@@ -30,10 +30,11 @@ from f2d_jax.data.synthetic import SyntheticFaces
 from f2d_jax.models.stable_diffusion import alphas_cumprod
 from f2d_jax.faces import msid_input
 from f2d_jax.sampling import DDIM, decode_images, denoise
+from f2d_jax.sampling.flow_match import flow_schedule
+from f2d_jax.sampling.loop import flow_denoise
 from f2d_jax.sampling.metadata import grid
 from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from f2d_jax.targets import on_mesh, platform
-from f2d_jax.text import identifier_prompts, token_ids
 from f2d_jax.train.checkpoint import Checkpoints, TrainingError, abstract_like
 from f2d_jax.data.loader import BatchLoader, loading_workers
 from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
@@ -44,7 +45,7 @@ from f2d_jax.train.step import Constants, StepConfig, train_step
 
 log = logging.getLogger("f2d_jax.train")
 PREEMPTED = 143  # exit status after a SIGTERM-triggered checkpoint (128 + SIGTERM)
-STEP_MODELS = ("mapping", "text_encoder", "text_encoder_2", "unet")
+STEP_MODELS = ("mapping", "text_encoder", "text_encoder_2", "unet", "transformer")
 
 
 class Preemption:
@@ -249,7 +250,7 @@ def target_programs(config, devices, batch_per_device: int) -> list[TargetProgra
     program = step_program(config, models, variables, mesh, abstract=True)
     data = config.data
     example = SyntheticFaces(1, 1, models.encoders.mapping.identity_dim, models.encoders.mapping.expression_dim,
-                             (data.resolution // 8,) * 2 + (models.sd.unet.in_channels,)).get([0])
+                             (data.resolution // models.sd.vae_scale_factor,) * 2 + (models.sd.latent_channels,)).get([0])
     features = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding(mesh))
                 for k, v in example.items() if k in FEATURES}
     return [TargetProgram("train step", program.step, (program.abstract_state, program.frozen, features,
@@ -259,6 +260,9 @@ def target_programs(config, devices, batch_per_device: int) -> list[TargetProgra
 def step_config(config, models: Models) -> StepConfig:
     """The step's settings from `config` and the Stable Diffusion it trains against."""
     tc, sd = config.train, models.sd
+    if sd.base == "flux":
+        return StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor, "flow",
+                          sd.vae_shift_factor, config.flux.train_guidance)
     return StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor,
                       sd.scheduler_config.get("prediction_type", "epsilon"))
 
@@ -301,11 +305,11 @@ def step_constants(config, models: Models, variables) -> Constants:
     """The step's constants: the training captions' ids and identifier positions, the class prompt's
     conditioning (through the frozen text encoders in `variables`), the noise schedule."""
     tc, sd = config.train, models.sd
-    tokenizer = sd.tokenizer()
-    ids, positions = identifier_prompts(list(tc.prompts), tokenizer)
-    class_conditioning = jax.jit(models.encoders.prompt_embeddings)(variables, token_ids(tc.class_prompt, tokenizer))
-    return Constants(jnp.asarray(ids), jnp.asarray(positions), class_conditioning,
-                     jnp.asarray(alphas_cumprod(sd.scheduler_config)))
+    ids, positions = sd.prompt_ids(list(tc.prompts))
+    class_conditioning = jax.jit(models.encoders.prompt_embeddings)(variables, sd.plain_ids([tc.class_prompt]))
+    schedule = None if sd.base == "flux" else jnp.asarray(alphas_cumprod(sd.scheduler_config))
+    return Constants(jax.tree.map(jnp.asarray, ids), jax.tree.map(jnp.asarray, positions), class_conditioning,
+                     schedule)
 
 
 def _models_and_data(config, dtype, say):
@@ -340,24 +344,28 @@ def _summarize(metrics: list[dict], step: int) -> dict[str, float]:
 
 
 def _sampler(config, models: Models, variables, frozen, data, mesh):
-    """A function trainable params -> a grid image of held-out faces x sample prompts (DDIM, CFG)."""
+    """A function trainable params -> a grid image of held-out faces x sample prompts (DDIM with classifier-free
+    guidance; FLUX: Euler flow matching with the guidance embedding)."""
     lc, encoders, sd = config.log, models.encoders, models.sd
-    tokenizer = sd.tokenizer()
     holdout = {k: v[:lc.sample_faces] for k, v in data.holdout.items()}
     prompts = list(lc.sample_prompts)
-    ids, positions = identifier_prompts(prompts, tokenizer)
+    ids, positions = sd.prompt_ids(prompts)
     n_faces, n_prompts = len(next(iter(holdout.values()))), len(prompts)
     # Every (face, prompt) pair: faces vary along rows, prompts along columns.
     face_index = np.repeat(np.arange(n_faces), n_prompts)
     prompt_index = np.tile(np.arange(n_prompts), n_faces)
-    scheduler = DDIM.create(sd.scheduler_config, lc.sample_steps)
     rep = replicated(mesh)
     encoder_vars = {k: variables[k] for k in ("msid", "expression", "vae") if k in variables}  # frozen, as arguments
-    size = config.data.resolution // 8
-    noise = jax.random.normal(jax.random.key(config.seed), (len(face_index), sd.unet.in_channels, size, size))
-    constants = jax.device_put(dict(ids=jnp.asarray(ids[prompt_index]), positions=jnp.asarray(positions[prompt_index]),
-                                    uncond=token_ids([""] * len(face_index), tokenizer), noise=noise,
+    size = config.data.resolution // sd.vae_scale_factor
+    noise = jax.random.normal(jax.random.key(config.seed), (len(face_index), sd.latent_channels, size, size))
+    constants = jax.device_put(dict(ids=jax.tree.map(lambda x: jnp.asarray(x[prompt_index]), ids),
+                                    positions=jax.tree.map(lambda x: jnp.asarray(x[prompt_index]), positions),
+                                    uncond=sd.plain_ids([""] * len(face_index)), noise=noise,
                                     holdout=holdout, encoder_vars=encoder_vars), rep)
+    if sd.base == "flux":
+        sigmas = flow_schedule(lc.sample_steps, (size // 2) ** 2, sd.scheduler_config)[1]
+    else:
+        scheduler = DDIM.create(sd.scheduler_config, lc.sample_steps)
 
     def sample(trainable, frozen, c):
         params = merge(trainable, frozen)
@@ -365,10 +373,13 @@ def _sampler(config, models: Models, variables, frozen, data, mesh):
             encoders.identity_features(c["encoder_vars"], msid_input(c["holdout"]["face"]))
         tokens = encoders.identity_tokens(params, identity[face_index])
         conditioning = encoders.prompt_embeddings(params, c["ids"], c["positions"], tokens)
-        uncond = sd.negative_conditioning(encoders.prompt_embeddings(params, c["uncond"]), None)
-        size = config.data.resolution
-        latents = denoise(sd.unet, params["unet"], scheduler, c["noise"], sd.with_size(conditioning, size, size),
-                          sd.with_size(uncond, size, size), lc.sample_guidance)
+        if sd.base == "flux":
+            latents = flow_denoise(sd, params["transformer"], c["noise"], conditioning, sigmas, lc.sample_guidance)
+        else:
+            uncond = sd.negative_conditioning(encoders.prompt_embeddings(params, c["uncond"]), None)
+            size = config.data.resolution
+            latents = denoise(sd.unet, params["unet"], scheduler, c["noise"], sd.with_size(conditioning, size, size),
+                              sd.with_size(uncond, size, size), lc.sample_guidance)
         return decode_images(sd.vae, c["encoder_vars"]["vae"], latents, sd.vae_scaling_factor)
 
     sample = jax.jit(on_mesh(sample, mesh), out_shardings=rep)
