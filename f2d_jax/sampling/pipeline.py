@@ -188,6 +188,24 @@ def condition(encoders, variables, identity, expression, ids, positions, class_i
     return encoders.prompt_embeddings(variables, ids, positions, tokens)
 
 
+def denoising(sd) -> tuple[Callable, Callable]:
+    """A base's (`start`, `steps`): the UNet's with a scheduler, or FLUX.1's flow-matching ones."""
+    if sd.base == "flux":
+        return partial(flux_start, sd), partial(flux_steps, sd)
+    return partial(start, sd.unet), partial(steps, sd.unet)
+
+
+def schedule_for(sd, scheduler: str, steps: int, height: int, width: int):
+    """The schedule a base's steps take: the scheduler's state, or FLUX.1's (steps + 1,) sigmas for the size."""
+    if sd.base == "flux":
+        if scheduler != "euler":
+            raise ValueError(f"scheduler {scheduler!r}: FLUX.1 samples with the flow-matching Euler sampler "
+                             "('euler') only")
+        tokens = (height // sd.size_multiple) * (width // sd.size_multiple)
+        return jnp.asarray(flow_schedule(steps, tokens, sd.scheduler_config)[1])
+    return make_scheduler(scheduler, sd.scheduler_config, steps)
+
+
 def programs(models: Models, mesh: Mesh) -> Programs:
     """The programs, traced on `mesh` (the kernels and shardings of its platform): the encoders compile once
     per input shape; a batch's set-up, each denoising step (the program generation repeats) and its decode
@@ -196,8 +214,7 @@ def programs(models: Models, mesh: Mesh) -> Programs:
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     encoders, sd = models.encoders, models.sd
     jit = lambda fn, **shardings: jax.jit(on_mesh(fn, mesh), **shardings)  # noqa: E731
-    first, generate = (partial(flux_start, sd), partial(flux_steps, sd)) if sd.base == "flux" else \
-        (partial(start, sd.unet), partial(steps, sd.unet))
+    first, generate = denoising(sd)
     return Programs(
         identity=jit(encoders.identity_features), expression=jit(encoders.expression_codes),
         embed=jit(encoders.prompt_embeddings), condition=jit(partial(condition, encoders)),
@@ -220,27 +237,27 @@ def target_programs(config, devices, batch_per_device: int, *, dtype: str = "aut
     height = height or config.data.resolution or defaults["height"]
     width = width or height
     check_size(height, width, sd.size_multiple)
-    schedule = make_scheduler(scheduler or defaults["scheduler"], sd.scheduler_config, steps)
+    schedule = schedule_for(sd, scheduler or defaults["scheduler"], steps, height, width)
     n = batch_per_device * mesh.size
     rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     def laid_out(tree, sharding):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
-    ids = jax.ShapeDtypeStruct((n, sd.text_encoder.max_length), jnp.int32)
+    ids = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape[1:]), jnp.int32), sd.plain_ids([""]))
     conditioning = laid_out(jax.eval_shape(lambda v, i: sd.with_size(models.encoders.prompt_embeddings(v, i), height,
                                                                       width), variables, ids), batch)
     factor = sd.vae_scale_factor
-    noise = jax.ShapeDtypeStruct((n, sd.unet.in_channels, height // factor, width // factor), jnp.float32,
+    noise = jax.ShapeDtypeStruct((n, sd.latent_channels, height // factor, width // factor), jnp.float32,
                                  sharding=batch)
     keys = laid_out(jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32))), batch)
     schedule = laid_out(schedule, rep)
-    contexts, keys, (x, memory) = laid_out(jax.eval_shape(partial(start, sd.unet), schedule, noise, conditioning,
+    contexts, keys, (x, memory) = laid_out(jax.eval_shape(denoising(sd)[0], schedule, noise, conditioning,
                                                           conditioning, keys), batch)
     progs = programs(models, mesh)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)  # noqa: E731
-    generate = (laid_out(variables["unet"], rep), schedule, contexts, scalar(jnp.float32), keys, scalar(jnp.int32),
-                scalar(jnp.int32), x, memory)
+    generate = (laid_out(variables[sd.denoiser], rep), schedule, contexts, scalar(jnp.float32), keys,
+                scalar(jnp.int32), scalar(jnp.int32), x, memory)
     return [TargetProgram("denoising step", progs.generate, generate, batch_per_device, mesh),
             TargetProgram("decode", progs.decode, (laid_out(variables["vae"], rep), x), batch_per_device, mesh)]
 
@@ -452,17 +469,13 @@ class F2DPipeline:
         if conditioning["context"].shape[0] != n:
             raise ValueError(f"{conditioning['context'].shape[0]} conditionings but {n} seeds: give one seed per image")
         shape = self._check_latents(latents, n, height, width)
+        schedule = schedule_for(sd, scheduler, steps, height, width)
         if sd.base == "flux":
-            if scheduler != "euler":
-                raise ValueError(f"scheduler {scheduler!r}: FLUX.1 samples with the flow-matching Euler sampler "
-                                 "('euler') only")
             if negative_prompt is not None:
                 raise ValueError("FLUX.1 takes no negative prompt: its guidance is the transformer's guidance "
                                  "embedding (--guidance)")
-            schedule = jnp.asarray(flow_schedule(steps, (shape[2] // 2) * (shape[3] // 2), sd.scheduler_config)[1])
             uncond = conditioning   # unused by FLUX's steps
         else:
-            schedule = make_scheduler(scheduler, sd.scheduler_config, steps)
             uncond = sd.negative_conditioning(self.programs.embed(self.variables, sd.plain_ids([negative_prompt or ""])),
                                               negative_prompt)
         uncond = sd.with_size(jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape[1:])), uncond), height, width)
