@@ -297,3 +297,31 @@ def test_one_weights_source_at_most(capsys):
         app_cli.main(["--model", "my-model", "--config", "tiny"])
     assert raised.value.code == 2
     assert "give one of --checkpoint, --config and --model, not --config and --model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_page_on_flux_has_no_negative_prompt_one_sampler_and_makes_images():
+    """On FLUX.1 the page hides the negative prompt (FLUX takes none), offers its one sampler, labels the guidance
+    as the guidance embedding, and a request makes images with its defaults (3.5, "euler")."""
+    import argparse
+
+    from f2d_jax.app import page
+    from f2d_jax.sampling import F2DPipeline
+
+    pipe = F2DPipeline.from_config("tiny_flux", dtype="float32", log=lambda msg: None)
+    limits = page.limits_for(pipe)
+    assert (limits.defaults.guidance, limits.defaults.scheduler, limits.size_multiple) == (3.5, "euler", 16)
+    components = {c.get("props", {}).get("elem_id") or c.get("props", {}).get("label"): c["props"]
+                  for c in page.build(pipe, argparse.Namespace(), limits).config["components"]}
+    assert components["negative"]["visible"] is False
+    assert [choice[0] for choice in components["Sampler"]["choices"]] == ["euler"]
+    assert "Guidance (FLUX.1's guidance embedding)" in components
+    args = argparse.Namespace(checkpoint=None, config="tiny_flux", model=None)
+    d = limits.defaults
+    gallery, crops = page.generate_images(pipe, args, limits, [FACE], None, "a photo of f l", None, 2, 5, 2,
+                                          d.guidance, d.scheduler, 64, 48, 1.0, progress=False)
+    assert [caption for _, caption in gallery] == ["seed 5", "seed 6"] and len(crops) == 1
+    assert gallery[0][0].size == (48, 64) and json.loads(gallery[0][0].info["f2d_jax"])["guidance"] == 3.5
+    with pytest.raises(ValueError, match=r"^FLUX.1 takes no negative prompt"):
+        page.generate_images(pipe, args, limits, [FACE], None, "a photo of f l", "blurry", 1, 0, 1, d.guidance,
+                             d.scheduler, 64, 64, 1.0, progress=False)

@@ -24,7 +24,6 @@ from f2d_jax import InputWarning, usage
 from f2d_jax.faces import AlignedFace, align_face
 from f2d_jax.sampling import SCHEDULERS, F2DPipeline, seed_range
 from f2d_jax.sampling.metadata import png_text, weights_source
-from f2d_jax.text import identifier_prompts
 
 MAX_IMAGES = 8
 MAX_STEPS = 150
@@ -137,7 +136,7 @@ def generate_images(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits,
         raise ValueError("an expression photo needs the expression encoder's weights: start the app with "
                          "--expression (Deep3DFaceRecon's epoch_20.pth)")
     settings = checked_settings(limits, *sampling)
-    identifier_prompts(prompt, pipe.tokenizer)
+    pipe.models.sd.prompt_ids([prompt])   # a prompt without "f l" (or cut before it) is refused before the faces
     faces, expression = aligned_faces(photos, expression_photo)
     images = pipe.generate(faces, prompt, num_images=settings.num_images, seed=settings.seed, steps=settings.steps,
                            guidance_scale=settings.guidance, scheduler=settings.scheduler,
@@ -175,6 +174,7 @@ def build(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits) -> gr.Blo
     """The page, with the generate function as the API endpoint "generate"."""
     d = limits.defaults
     has_expression = "expression" in pipe.variables
+    flux = pipe.models.sd.base == "flux"   # no negative prompt, one sampler, the guidance embedding
 
     def generate(photos, expression_photo, prompt, negative_prompt, num_images, seed, steps, guidance, sampler,
                  height, width, identity_scale, progress=gr.Progress(track_tqdm=True)):
@@ -214,14 +214,15 @@ def build(pipe: F2DPipeline, args: argparse.Namespace, limits: Limits) -> gr.Blo
                     expression = gr.File(label="Expression photo", file_types=["image"], interactive=has_expression,
                                          elem_id="expression")
                 prompt = gr.Textbox(label="Prompt", info=PROMPT_HINT, placeholder=EXAMPLE_PROMPT, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative", visible=not flux)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Settings", open=True):
                     num_images = gr.Slider(1, MAX_IMAGES, value=d.num_images, step=1, label="Number of images")
                     seed = gr.Number(value=d.seed, precision=0, label="Seed (image j uses seed + j)")
                     steps = gr.Slider(1, MAX_STEPS, value=d.steps, step=1, label="Steps")
-                    guidance = gr.Slider(0, 20, value=d.guidance, step=0.5, label="Guidance scale")
-                    sampler = gr.Dropdown(list(SCHEDULERS), value=d.scheduler, label="Sampler")
+                    guidance = gr.Slider(0, 20, value=d.guidance, step=0.5,
+                                         label="Guidance (FLUX.1's guidance embedding)" if flux else "Guidance scale")
+                    sampler = gr.Dropdown(["euler"] if flux else list(SCHEDULERS), value=d.scheduler, label="Sampler")
                     size = dict(minimum=limits.size_multiple, maximum=limits.max_size, step=limits.size_multiple)
                     height = gr.Slider(value=d.height, label="Height", **size)
                     width = gr.Slider(value=d.width, label="Width", **size)
