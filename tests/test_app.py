@@ -322,6 +322,6 @@ def test_the_page_on_flux_has_no_negative_prompt_one_sampler_and_makes_images():
                                           d.guidance, d.scheduler, 64, 48, 1.0, progress=False)
     assert [caption for _, caption in gallery] == ["seed 5", "seed 6"] and len(crops) == 1
     assert gallery[0][0].size == (48, 64) and json.loads(gallery[0][0].info["f2d_jax"])["guidance"] == 3.5
-    with pytest.raises(ValueError, match=r"^FLUX.1 takes no negative prompt"):
+    with pytest.raises(ValueError, match=r"^FLUX.1 reads a negative prompt only with true classifier-free guidance"):
         page.generate_images(pipe, args, limits, [FACE], None, "a photo of f l", "blurry", 1, 0, 1, d.guidance,
                              d.scheduler, 64, 64, 1.0, progress=False)

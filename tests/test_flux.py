@@ -67,6 +67,7 @@ def test_the_tokens_split_between_clip_and_t5(flux):
     assert not np.allclose(other["context"], out["context"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_identity_scale_zero_is_the_class_prompt(flux):
     """Scale 0 writes what the encoders' inputs hold where "a person" stands: the conditioning of the prompt with
     "a person" in place of "f l", for CLIP and T5 alike."""
@@ -82,8 +83,13 @@ def test_flux_sampling_errors(flux):
     cond = ours.encode_prompt(FACE, "a photo of f l")
     with pytest.raises(ValueError, match=r"^scheduler 'ddim': FLUX.1 samples with the flow-matching Euler sampler"):
         ours.sample(cond, [0], steps=1, scheduler="ddim")
-    with pytest.raises(ValueError, match=r"^FLUX.1 takes no negative prompt"):
+    with pytest.raises(ValueError, match=r"^FLUX.1 reads a negative prompt only with true classifier-free guidance: "
+                                         r"give a true CFG scale above 1"):
         ours.sample(cond, [0], steps=1, negative_prompt="blurry")
+    for scale in (0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"^the true classifier-free guidance scale must be a finite number of "
+                                             r"at least 1 \(1: none\), got"):
+            ours.sample(cond, [0], steps=1, true_cfg_scale=scale)
     with pytest.raises(ValueError, match=r"this FLUX model's conditioning has \['context', 'pooled'\], got"):
         ours.sample(cond["context"], [0], steps=1)
     with pytest.raises(ValueError, match=r"height=72 is not possible: .* multiples of 16"):
@@ -105,6 +111,40 @@ def test_images_match_diffusers_flux_pipeline_given_our_embeddings(flux, parity)
                            latents=torch.from_numpy(np.asarray(pack_latents(jnp.asarray(latents)))),
                            num_inference_steps=6, guidance_scale=3.5, height=64, width=64, output_type="np").images
     assert_images_match(mine, reference, "tiny FLUX images vs diffusers' FluxPipeline, 6 steps", parity)
+
+
+@pytest.mark.slow
+def test_true_classifier_free_guidance_matches_diffusers(flux, parity):
+    """true_cfg_scale above 1 with a negative prompt: the velocity moves away from the negative prompt's, as
+    FluxPipeline's true_cfg_scale; without a negative prompt, away from the empty prompt's."""
+    import torch
+    from test_pipeline import assert_images_match
+
+    ours, theirs = flux
+    latents = np.asarray(jax.random.normal(jax.random.key(2), (1, 16, 8, 8)))
+    settings = dict(num_images=1, steps=4, latents=latents, progress=False, true_cfg_scale=4.0)
+    mine = ours.generate(FACE, PROMPTS[:1], negative_prompt="a painting", **settings)
+    cond = ours.encode_prompt(FACE, PROMPTS[:1])
+    negative = ours.programs.embed(ours.variables, ours.models.sd.plain_ids(["a painting"]))
+    embeds = dict(prompt_embeds=cond["context"], pooled_prompt_embeds=cond["pooled"],
+                  negative_prompt_embeds=negative["context"], negative_pooled_prompt_embeds=negative["pooled"])
+    with torch.no_grad():
+        reference = theirs(**{k: torch.tensor(np.asarray(v)) for k, v in embeds.items()}, true_cfg_scale=4.0,
+                           latents=torch.tensor(np.asarray(pack_latents(jnp.asarray(latents)))),
+                           num_inference_steps=4, guidance_scale=3.5, height=64, width=64, output_type="np").images
+    assert_images_match(mine, reference, "tiny FLUX images with true CFG 4 vs FluxPipeline, 4 steps", parity)
+    plain = ours.generate(FACE, PROMPTS[:1], num_images=1, steps=4, latents=latents, progress=False)
+    empty = ours.generate(FACE, PROMPTS[:1], negative_prompt="", **settings)
+    np.testing.assert_array_equal(ours.generate(FACE, PROMPTS[:1], **settings), empty)
+    assert np.abs(empty.astype(int) - plain.astype(int)).max() > 8
+
+
+@pytest.mark.slow
+def test_true_cfg_is_flux_only():
+    pipe = F2DPipeline.from_config("tiny", dtype="float32", log=lambda msg: None)
+    with pytest.raises(ValueError, match=r"^true_cfg_scale=2 is FLUX.1's; a Stable Diffusion base's classifier-free "
+                                         r"guidance is the guidance scale"):
+        pipe.generate(FACE, "a photo of f l", num_images=1, steps=1, true_cfg_scale=2.0, progress=False)
 
 
 @pytest.mark.slow
@@ -139,3 +179,21 @@ def test_tiny_flux_trains_resumes_shards_samples_and_packages(tmp_path, capsys, 
     _assert_close(load_trained(tmp_path / "sharded")[1], load_trained(tmp_path / "resumed", 2)[1], atol=1e-6)
 
     assert_generates(tmp_path / "whole", tmp_path, (3.5, "euler"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "tiny_flux", "--negative-prompt", "blurry"],
+     "error: FLUX.1 reads a negative prompt only with true classifier-free guidance: give a true CFG scale above 1"),
+    (["--config", "tiny_flux", "--true-cfg", "0.5"],
+     "error: the true classifier-free guidance scale must be a finite number of at least 1 (1: none), got 0.5"),
+    (["--config", "tiny", "--true-cfg", "2"],
+     "error: --true-cfg is FLUX.1's; a Stable Diffusion base's classifier-free guidance is --guidance"),
+    (["--config", "tiny_flux", "--height", "72"], "error: height=72 is not possible: height and width must be "
+                                                  "positive multiples of 16"),
+])
+def test_sample_py_flux_mistakes_are_one_line_before_loading(tmp_path, capsys, argv, message):
+    from test_pipeline import sample_errors
+
+    err = sample_errors(capsys, [*argv, "--image", FACE, "--prompt", "a photo of f l", "--out",
+                                 str(tmp_path / "o.png"), "--steps", "1", "-n", "1"])
+    assert err[-1].startswith(message) and not any(line.startswith("sd:") for line in err), err

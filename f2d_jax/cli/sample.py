@@ -38,19 +38,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="images generated at a time; it changes neither "
                         "seeds nor pictures, only the memory used (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps, 1 to 1000 (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
-                        "(default: the base's: 7 on SD 1.x (official), 7.5 on SD 2.x, 5 on SDXL)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; on FLUX.1 "
+                        "the transformer's guidance embedding (default: the base's: 7 on SD 1.x (official), 7.5 on "
+                        "SD 2.x, 5 on SDXL, 3.5 on FLUX.1-dev)")
+    parser.add_argument("--true-cfg", type=float, default=1.0, help="FLUX.1: classifier-free guidance against "
+                        "--negative-prompt (the empty prompt if none) above 1, at twice the work, as FluxPipeline's "
+                        "true_cfg_scale (default: %(default)s: none)")
     parser.add_argument("--scheduler", default=None, help="euler_a, euler, ddim or dpm++2m (default: the base's: "
-                        "euler_a on SD 1.x (official), the scheduler its directory names on SD 2.x and SDXL)")
+                        "euler_a on SD 1.x (official), the scheduler its directory names on SD 2.x and SDXL; "
+                        "FLUX.1 samples with euler, the flow-matching Euler sampler, only)")
     parser.add_argument("--negative-prompt", help="(default: none: the empty prompt's conditioning, zeros on SDXL, as "
-                        "diffusers' pipelines; --negative-prompt '' encodes the empty prompt on SDXL too)")
+                        "diffusers' pipelines; --negative-prompt '' encodes the empty prompt on SDXL too; FLUX.1 "
+                        "reads it only with --true-cfg above 1)")
     parser.add_argument("--identity-scale", type=float, default=1.0, help="how much of the person the \"f l\" "
                         "tokens carry: 0 draws the class (the prompt with \"a person\" for \"f l\"), 1 the person "
                         "as trained, values in between interpolate the tokens; above 1 extrapolates (with a "
                         "warning); at least 0 (default: %(default)s)")
     parser.add_argument("--expression-image", help="photo whose facial expression to use (needs --expression)")
-    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the base's "
-                        "training size, 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL, or the --config's or "
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8, of 16 on FLUX.1 (default: the base's "
+                        "training size, 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL and FLUX.1, or the --config's or "
                         "--checkpoint's training resolution; SDXL's size conditioning follows it)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: as --height)")
     cli.add_weights(parser)
@@ -74,7 +80,7 @@ def save(images, args, pipe, out: Path) -> None:
                     expression_image=str(Path(args.expression_image).resolve()) if args.expression_image else None,
                     steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                     identity_scale=args.identity_scale, negative_prompt=args.negative_prompt,
-                    height=images.shape[1], width=images.shape[2])
+                    true_cfg_scale=args.true_cfg, height=images.shape[1], width=images.shape[2])
     source = weights_source(args, pipe)
     seeds = range(args.seed, args.seed + args.num_images)
     rows = len(args.prompt) if len(args.prompt) > 1 else max(1, int(math.sqrt(len(images))))
@@ -112,8 +118,8 @@ def compile_for_target(args) -> int:
 
 def check(args) -> None:
     """The cheap checks, before any weights load: a ValueError names the first mistake."""
-    from f2d_jax.bundle import size_multiple
-    from f2d_jax.sampling import check_identity_scale, check_sampling, check_size, seed_range
+    from f2d_jax.bundle import flux_base, size_multiple
+    from f2d_jax.sampling import check_identity_scale, check_sampling, check_size, check_true_cfg, seed_range
     from f2d_jax.text import identifier_prompts
 
     if Path(args.out).suffix.lower() != ".png":
@@ -132,6 +138,10 @@ def check(args) -> None:
                          "official msid.pt and mapping.pt, with --sd)")
     config = cli.named_config(args)
     multiple = size_multiple(config)
+    if flux_base(config):
+        check_true_cfg(args.true_cfg, args.negative_prompt)
+    elif args.true_cfg != 1:
+        raise ValueError("--true-cfg is FLUX.1's; a Stable Diffusion base's classifier-free guidance is --guidance")
     check_size(multiple if args.height is None else args.height, multiple if args.width is None else args.width,
                multiple)
     if args.expression_image and not config["weights"]["expression"]:
@@ -156,7 +166,7 @@ def _sample(args) -> int:
                            guidance_scale=args.guidance, scheduler=args.scheduler,
                            negative_prompt=args.negative_prompt, expression_image=expression,
                            height=height, width=width, batch_size=args.batch_size,
-                           identity_scale=args.identity_scale)
+                           identity_scale=args.identity_scale, true_cfg_scale=args.true_cfg)
     out = Path(args.out)
     save(images, args, pipe, out)
     print(f"wrote {out}" + (f" and {len(images)} images in {args.out_dir}" if args.out_dir else ""), file=sys.stderr)

@@ -54,23 +54,36 @@ def denoise(unet, unet_params, scheduler, latents, context, uncond_context, guid
 
 
 def flux_start(flux, sigmas, latents, context, uncond_context, key=None):
-    """FLUX.1's `start`, for the same calls: (the conditioning in the transformer's dtype, keys, (x, ())).
-    The flow-matching Euler steps draw no noise and keep no memory; the guidance is the transformer's guidance
-    embedding, so `uncond_context` is not used."""
-    del sigmas, uncond_context
+    """FLUX.1's `start`, for the same calls: (contexts in the transformer's dtype, keys, (x, ())). The contexts
+    are the conditioning, or with an `uncond_context` (not None) both, [uncond; cond], for true classifier-free
+    guidance. The flow-matching Euler steps draw no noise and keep no memory."""
+    del sigmas
     keys = key if key is not None else jax.random.key(0)
     keys = jax.random.split(keys, latents.shape[0]) if keys.ndim == 0 else keys
-    context = jax.tree.map(lambda x: x.astype(flux.transformer.dtype), context)
-    return context, keys, (latents.astype(jnp.float32), ())
+    contexts = context if uncond_context is None else \
+        jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_context, context)
+    contexts = jax.tree.map(lambda x: x.astype(flux.transformer.dtype), contexts)
+    return contexts, keys, (latents.astype(jnp.float32), ())
 
 
-def flux_steps(flux, params, sigmas, context, guidance, keys, first, last, x, memory):
+def flux_steps(flux, params, sigmas, contexts, guidance, keys, first, last, x, memory):
     """FLUX.1's `steps`: Euler steps first .. last - 1 (traced bounds) of the flow from sigmas[first] to
-    sigmas[last] (`flow_match.flow_schedule`'s), the velocity `flux.predict` under `context` with the guidance
-    embedding `guidance` (FLUX.1-dev; unused by schnell)."""
+    sigmas[last] (`flow_match.flow_schedule`'s), the velocity `flux.predict`'s under `contexts` with the guidance
+    embedding guidance[0] (FLUX.1-dev; unused by schnell). When `contexts` holds twice x's rows ([uncond; cond],
+    `flux_start`'s), the velocity is v_uncond + guidance[1] (v_cond - v_uncond), FluxPipeline's true
+    classifier-free guidance (`guidance`: (2,) then, else a scalar or (1,))."""
     del keys
-    return flow_match.sample(lambda x, sigma: flux.predict(params, x, sigma, context, guidance), x, sigmas,
-                             first, last), memory
+    guidance = jnp.reshape(jnp.asarray(guidance, jnp.float32), (-1,))
+    true_cfg = jax.tree.leaves(contexts)[0].shape[0] != x.shape[0]
+
+    def velocity(x, sigma):
+        if not true_cfg:
+            return flux.predict(params, x, sigma, contexts, guidance[0])
+        both = flux.predict(params, jnp.concatenate([x, x]), sigma, contexts, guidance[0]).astype(jnp.float32)
+        uncond, cond = jnp.split(both, 2)
+        return uncond + guidance[-1] * (cond - uncond)
+
+    return flow_match.sample(velocity, x, sigmas, first, last), memory
 
 
 def flow_denoise(flux, params, noise, conditioning, sigmas, guidance=None):

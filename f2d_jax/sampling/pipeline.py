@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from f2d_jax import InputWarning
 from f2d_jax.bundle import Models, abstract_models, compute_dtype, load_models
+from f2d_jax.models.flux_bundle import is_flux
 from f2d_jax.config import MAX_SEED, OFFICIAL_CONFIG, config_from_dict, f2d_config, load_config
 from f2d_jax.convert.package import FILES, is_package, package_weights, save_package
 from f2d_jax.faces import AlignedFace, align_face, expression_input, msid_input
@@ -58,6 +59,7 @@ from f2d_jax.text import CLASS_WORDS
 from f2d_jax.workdir import check_f2d_run, is_workdir, load_trained
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
+FLUX_CONFIG = "f2d_flux"   # the model sizes of a FLUX.1 base given without a config
 # Fits SD v1.4 at 512 px on a 16 GB accelerator: 8 images are 16 UNet rows with classifier-free guidance,
 # about 5 GiB of bfloat16 activations (XLA assigns 10.2 GiB in float32) and 1.7 GiB of UNet and VAE weights.
 DEFAULT_BATCH_SIZE = 8
@@ -113,6 +115,17 @@ def check_sampling(steps: int, guidance_scale: float | None, scheduler: str | No
         raise ValueError(f"the guidance scale must be a finite number, got {guidance_scale}")
     if batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+
+
+def check_true_cfg(scale: float, negative_prompt: str | None) -> None:
+    """FLUX.1's true classifier-free guidance: a scale of at least 1 (1: none); a negative prompt only with a
+    scale above 1, where it is what the guidance moves away from."""
+    if not (math.isfinite(scale) and scale >= 1):
+        raise ValueError(f"the true classifier-free guidance scale must be a finite number of at least 1 (1: none), "
+                         f"got {scale}")
+    if negative_prompt is not None and scale == 1:
+        raise ValueError("FLUX.1 reads a negative prompt only with true classifier-free guidance: give a true CFG "
+                         "scale above 1 (--true-cfg 4, true_cfg_scale=4.0), or no negative prompt")
 
 
 def check_identity_scale(scale: float) -> None:
@@ -310,12 +323,12 @@ class F2DPipeline:
     def from_pretrained(cls, sd: str | None = None, mapping: str | None = None, msid: str | None = None,
                         expression: str | None = None, *, model=None, config=None, dtype: str = "auto") -> F2DPipeline:
         """`model`: a packaged model's folder (`save_pretrained`, `f2d-convert package`): its config and
-        weights, on the base Stable Diffusion it names. Without it: Stable Diffusion `sd` (default
-        CompVis/stable-diffusion-v1-4) from a local diffusers directory or hub id; MSID and mapping weights
+        weights, on the base it names. Without it: the base `sd`, Stable Diffusion (default
+        CompVis/stable-diffusion-v1-4) or FLUX.1, from a local diffusers directory or hub id; MSID and mapping weights
         as the official .pt / .safetensors, our .msgpack or an `f2d_jax.convert import` directory; `mapping`
         may also be a training workdir (its latest checkpoint). `expression`: Deep3DFaceRecon's checkpoint,
-        needed only for `expression_image`. `config`: model sizes (default: the paper's). With `model`, the
-        weights given replace the folder's (sd= when its base is a path on another machine)."""
+        needed only for `expression_image`. `config`: model sizes (default: the paper's, f2d_flux's on FLUX.1).
+        With `model`, the weights given replace the folder's (sd= when its base is a path on another machine)."""
         if model is not None:
             if config is not None:
                 raise WeightsError("a packaged model brings its own config: give model= or config=, not both")
@@ -329,10 +342,11 @@ class F2DPipeline:
         if mapping is not None and is_workdir(mapping):
             return cls.from_checkpoint(mapping, dtype=dtype, sd=DEFAULT_SD if sd is None else sd, msid=msid,
                                        expression=expression)
+        sd = DEFAULT_SD if sd is None else sd
         config = f2d_config(config, config if isinstance(config, (str, os.PathLike)) else "config") \
-            if config is not None else load_config(OFFICIAL_CONFIG)
+            if config is not None else load_config(FLUX_CONFIG if is_flux(sd) else OFFICIAL_CONFIG)
         config = ml_collections.ConfigDict(config.to_dict())
-        config.weights.update(sd=DEFAULT_SD if sd is None else sd, msid=msid or "", mapping=mapping or "",
+        config.weights.update(sd=sd, msid=msid or "", mapping=mapping or "",
                               expression=expression or "")
         missing = [name for name in ("msid", "mapping") if not config.weights[name]]
         if missing:
@@ -428,13 +442,16 @@ class F2DPipeline:
                  seed: int = 0, steps: int = 30, guidance_scale: float | None = None, scheduler: str | None = None,
                  negative_prompt: str | None = None, expression_image: FaceInput | None = None, latents=None,
                  height: int | None = None, width: int | None = None, progress: bool = True,
-                 batch_size: int = DEFAULT_BATCH_SIZE, identity_scale: float = 1.0) -> np.ndarray:
+                 batch_size: int = DEFAULT_BATCH_SIZE, identity_scale: float = 1.0,
+                 true_cfg_scale: float = 1.0) -> np.ndarray:
         """(len(prompts) * num_images, height, width, 3) uint8 images, prompt-major; image j of every prompt
-        uses seed + j. `latents`: (that many, 4, height / 8, width / 8) initial noise (default: from the seeds).
-        `batch_size` images are made at a time; it changes neither the seeds nor the pictures. Settings left
-        None are the base's defaults (a width left None is the height). Without a negative prompt the
+        uses seed + j. `latents`: (that many, channels, height / 8, width / 8) initial noise (default: from the
+        seeds). `batch_size` images are made at a time; it changes neither the seeds nor the pictures. Settings
+        left None are the base's defaults (a width left None is the height). Without a negative prompt the
         unconditional branch is the empty prompt's, zeros on SDXL (as diffusers' pipelines do).
-        `identity_scale`: see `encode_prompt`."""
+        `identity_scale`: see `encode_prompt`. FLUX.1: `guidance_scale` is the transformer's guidance embedding;
+        `true_cfg_scale` above 1 adds classifier-free guidance against the negative prompt (the empty prompt when
+        none is given), as FluxPipeline's true_cfg_scale, at twice the work."""
         guidance_scale, scheduler, height, width = self.settings(guidance_scale, scheduler, height, width)
         check_size(height, width, self.size_multiple)
         prompts = _as_list(prompt)
@@ -443,11 +460,12 @@ class F2DPipeline:
         conditioning = jax.tree.map(lambda x: np.repeat(np.asarray(x), num_images, axis=0),
                                     self.encode_prompt(image, prompts, expression_image, identity_scale))
         return self.sample(conditioning, seeds, steps, guidance_scale, scheduler, negative_prompt, latents, height,
-                           width, progress, batch_size)
+                           width, progress, batch_size, true_cfg_scale)
 
     def sample(self, conditioning, seeds: Sequence[int], steps: int = 30, guidance_scale: float | None = None,
                scheduler: str | None = None, negative_prompt: str | None = None, latents=None, height: int | None = None,
-               width: int | None = None, progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+               width: int | None = None, progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+               true_cfg_scale: float = 1.0) -> np.ndarray:
         """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s dict, or its (N, 77, D)
         context alone for SD 1.x and 2.x) and N seeds (each in 0..2^32 - 1), `batch_size` at a time.
 
@@ -471,16 +489,19 @@ class F2DPipeline:
         shape = self._check_latents(latents, n, height, width)
         schedule = schedule_for(sd, scheduler, steps, height, width)
         if sd.base == "flux":
-            if negative_prompt is not None:
-                raise ValueError("FLUX.1 takes no negative prompt: its guidance is the transformer's guidance "
-                                 "embedding (--guidance)")
-            uncond = conditioning   # unused by FLUX's steps
+            check_true_cfg(true_cfg_scale, negative_prompt)
+            uncond = None if true_cfg_scale == 1 else self.programs.embed(self.variables,
+                                                                          sd.plain_ids([negative_prompt or ""]))
+            guidance = jnp.asarray([guidance_scale, true_cfg_scale], jnp.float32)
         else:
+            if true_cfg_scale != 1:
+                raise ValueError(f"true_cfg_scale={true_cfg_scale:g} is FLUX.1's; a Stable Diffusion base's "
+                                 "classifier-free guidance is the guidance scale")
+            guidance = jnp.float32(guidance_scale)
             uncond = sd.negative_conditioning(self.programs.embed(self.variables, sd.plain_ids([negative_prompt or ""])),
                                               negative_prompt)
         uncond = sd.with_size(jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape[1:])), uncond), height, width)
         conditioning = sd.with_size(conditioning, height, width)
-        guidance = jnp.float32(guidance_scale)
         latents = None if latents is None else np.asarray(latents, np.float32)
         # Every batch has `size` rows, a multiple of the local devices: the last one is padded (with the
         # first images, dropped after), so the programs compile once.
@@ -530,12 +551,14 @@ class F2DPipeline:
                  guidance_scale: float | None = None, scheduler: str | None = None, negative_prompt: str | None = None,
                  expression_image=None, latents=None, height: int | None = None, width: int | None = None,
                  progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
-                 identity_scale: float = 1.0) -> list[Image.Image]:
+                 identity_scale: float = 1.0, true_cfg_scale: float = 1.0) -> list[Image.Image]:
         """PIL images (see `generate`)."""
         images = self.generate(image, prompt, num_images, seed, steps, guidance_scale, scheduler, negative_prompt,
-                               expression_image, latents, height, width, progress, batch_size, identity_scale)
+                               expression_image, latents, height, width, progress, batch_size, identity_scale,
+                               true_cfg_scale)
         return [Image.fromarray(x) for x in images]
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SD", "F2DPipeline", "MAX_SEED", "NonFiniteImagesError", "WeightsError",
-           "as_seeds", "check_identity_scale", "check_sampling", "check_size", "seed_range", "with_weights"]
+           "as_seeds", "check_identity_scale", "check_sampling", "check_size", "check_true_cfg", "seed_range",
+           "with_weights"]
