@@ -48,8 +48,8 @@ from f2d_jax.convert.layout import TorchLayout, from_torch, to_torch
 from f2d_jax.models.attention import attention, check_implementation
 from f2d_jax.models.layers import LayerNorm
 from f2d_jax.models.sd_bundle import abstract_module, cast
-from f2d_jax.models.sd_config import UnsupportedConfigError, _options
-from f2d_jax.models.stable_diffusion import _download, _local_or_hub, _read_json, _write_config
+from f2d_jax.models.sd_config import UnsupportedConfigError, config_options
+from f2d_jax.models.stable_diffusion import download, local_or_hub, read_json, write_config
 from f2d_jax.models.unet import TimestepEmbedding, timestep_embedding
 
 CLASS_NAME = "FluxTransformer2DModel"
@@ -340,7 +340,7 @@ def build_transformer(config: dict, *, dtype=jnp.float32, attention: str = "auto
     name = config.get("_class_name", CLASS_NAME)
     if name != CLASS_NAME:
         raise UnsupportedConfigError(f"transformer config: _class_name {name!r}; expected a {CLASS_NAME} config")
-    options = _options("transformer", config, FluxTransformer2DModel, {})
+    options = config_options("transformer", config, FluxTransformer2DModel, {})
     return FluxTransformer2DModel(**options, attention=check_implementation(attention), dtype=dtype)
 
 
@@ -367,12 +367,12 @@ def load_transformer(path_or_hub_id, *, dtype=jnp.float32, attention: str = "aut
     config or the weights, UnsupportedConfigError for a config of another model, CheckpointMismatchError for
     weights that do not fit the config.
     """
-    root, name = _local_or_hub(path_or_hub_id, f"{CLASS_NAME} folder")
+    root, name = local_or_hub(path_or_hub_id, f"{CLASS_NAME} folder")
     if root is None:
         files = (CONFIG_FILE, WEIGHTS_FILE, SHARDED_WEIGHTS_FILE, "diffusion_pytorch_model-*.safetensors")
-        root = _download(name, revision, [f"{prefix}{file}" for prefix in ("", "transformer/") for file in files], {})
+        root = download(name, revision, [f"{prefix}{file}" for prefix in ("", "transformer/") for file in files], {})
     folder = _transformer_folder(root)
-    module = build_transformer(_read_json(folder / CONFIG_FILE), dtype=dtype, attention=attention)
+    module = build_transformer(read_json(folder / CONFIG_FILE), dtype=dtype, attention=attention)
     weights = next((folder / f for f in (WEIGHTS_FILE, SHARDED_WEIGHTS_FILE) if (folder / f).is_file()), None)
     if weights is None:
         raise TransformerFolderError(f"no transformer weights in {folder}: expected {WEIGHTS_FILE} or "
@@ -387,6 +387,6 @@ def save_transformer(module: FluxTransformer2DModel, params: dict, folder) -> Pa
     diffusion_pytorch_model.safetensors in PyTorch's layout), which diffusers' `from_pretrained` and
     `load_transformer` read."""
     folder = Path(folder)
-    _write_config(module.config, CLASS_NAME, folder / CONFIG_FILE)
+    write_config(module.config, CLASS_NAME, folder / CONFIG_FILE)
     io.write_state_dict(to_torch(params, FLUX_LAYOUT), folder / WEIGHTS_FILE)
     return folder

@@ -30,7 +30,7 @@ from f2d_jax.models.sd_bundle import abstract_module, cast, random_params
 from f2d_jax.models.bases import SD14_CLIP
 from f2d_jax.models.sd_config import (FLUX_VAE, TINY_CONFIGS, TINY_FLUX_VAE, UnsupportedConfigError, clip_text_fields,
                                       vae_options)
-from f2d_jax.models.stable_diffusion import _download, _local_or_hub, _read_json, load_component
+from f2d_jax.models.stable_diffusion import download, local_or_hub, read_json, load_component
 from f2d_jax.models.t5 import T5_XXL, TINY_T5, T5Encoder, load_t5, t5_fields
 from f2d_jax.models.vae import AutoencoderKL
 
@@ -210,16 +210,16 @@ def is_flux(path_or_hub_id) -> bool:
         return "flux" in os.fspath(path_or_hub_id).lower()
     index = path / "model_index.json"
     if index.is_file():
-        return _read_json(index).get("_class_name") in PIPELINE_CLASSES
+        return read_json(index).get("_class_name") in PIPELINE_CLASSES
     return (path / "transformer").is_dir() and (path / "text_encoder_2").is_dir()
 
 
 def resolve(path_or_hub_id, revision: str | None = None) -> Path:
     """A local FLUX folder, or a hub id downloaded with the configs, tokenizers and safetensors weights."""
-    root, name = _local_or_hub(path_or_hub_id, "FLUX pipeline folder")
+    root, name = local_or_hub(path_or_hub_id, "FLUX pipeline folder")
     if root is not None:
         return root
-    return _download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*", "scheduler/*.json",
+    return download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*", "scheduler/*.json",
                                       *(f"{c}/*.json" for c in COMPONENTS), *(f"{c}/*.safetensors" for c in COMPONENTS)],
                      {})
 
@@ -230,16 +230,16 @@ def flux_bundle_configs(path_or_hub_id, revision: str | None = None) -> dict:
     name = os.fspath(path_or_hub_id)
     if name in PUBLISHED and not Path(name).exists():
         return copy.deepcopy(PUBLISHED[name])
-    root, hub_id = _local_or_hub(path_or_hub_id, "FLUX pipeline folder")
+    root, hub_id = local_or_hub(path_or_hub_id, "FLUX pipeline folder")
     if root is None:
-        root = _download(hub_id, revision, ["model_index.json", "scheduler/*.json",
+        root = download(hub_id, revision, ["model_index.json", "scheduler/*.json",
                                             *(f"{c}/config.json" for c in COMPONENTS)], {})
     return flux_configs(root)
 
 
 def flux_configs(root: Path) -> dict:
-    configs = {name: _read_json(root / name / "config.json") for name in COMPONENTS}
-    configs["scheduler"] = _read_json(root / "scheduler" / "scheduler_config.json")
+    configs = {name: read_json(root / name / "config.json") for name in COMPONENTS}
+    configs["scheduler"] = read_json(root / "scheduler" / "scheduler_config.json")
     return configs
 
 

@@ -114,7 +114,7 @@ _EQUIVALENT = {"act_fn": {"swish": "silu"}}
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
 
-def _options(name: str, config: dict, module, torch_defaults: dict) -> dict:
+def config_options(name: str, config: dict, module, torch_defaults: dict) -> dict:
     """The config's options that `module` (a Flax module class) takes; raises for any that would be computed
     differently."""
     accepted = {f.name for f in dataclasses.fields(module)} - {"parent", "name", *module.OURS}
@@ -143,7 +143,7 @@ def _options(name: str, config: dict, module, torch_defaults: dict) -> dict:
 
 def unet_options(config: dict) -> dict:
     """The UNet2DConditionModel fields of a diffusers UNet config (SD 1.x, 2.x, SDXL)."""
-    kept = _options("unet", config, unet_module.UNet2DConditionModel, _UNET_TORCH_DEFAULTS)
+    kept = config_options("unet", config, unet_module.UNet2DConditionModel, _UNET_TORCH_DEFAULTS)
     layers = kept.get("transformer_layers_per_block", 1)
     if not all(isinstance(n, int) for n in (layers if isinstance(layers, tuple) else (layers,))):
         raise UnsupportedConfigError(f"unet config: transformer_layers_per_block={layers!r}: the Flax UNet takes "
@@ -153,7 +153,7 @@ def unet_options(config: dict) -> dict:
 
 def vae_options(config: dict) -> dict:
     """The AutoencoderKL fields of a diffusers VAE config."""
-    return _options("vae", config, vae_module.AutoencoderKL, _VAE_TORCH_DEFAULTS)
+    return config_options("vae", config, vae_module.AutoencoderKL, _VAE_TORCH_DEFAULTS)
 
 
 # Hugging Face CLIPTextConfig entry -> CLIPTextEncoder field.

@@ -123,7 +123,7 @@ def load_component(name: str, folder, target: dict, dtype=jnp.float32) -> dict:
     return cast(variables, dtype)
 
 
-def _write_config(config: dict, class_name: str, path: Path) -> None:
+def write_config(config: dict, class_name: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"_class_name": class_name, **config}, indent=2))
 
@@ -133,7 +133,7 @@ def save_stable_diffusion(sd: StableDiffusion, params: dict, directory) -> Path:
     `load_stable_diffusion` reads back (e.g. a tiny SD whose UNet was trained here)."""
     directory = Path(directory)
     for name, module, class_name in (("unet", sd.unet, "UNet2DConditionModel"), ("vae", sd.vae, "AutoencoderKL")):
-        _write_config(module.config, class_name, directory / name / CONFIG_FILES[name])
+        write_config(module.config, class_name, directory / name / CONFIG_FILES[name])
         io.write_flax(params[name]["params"], directory / name / WEIGHT_FILES[name][0])
     tokenizer = copy.deepcopy(sd.tokenizer())   # the loaded one is shared
     for (name, encoder), folder in zip(sd.text_encoders.items(), ("tokenizer", "tokenizer_2")):
@@ -150,7 +150,7 @@ def save_stable_diffusion(sd: StableDiffusion, params: dict, directory) -> Path:
     return directory
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -163,9 +163,9 @@ def _vocabulary(folder: Path) -> tuple[tuple[dict, list[str]], tuple[str, str]]:
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [line for line in lines if line.strip() and not line.startswith("#version")]
-        return (_read_json(folder / "vocab.json"), merges), ("vocab.json", "merges.txt")
+        return (read_json(folder / "vocab.json"), merges), ("vocab.json", "merges.txt")
     if (folder / "tokenizer.json").is_file():
-        model = _read_json(folder / "tokenizer.json").get("model") or {}
+        model = read_json(folder / "tokenizer.json").get("model") or {}
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         return (model.get("vocab", {}), merges), ("tokenizer.json", "tokenizer.json")
     raise FileNotFoundError(f"{folder} has no vocabulary: vocab.json and merges.txt, or tokenizer.json")
@@ -184,7 +184,7 @@ def _tokenizer_settings(folder: Path, vocabulary: Path | None = None) -> dict:
                                              f"{their_files[part]}: the text encoders are fed the same token ids, "
                                              "so both need one vocabulary")
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        pad = _read_json(folder / file).get("pad_token") if (folder / file).is_file() else None
+        pad = read_json(folder / file).get("pad_token") if (folder / file).is_file() else None
         if pad is not None:
             return {"pad_token": pad["content"] if isinstance(pad, dict) else pad}
     return {}
@@ -198,7 +198,7 @@ def _read_config(root: Path, name: str) -> dict:
     path = folder / CONFIG_FILES[name]
     if not path.is_file():
         raise FileNotFoundError(f"no {name} config at {path}")
-    return _read_json(path)
+    return read_json(path)
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -209,7 +209,7 @@ def _components(root: Path) -> tuple[str, ...]:
     return (*COMPONENTS, SECOND_ENCODER) if (root / SECOND_ENCODER).is_dir() else COMPONENTS
 
 
-def _local_or_hub(path_or_hub_id, what: str) -> tuple[Path | None, str | None]:
+def local_or_hub(path_or_hub_id, what: str) -> tuple[Path | None, str | None]:
     """(the local directory, None) or (None, the hub id); raises for a path that is neither."""
     path = Path(os.fspath(path_or_hub_id)).expanduser()
     if path.exists():
@@ -222,7 +222,7 @@ def _local_or_hub(path_or_hub_id, what: str) -> tuple[Path | None, str | None]:
     return None, name
 
 
-def _download(name: str, revision: str | None, patterns: list[str], folders: dict[str, str]) -> Path:
+def download(name: str, revision: str | None, patterns: list[str], folders: dict[str, str]) -> Path:
     """Snapshot of hub repo `name` with `patterns` and, for each folder ("unet/": "unet", folder prefix ->
     component) whose config it has, one weight format: safetensors, else Flax msgpack, else PyTorch .bin."""
     import huggingface_hub
@@ -247,18 +247,18 @@ def read_size_multiple(path_or_hub_id, tiny_base: str = "sd1", revision: str | N
     downloaded, not its weights); of the tiny random Stable Diffusion of `tiny_base` for an empty one."""
     if not path_or_hub_id:
         return size_multiple(TINY_BASES[tiny_base])
-    root, name = _local_or_hub(path_or_hub_id, "Stable Diffusion directory")
+    root, name = local_or_hub(path_or_hub_id, "Stable Diffusion directory")
     if root is None:
-        root = _download(name, revision, [f"{c}/{CONFIG_FILES[c]}" for c in ("unet", "vae")], {})
+        root = download(name, revision, [f"{c}/{CONFIG_FILES[c]}" for c in ("unet", "vae")], {})
     return size_multiple({c: _read_config(root, c) for c in ("unet", "vae")})
 
 
 def resolve(path_or_hub_id, revision: str | None = None) -> Path:
     """A local diffusers directory, or a hub id downloaded with only configs, tokenizer and one weight format."""
-    path, name = _local_or_hub(path_or_hub_id, "Stable Diffusion directory")
+    path, name = local_or_hub(path_or_hub_id, "Stable Diffusion directory")
     if path is not None:
         return path
-    return _download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*",
+    return download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*",
                                       f"scheduler/{CONFIG_FILES['scheduler']}"],
                      {f"{c}/": c for c in (*COMPONENTS, SECOND_ENCODER)})
 
@@ -269,9 +269,9 @@ def bundle_configs(path_or_hub_id, revision: str | None = None) -> tuple[dict, d
     needs no download either (models/bases.py)."""
     if os.fspath(path_or_hub_id) in PUBLISHED and not Path(os.fspath(path_or_hub_id)).exists():
         return copy.deepcopy(PUBLISHED[os.fspath(path_or_hub_id)]), {}
-    root, name = _local_or_hub(path_or_hub_id, "Stable Diffusion directory")
+    root, name = local_or_hub(path_or_hub_id, "Stable Diffusion directory")
     if root is None:
-        root = _download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*",
+        root = download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*",
                                           *(f"{c}/{CONFIG_FILES[c]}" for c in (*COMPONENTS, SECOND_ENCODER, "scheduler"))],
                          {})
     return _configs(root)
@@ -284,7 +284,7 @@ def _configs(root: Path) -> tuple[dict, dict]:
     configs["tokenizer"] = _tokenizer_settings(tokenizer)
     if SECOND_ENCODER in components:
         configs["tokenizer_2"] = _tokenizer_settings(root / "tokenizer_2", vocabulary=tokenizer)
-    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     return configs, dict(tokenizer_path=str(tokenizer),
                          force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt"))
 
@@ -331,10 +331,10 @@ def load_unet(path_or_hub_id, *, dtype=jnp.float32, attention: str = "auto", sub
     Float weights and the compute dtype become `dtype`. Raises FileNotFoundError for a missing
     folder, config or weight file, UnsupportedConfigError, CheckpointMismatchError as that does.
     """
-    root, name = _local_or_hub(path_or_hub_id, "UNet folder")
+    root, name = local_or_hub(path_or_hub_id, "UNet folder")
     if root is None:
         prefixes = [f"{subfolder.strip('/')}/"] if subfolder is not None else ["", "unet/"]
-        root = _download(name, revision, [], {p: "unet" for p in prefixes})
+        root = download(name, revision, [], {p: "unet" for p in prefixes})
     folder = _unet_folder(root, subfolder)
-    unet = build_unet(_read_json(folder / CONFIG_FILES["unet"]), dtype=dtype, attention=attention)
+    unet = build_unet(read_json(folder / CONFIG_FILES["unet"]), dtype=dtype, attention=attention)
     return unet, load_component("unet", folder, abstract_module(unet), dtype)

@@ -41,7 +41,7 @@ from f2d_jax.convert import io
 from f2d_jax.convert.layout import TorchLayout, from_torch, to_torch
 from f2d_jax.models.sd_bundle import cast
 from f2d_jax.models.sd_config import UnsupportedConfigError
-from f2d_jax.models.stable_diffusion import _download, _local_or_hub, _read_json
+from f2d_jax.models.stable_diffusion import download, local_or_hub, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = (
@@ -276,12 +276,12 @@ def load_t5(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None) -
     folder, config or weight file, UnsupportedConfigError for a config the module does not compute,
     CheckpointMismatchError for weights that do not fit the config.
     """
-    root, name = _local_or_hub(path_or_hub_id, "T5EncoderModel folder or FLUX pipeline folder")
+    root, name = local_or_hub(path_or_hub_id, "T5EncoderModel folder or FLUX pipeline folder")
     if root is None:
         files = (CONFIG_FILE, WEIGHT_FILES[0], WEIGHT_FILES[1], "model-*.safetensors")
-        root = _download(name, revision, [f"{prefix}{file}" for prefix in ("", f"{SUBFOLDER}/") for file in files], {})
+        root = download(name, revision, [f"{prefix}{file}" for prefix in ("", f"{SUBFOLDER}/") for file in files], {})
     folder = _t5_folder(root)
-    module = T5Encoder(**t5_fields(_read_json(folder / CONFIG_FILE)), dtype=dtype)
+    module = T5Encoder(**t5_fields(read_json(folder / CONFIG_FILE)), dtype=dtype)
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"no T5 encoder weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
