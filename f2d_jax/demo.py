@@ -23,6 +23,16 @@ from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
 from f2d_jax.text import PromptError, identifier_prompts
 
 
+def tiny_base(config):
+    """The modules of a config's tiny random base (Stable Diffusion of its tiny_base structure, or FLUX.1)."""
+    base = config.model.get("tiny_base", "sd1")
+    if base == "flux":
+        from f2d_jax.models.flux_bundle import TINY_FLUX_CONFIGS, build_flux
+        return build_flux(TINY_FLUX_CONFIGS, max_sequence_length=config.flux.max_sequence_length)
+    from f2d_jax.models.stable_diffusion import TINY_BASES, build
+    return build(TINY_BASES[base])
+
+
 @usage.command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="f2d-demo", description=__doc__,
@@ -45,9 +55,10 @@ def main(argv=None) -> int:
 
     enable(args.compile_cache)
     text_encoders = None
-    if not config.weights.sd:  # the text encoders of the config's tiny random Stable Diffusion
-        from f2d_jax.models.stable_diffusion import TINY_BASES, build
-        text_encoders = build(TINY_BASES[config.model.get("tiny_base", "sd1")]).text_encoders
+    if not config.weights.sd:  # the text encoders of the config's tiny random Stable Diffusion or FLUX
+        base = tiny_base(config)
+        text_encoders = base.text_encoders
+        input_ids, positions = base.prompt_ids([args.prompt])
     try:
         encoders = Encoders.from_config(config.model, text_encoders)
     except ValueError as e:
@@ -61,22 +72,29 @@ def main(argv=None) -> int:
         expression = encoders.expression_codes(variables, expression_images)
         tokens = encoders.identity_tokens(variables, identity)                    # null expression (inference)
         tokens_with_expression = encoders.identity_tokens(variables, identity, expression)
-        embeddings = encoders.prompt_embeddings(variables, input_ids, positions, tokens)["context"]
-        return identity, expression, tokens, tokens_with_expression, embeddings
+        conditioning = encoders.prompt_embeddings(variables, input_ids, positions, tokens)
+        return identity, expression, tokens, tokens_with_expression, conditioning
 
     start = time.perf_counter()
     outputs = jax.block_until_ready(condition(variables, jnp.asarray(msid_input(face.crop[None])),
                                               jnp.asarray(expression_input(face.expression_crop[None])),
                                               input_ids, positions))
-    identity, expression, tokens, tokens_with_expression, embeddings = outputs
+    identity, expression, tokens, tokens_with_expression, conditioning = outputs
     print(f"face       {face.source}: landmarks {face.landmarks.shape}, crops {face.crop.shape} and "
           f"{face.expression_crop.shape}")
     print(f"MSID       identity features          {identity.shape}")
     print(f"expression Deep3DFaceRecon code       {expression.shape}")
     print(f"mapping    'f l' tokens (null exp)    {tokens.shape}")
     print(f"mapping    'f l' tokens (photo's exp) {tokens_with_expression.shape}")
-    print(f"prompt     {args.prompt!r}: ids {input_ids.shape}, 'f' at position {int(positions[0])}")
-    print(f"CLIP       text embedding             {embeddings.shape}  (the UNet's encoder_hidden_states)")
+    clip_ids, clip_positions = (x["text_encoder"] if isinstance(x, dict) else x for x in (input_ids, positions))
+    print(f"prompt     {args.prompt!r}: ids {clip_ids.shape}, 'f' at position {int(clip_positions[0])}")
+    if "pooled" in conditioning:   # FLUX.1
+        print(f"T5         text embedding             {conditioning['context'].shape}  (the transformer's "
+              "encoder_hidden_states)")
+        print(f"CLIP       pooled embedding           {conditioning['pooled'].shape}  (its pooled_projections)")
+    else:
+        print(f"CLIP       text embedding             {conditioning['context'].shape}  (the UNet's "
+              "encoder_hidden_states)")
     print(f"({time.perf_counter() - start:.1f} s including compilation; config {args.config})")
     return 0
 

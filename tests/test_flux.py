@@ -197,3 +197,14 @@ def test_sample_py_flux_mistakes_are_one_line_before_loading(tmp_path, capsys, a
     err = sample_errors(capsys, [*argv, "--image", FACE, "--prompt", "a photo of f l", "--out",
                                  str(tmp_path / "o.png"), "--steps", "1", "-n", "1"])
     assert err[-1].startswith(message) and not any(line.startswith("sd:") for line in err), err
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_the_tiny_flux(capsys):
+    from f2d_jax.demo import main as demo_main
+
+    assert demo_main(["--config", "tiny_flux"]) == 0
+    out = capsys.readouterr().out
+    assert "mapping    'f l' tokens (null exp)    (1, 2, 64)" in out
+    assert "T5         text embedding             (1, 32, 32)  (the transformer's encoder_hidden_states)" in out
+    assert "CLIP       pooled embedding           (1, 32)  (its pooled_projections)" in out
