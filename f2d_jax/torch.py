@@ -1,4 +1,4 @@
-"""PyTorch side: Face2Diffusion's encoders conditioning diffusers' Stable Diffusion pipelines.
+"""PyTorch side: Face2Diffusion's encoders conditioning diffusers' Stable Diffusion and FLUX.1 pipelines.
 
 Export a JAX training run's mapping network in the official layout (MSID is frozen in training:
 use the official msid.pt; official mapping.pt files load the same way), then drive diffusers:
@@ -34,6 +34,19 @@ zeros (the pipeline's force_zeros_for_empty_prompt):
                                  negative_prompt="blurry")
     image = pipe(**embeds, num_inference_steps=30).images[0]
 
+On FLUX.1 (a FluxPipeline: T5 as text_encoder_2 and a transformer) the tokens are 768 + 4096 wide: the first
+768 go into CLIP ViT-L at "f l", whose pooled output is `pooled_prompt_embeds`, the rest into T5's input
+embeddings at the two tokens carrying "f" and "l", whose last hidden state is `prompt_embeds` (prompts padded
+to `max_sequence_length`, 512 as FluxPipeline's). FLUX takes no negative prompt; one given is encoded as
+`negative_prompt_embeds` and `negative_pooled_prompt_embeds` (used with true_cfg_scale > 1):
+
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
+    f2d = Face2DiffusionEncoder.from_pretrained(model="my-flux-model", device="cuda")
+    embeds = f2d.pipeline_embeds(pipe, "f l as a knight, oil painting", f2d.identity("me.jpg"))
+    image = pipe(**embeds, guidance_scale=3.5, num_inference_steps=28).images[0]
+
 `prompt_embeds(text_encoder, tokenizer, ...)` is the SD v1 route through one text encoder alone.
 Needs only torch (the `torch` extra), transformers and the face aligner; jax is never imported.
 """
@@ -49,6 +62,7 @@ from torch import nn
 from f2d_jax.convert import io
 from f2d_jax.faces import align_face, msid_input
 from f2d_jax.text import identifier_prompts, token_ids
+from f2d_jax.text_t5 import MAX_LENGTH, t5_identifier_prompts, t5_token_ids
 
 # ----------------------------------------------------------------------------- MSID (timm ViT)
 
@@ -259,12 +273,9 @@ def encode_text(text_encoder, input_ids, positions=None, tokens=None):
     input_ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
 
     def inject(module, args, hidden):  # (B, 77, D) embeddings
-        rows = torch.arange(len(hidden), device=device)[:, None]
         columns = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=device)[:, None] + \
             torch.arange(tokens.shape[1], device=device)
-        hidden = hidden.clone()
-        hidden[rows, columns] = tokens.to(device=device, dtype=hidden.dtype)
-        return hidden
+        return _write_tokens(hidden.clone(), columns, tokens)
 
     handle = text_transformer(text_encoder).embeddings.register_forward_hook(inject) if tokens is not None else None
     try:
@@ -274,11 +285,39 @@ def encode_text(text_encoder, input_ids, positions=None, tokens=None):
             handle.remove()
 
 
+def encode_t5(text_encoder, input_ids, positions=None, tokens=None) -> torch.Tensor:
+    """transformers T5EncoderModel's last hidden state (B, L, D) for (B, L) ids (FluxPipeline's `prompt_embeds`),
+    with `tokens` (B, K, D) written over the input embeddings at (B, K) `positions` before the blocks run (T5 adds
+    no position embedding: its attention's relative bias places every token)."""
+    device = text_encoder.device
+    input_ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
+    hidden = text_encoder.get_input_embeddings()(input_ids)  # (B, L, D)
+    if tokens is not None:
+        hidden = _write_tokens(hidden, torch.as_tensor(np.asarray(positions), dtype=torch.long, device=device), tokens)
+    return text_encoder(inputs_embeds=hidden).last_hidden_state
+
+
+def _write_tokens(hidden, columns, tokens) -> torch.Tensor:
+    """(B, T, D) `hidden` with hidden[b, columns[b, k]] = tokens[b, k] (columns (B, K), tokens (B, K, D)), in place."""
+    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
+    hidden[rows, columns] = tokens.to(device=hidden.device, dtype=hidden.dtype)
+    return hidden
+
+
 @torch.no_grad()
 def text_embeds(text_encoder, tokenizer, prompts: str | list[str]) -> torch.Tensor:
     """Plain prompts (no identity) -> (B, 77, D), e.g. a negative prompt for an SD v1 pipeline's
     `negative_prompt_embeds` (`Face2DiffusionEncoder.pipeline_embeds` makes those for any pipeline)."""
     return encode_text(text_encoder, token_ids(prompts, tokenizer)).last_hidden_state
+
+
+def is_flux_pipeline(pipe) -> bool:
+    """Whether a diffusers pipeline is FLUX.1's: a T5 text_encoder_2 (transformers' T5EncoderModel) and a
+    transformer."""
+    from transformers import T5EncoderModel
+
+    return isinstance(getattr(pipe, "text_encoder_2", None), T5EncoderModel) and \
+        getattr(pipe, "transformer", None) is not None
 
 
 def pipeline_text_encoders(pipe) -> list[tuple]:
@@ -379,10 +418,13 @@ class Face2DiffusionEncoder(nn.Module):
 
     @torch.no_grad()
     def pipeline_embeds(self, pipe, prompts: str | list[str], identity, expression=None,
-                        negative_prompt: str | list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Prompts with "f l" -> the keyword arguments of `pipe(...)` (a diffusers StableDiffusionPipeline or
-        StableDiffusionXLPipeline): `prompt_embeds` and `negative_prompt_embeds`, for SDXL also
-        `pooled_prompt_embeds` and `negative_pooled_prompt_embeds`.
+                        negative_prompt: str | list[str] | None = None, *,
+                        max_sequence_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
+        """Prompts with "f l" -> the keyword arguments of `pipe(...)` (a diffusers StableDiffusionPipeline,
+        StableDiffusionXLPipeline or FluxPipeline): `prompt_embeds` and `negative_prompt_embeds`, for SDXL also
+        `pooled_prompt_embeds` and `negative_pooled_prompt_embeds`; for FLUX `prompt_embeds` and
+        `pooled_prompt_embeds` (see `_flux_embeds`; `max_sequence_length`: T5's prompt length, FluxPipeline's
+        keyword of that name).
 
         The same as the pipeline's own `encode_prompt` with the "f l" tokens injected: each tokenizer's ids
         and padding; SD 1.x/2.x the text encoder's last hidden state; SDXL both encoders' hidden_states[-2]
@@ -391,19 +433,17 @@ class Face2DiffusionEncoder(nn.Module):
         per prompt), the empty prompt when None, or zeros when None and the pipeline's config sets
         force_zeros_for_empty_prompt (SDXL). `identity` is (1, F) or (B, F), as in `prompt_embeds`.
         """
+        if is_flux_pipeline(pipe):
+            return self._flux_embeds(pipe, prompts, identity, expression, negative_prompt, max_sequence_length)
         pairs = pipeline_text_encoders(pipe)
         penultimate = hasattr(pipe, "text_encoder_2")
         outputs = self._encode(pairs, prompts, identity, expression)
         embeds = torch.cat([_states(output, penultimate) for output in outputs], -1)
         pooled = _pooled(outputs) if penultimate else None
-        count = len(embeds)
         if negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False):
             negative, negative_pooled = torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
         else:
-            negatives = [negative_prompt or ""] * count if negative_prompt is None or isinstance(negative_prompt, str) \
-                else list(negative_prompt)
-            if len(negatives) != count:
-                raise ValueError(f"{len(negatives)} negative prompts for {count} prompts; give one or one per prompt")
+            negatives = _negatives("" if negative_prompt is None else negative_prompt, len(embeds))
             uncond = [encode_text(encoder, token_ids(negatives, tokenizer)) for encoder, tokenizer in pairs]
             negative = torch.cat([_states(output, penultimate) for output in uncond], -1)
             negative_pooled = _pooled(uncond) if penultimate else None
@@ -413,26 +453,67 @@ class Face2DiffusionEncoder(nn.Module):
             out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
         return {name: value.to(dtype) for name, value in out.items()}
 
-    def _encode(self, pairs, prompts, identity, expression) -> list:
-        """Each (text encoder, tokenizer)'s `encode_text` output for the prompts, with its slice of the "f l"
-        tokens' width (in order) written at the identifier that tokenizer finds."""
-        widths = [encoder.config.hidden_size for encoder, _ in pairs]
+    def _flux_embeds(self, pipe, prompts, identity, expression, negative_prompt,
+                     max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """`pipeline_embeds` for a diffusers FluxPipeline: `prompt_embeds` (B, max_sequence_length, 4096) and
+        `pooled_prompt_embeds` (B, 768), in T5's and CLIP's dtypes, as the pipeline's own `encode_prompt`
+        computes them with the "f l" tokens injected.
+
+        CLIP: ids as FluxPipeline makes them (77, padded to max length), the tokens' first width written at "f l"
+        (token + position embeddings), its `pooler_output`. T5: ids from the pipeline's tokenizer_2 padded to
+        `max_sequence_length` (as the pipeline's keyword), the rest of the width written into the input
+        embeddings at the two tokens carrying "f" and "l", its last hidden state. A `negative_prompt` (one
+        string, or one per prompt; FLUX uses it with true_cfg_scale > 1) adds `negative_prompt_embeds` and
+        `negative_pooled_prompt_embeds`, its plain encodings.
+        """
+        clip, t5 = pipe.text_encoder, pipe.text_encoder_2
+        width = clip.config.hidden_size
+        clip_ids, clip_positions = identifier_prompts(prompts, pipe.tokenizer)
+        t5_ids, t5_positions = t5_identifier_prompts(prompts, pipe.tokenizer_2, max_sequence_length)
+        tokens = self._tokens(identity, expression, [width, t5.config.d_model], len(clip_ids), "base model")
+        out = dict(prompt_embeds=encode_t5(t5, t5_ids, t5_positions, tokens[..., width:]).to(t5.dtype),
+                   pooled_prompt_embeds=encode_text(clip, clip_ids, clip_positions,
+                                                    tokens[..., :width]).pooler_output.to(clip.dtype))
+        if negative_prompt is not None:
+            negatives = _negatives(negative_prompt, len(clip_ids))
+            out.update(negative_prompt_embeds=encode_t5(
+                           t5, t5_token_ids(negatives, pipe.tokenizer_2, max_sequence_length)).to(t5.dtype),
+                       negative_pooled_prompt_embeds=encode_text(
+                           clip, token_ids(negatives, pipe.tokenizer)).pooler_output.to(clip.dtype))
+        return out
+
+    def _tokens(self, identity, expression, widths: list[int], count: int, base: str) -> torch.Tensor:
+        """(count, 2, sum(widths)) "f l" tokens for `count` prompts, checked against the text encoders' widths."""
         tokens = self.identity_tokens(identity, expression)
         if tokens.shape[-1] != sum(widths):
             wide = (f"text encoder is {widths[0]} wide" if len(widths) == 1 else
                     f"text encoders are {' + '.join(map(str, widths))} = {sum(widths)} wide together")
             raise ValueError(f"the mapping network writes {tokens.shape[-1]}-dim tokens but the {wide}: "
-                             f"weights for another Stable Diffusion")
-        outputs, offset = [], 0
+                             f"weights for another {base}")
+        if len(tokens) not in (1, count):
+            raise ValueError(f"{len(tokens)} identities for {count} prompts; give one or one per prompt")
+        return tokens.expand(count, -1, -1)
+
+    def _encode(self, pairs, prompts, identity, expression) -> list:
+        """Each (text encoder, tokenizer)'s `encode_text` output for the prompts, with its slice of the "f l"
+        tokens' width (in order) written at the identifier that tokenizer finds."""
+        widths = [encoder.config.hidden_size for encoder, _ in pairs]
+        tokens, outputs, offset = None, [], 0
         for (encoder, tokenizer), width in zip(pairs, widths):
             input_ids, positions = identifier_prompts(prompts, tokenizer)
-            if len(tokens) not in (1, len(input_ids)):
-                raise ValueError(f"{len(tokens)} identities for {len(input_ids)} prompts; give one or one per prompt")
-            part = tokens[..., offset:offset + width].expand(len(input_ids), -1, -1)
-            outputs.append(encode_text(encoder, input_ids, positions, part))
+            if tokens is None:
+                tokens = self._tokens(identity, expression, widths, len(input_ids), "Stable Diffusion")
+            outputs.append(encode_text(encoder, input_ids, positions, tokens[..., offset:offset + width]))
             offset += width
         return outputs
 
+
+def _negatives(negative_prompt: str | list[str], count: int) -> list[str]:
+    """One negative prompt per prompt: a string repeated `count` times, or a list of `count`."""
+    negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != count:
+        raise ValueError(f"{len(negatives)} negative prompts for {count} prompts; give one or one per prompt")
+    return negatives
 
 def _rgb(image):
     """A PIL image as an RGB uint8 array; paths and arrays go to align_face as they are."""
