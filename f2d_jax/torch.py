@@ -345,27 +345,31 @@ def _pooled(outputs) -> torch.Tensor | None:
 class Face2DiffusionEncoder(nn.Module):
     """MSID + mapping network: face photos -> identity features -> "f l" tokens -> prompt embeddings."""
 
-    def __init__(self, msid: MSID, mapping: Mapping):
+    def __init__(self, msid: MSID, mapping: Mapping, max_sequence_length: int = MAX_LENGTH):
         super().__init__()
         self.msid, self.mapping = msid, mapping
+        self.max_sequence_length = max_sequence_length   # FLUX: T5's prompt length, the one the model trained with
 
     @classmethod
     def from_pretrained(cls, msid=None, mapping=None, *, model=None, msid_heads: int | None = None, device=None,
                         dtype: torch.dtype = torch.float32) -> Face2DiffusionEncoder:
         """From msid.pt and mapping.pt (official layout, .pt/.pth or .safetensors), or a packaged `model`
         folder (`f2d-convert package`: its msid.safetensors and mapping.safetensors, and its config's head
-        count), loaded strictly.
+        count and, trained on FLUX.1, its T5 prompt length), loaded strictly.
 
         Model sizes come from the weights' shapes; `msid_heads` is the MSID's attention head count
         (not visible in the shapes; default: the packaged config's, else heads of size 32, as the
         official 12 of width 384).
         """
+        length = MAX_LENGTH
         if model is not None:
             from f2d_jax.convert.package import package_config, package_weights
 
             weights = package_weights(model)
             msid, mapping = msid or weights["msid"], mapping or weights["mapping"]
-            msid_heads = msid_heads or package_config(model)["model"]["msid"]["num_heads"]
+            config = package_config(model)
+            msid_heads = msid_heads or config["model"]["msid"]["num_heads"]
+            length = (config.get("flux") or {}).get("max_sequence_length", MAX_LENGTH)
         if msid is None or mapping is None:
             raise ValueError("Face2DiffusionEncoder.from_pretrained needs msid= and mapping= weights, or model=")
         msid_state, mapping_state = read_weights(msid), read_weights(mapping)
@@ -373,7 +377,7 @@ class Face2DiffusionEncoder(nn.Module):
         load_strict(encoder, msid_state, f"MSID weights {msid}")
         network = Mapping(**mapping_sizes(mapping_state, encoder.features, f"mapping weights {mapping}"))
         load_strict(network, mapping_state, f"mapping weights {mapping}")
-        return cls(encoder, network).to(device=device, dtype=dtype).eval()
+        return cls(encoder, network, length).to(device=device, dtype=dtype).eval()
 
     @property
     def device(self) -> torch.device:
@@ -419,12 +423,12 @@ class Face2DiffusionEncoder(nn.Module):
     @torch.no_grad()
     def pipeline_embeds(self, pipe, prompts: str | list[str], identity, expression=None,
                         negative_prompt: str | list[str] | None = None, *,
-                        max_sequence_length: int = MAX_LENGTH) -> dict[str, torch.Tensor]:
+                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
         """Prompts with "f l" -> the keyword arguments of `pipe(...)` (a diffusers StableDiffusionPipeline,
         StableDiffusionXLPipeline or FluxPipeline): `prompt_embeds` and `negative_prompt_embeds`, for SDXL also
         `pooled_prompt_embeds` and `negative_pooled_prompt_embeds`; for FLUX `prompt_embeds` and
         `pooled_prompt_embeds` (see `_flux_embeds`; `max_sequence_length`: T5's prompt length, FluxPipeline's
-        keyword of that name).
+        keyword of that name; default: the packaged model's training length, else FluxPipeline's 512).
 
         The same as the pipeline's own `encode_prompt` with the "f l" tokens injected: each tokenizer's ids
         and padding; SD 1.x/2.x the text encoder's last hidden state; SDXL both encoders' hidden_states[-2]
@@ -434,7 +438,8 @@ class Face2DiffusionEncoder(nn.Module):
         force_zeros_for_empty_prompt (SDXL). `identity` is (1, F) or (B, F), as in `prompt_embeds`.
         """
         if is_flux_pipeline(pipe):
-            return self._flux_embeds(pipe, prompts, identity, expression, negative_prompt, max_sequence_length)
+            return self._flux_embeds(pipe, prompts, identity, expression, negative_prompt,
+                                     max_sequence_length or self.max_sequence_length)
         pairs = pipeline_text_encoders(pipe)
         penultimate = hasattr(pipe, "text_encoder_2")
         outputs = self._encode(pairs, prompts, identity, expression)

@@ -192,8 +192,10 @@ def test_tiny_flux_run_packaged_drives_flux_pipeline(flux, tmp_path):
     assert convert_main(["package", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
     f2d = Face2DiffusionEncoder.from_pretrained(model=tmp_path / "model")
     identity = f2d.identity(FACE)
-    embeds = f2d.pipeline_embeds(pipe, "a photo of f l", identity)
-    assert embeds["prompt_embeds"].shape == (1, 512, 32) and embeds["pooled_prompt_embeds"].shape == (1, 32)
+    embeds = f2d.pipeline_embeds(pipe, "a photo of f l", identity)   # T5's length: the run's (32)
+    assert embeds["prompt_embeds"].shape == (1, 32, 32) and embeds["pooled_prompt_embeds"].shape == (1, 32)
+    assert f2d.pipeline_embeds(pipe, "a photo of f l", identity, max_sequence_length=512)["prompt_embeds"].shape \
+        == (1, 512, 32)
     image = pipe(**embeds, num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
