@@ -115,7 +115,7 @@ def test_sdxl_tokens_split_between_the_two_encoders(bases):
     other = encoders.prompt_embeddings(variables, ids, positions, tokens.at[..., 32:].multiply(-1.0))
     assert not np.allclose(other["text_embeds"], out["text_embeds"], atol=1e-3)
     np.testing.assert_array_equal(other["context"][..., :32], out["context"][..., :32])
-    with pytest.raises(ValueError, match=r"this 2-text-encoder model's conditioning has \['context', 'text_embeds'\], "
+    with pytest.raises(ValueError, match=r"this SDXL model's conditioning has \['context', 'text_embeds'\], "
                                          r"got \['context'\]"):
         pipe.sample(out["context"], [0, 1], steps=1)
 
