@@ -29,17 +29,22 @@ def tiny_t5(folder, seed: int = 0, **changes) -> T5EncoderModel:
     return model
 
 
-def write_tiny_flux(path, seed: int = 0):
+def write_tiny_flux(path, seed: int = 0, schnell: bool = False):
     """Write a tiny PyTorch FLUX.1 folder of `flux_bundle.TINY_FLUX_CONFIGS`' sizes (the dev structure: guidance
-    embedding) with seeded random weights, SD v1's CLIP tokenizer and the tiny T5 tokenizer, through
-    FluxPipeline.save_pretrained (safetensors); returns the pipeline."""
+    embedding; with `schnell`, FLUX.1-schnell's: none, and its unshifted scheduler) with seeded random weights,
+    SD v1's CLIP tokenizer and the tiny T5 tokenizer, through FluxPipeline.save_pretrained (safetensors); returns
+    the pipeline."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from f2d_jax.models.bases import FLUX_SCHNELL_SCHEDULER
     from f2d_jax.models.flux_bundle import TINY_FLUX_CONFIGS
     from f2d_jax.text import load_tokenizer
 
     configs = TINY_FLUX_CONFIGS
+    if schnell:
+        configs = dict(configs, transformer=dict(configs["transformer"], guidance_embeds=False),
+                       scheduler=FLUX_SCHNELL_SCHEDULER)
     torch.manual_seed(seed)
     transformer = randomize(FluxTransformer2DModel(**configs["transformer"]), seed)
     vae = randomize(AutoencoderKL(**configs["vae"]), seed + 1)

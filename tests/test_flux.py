@@ -114,6 +114,30 @@ def test_images_match_diffusers_flux_pipeline_given_our_embeddings(flux, parity)
 
 
 @pytest.mark.slow
+def test_schnell_samples_without_the_guidance_embedding_as_diffusers(tmp_path, parity):
+    """The FLUX.1-schnell structure: no guidance embedding (its guidance default 0, unused) and the unshifted
+    schedule; images from our embeddings against FluxPipeline's."""
+    import torch
+    from diffusers import FluxPipeline
+    from test_pipeline import assert_images_match
+
+    flux_fixtures.write_tiny_flux(tmp_path / "schnell", seed=4, schnell=True)
+    ours = F2DPipeline.from_config(load_config(CONFIG, [f"weights.sd={tmp_path / 'schnell'}"]), dtype="float32",
+                                   log=lambda msg: None)
+    assert not ours.models.sd.guidance_embeds and ours.defaults["guidance_scale"] == 0.0
+    latents = np.asarray(jax.random.normal(jax.random.key(3), (1, 16, 8, 8)))
+    mine = ours.generate(FACE, PROMPTS[:1], num_images=1, steps=4, latents=latents, progress=False)
+    cond = ours.encode_prompt(FACE, PROMPTS[:1])
+    with torch.no_grad():
+        reference = FluxPipeline.from_pretrained(tmp_path / "schnell")(
+            prompt_embeds=torch.tensor(np.asarray(cond["context"])),
+            pooled_prompt_embeds=torch.tensor(np.asarray(cond["pooled"])),
+            latents=torch.tensor(np.asarray(pack_latents(jnp.asarray(latents)))), num_inference_steps=4,
+            guidance_scale=0.0, height=64, width=64, output_type="np").images
+    assert_images_match(mine, reference, "tiny FLUX schnell images vs FluxPipeline, 4 steps", parity)
+
+
+@pytest.mark.slow
 def test_true_classifier_free_guidance_matches_diffusers(flux, parity):
     """true_cfg_scale above 1 with a negative prompt: the velocity moves away from the negative prompt's, as
     FluxPipeline's true_cfg_scale; without a negative prompt, away from the empty prompt's."""
