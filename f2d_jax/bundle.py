@@ -44,7 +44,9 @@ def _max_sequence_length(config: Mapping[str, Any]) -> int:
 def size_multiple(config: Mapping[str, Any]) -> int:
     """The multiple of image sides for the base a config names (read from its configs alone)."""
     if flux_base(config):
-        return 16   # the VAE's 8 times the 2x2 packing
+        path = config["weights"]["sd"]
+        configs = flux_bundle.flux_bundle_configs(path) if path else flux_bundle.TINY_FLUX_CONFIGS
+        return flux_bundle.size_multiple(configs)
     return read_size_multiple(config["weights"]["sd"], config["model"].get("tiny_base", "sd1"))
 
 
@@ -83,6 +85,16 @@ def load_models(config: Mapping[str, Any], dtype=jnp.float32, names=("msid", "ma
     return Models(encoders, sd), {**variables, **face_variables}
 
 
+def tiny_base(config: Mapping[str, Any], dtype=jnp.float32) -> StableDiffusion | Flux:
+    """The modules of a config's tiny random base (an empty weights.sd): Stable Diffusion of its tiny_base
+    structure, or FLUX.1."""
+    base, attention = config["model"].get("tiny_base", "sd1"), config["model"].get("attention", "auto")
+    if base == "flux":
+        return build_flux(flux_bundle.TINY_FLUX_CONFIGS, dtype=dtype, attention=attention,
+                          max_sequence_length=_max_sequence_length(config))
+    return build(TINY_BASES[base], dtype=dtype, attention=attention)
+
+
 def abstract_models(config: Mapping[str, Any], dtype, names=("mapping",)) -> tuple[Models, dict[str, Any]]:
     """`load_models`' (Models, variables) with the variables as ShapeDtypeStructs: nothing is allocated and no
     weights are read (the Stable Diffusion's configs alone, no download for the named configs' bases), for
@@ -90,14 +102,15 @@ def abstract_models(config: Mapping[str, Any], dtype, names=("mapping",)) -> tup
     model = config["model"]
     sd_path = config["weights"]["sd"]
     attention = model.get("attention", "auto")
-    if flux_base(config):
-        configs = flux_bundle.flux_bundle_configs(sd_path) if sd_path else flux_bundle.TINY_FLUX_CONFIGS
-        sd = build_flux(configs, dtype=dtype, attention=attention, max_sequence_length=_max_sequence_length(config))
-        params = flux_bundle.abstract_params(sd, dtype)
+    if not sd_path:
+        sd = tiny_base(config, dtype)
+    elif flux_base(config):
+        sd = build_flux(flux_bundle.flux_bundle_configs(sd_path), dtype=dtype, attention=attention,
+                        max_sequence_length=_max_sequence_length(config))
     else:
-        configs, options = bundle_configs(sd_path) if sd_path else (TINY_BASES[model.get("tiny_base", "sd1")], {})
+        configs, options = bundle_configs(sd_path)
         sd = build(configs, dtype=dtype, attention=attention, **options)
-        params = abstract_params(sd, dtype)
+    params = (flux_bundle.abstract_params if sd.base == "flux" else abstract_params)(sd, dtype)
     encoders = Encoders.from_config(model, sd.text_encoders)
     face = {name: getattr(encoders, name) for name in names}
     return Models(encoders, sd), {**params,

@@ -20,17 +20,8 @@ from f2d_jax.compile_cache import enable
 from f2d_jax.config import add_config_arguments, config_from_args, f2d_config
 from f2d_jax.encoders import Encoders
 from f2d_jax.faces import NoFaceError, align_face, expression_input, msid_input
+from f2d_jax.bundle import tiny_base
 from f2d_jax.text import PromptError, identifier_prompts
-
-
-def tiny_base(config):
-    """The modules of a config's tiny random base (Stable Diffusion of its tiny_base structure, or FLUX.1)."""
-    base = config.model.get("tiny_base", "sd1")
-    if base == "flux":
-        from f2d_jax.models.flux_bundle import TINY_FLUX_CONFIGS, build_flux
-        return build_flux(TINY_FLUX_CONFIGS, max_sequence_length=config.flux.max_sequence_length)
-    from f2d_jax.models.stable_diffusion import TINY_BASES, build
-    return build(TINY_BASES[base])
 
 
 @usage.command

@@ -77,8 +77,7 @@ def t5_identifier_prompts(prompts: str | list[str], tokenizer, max_length: int =
     max_length tokens cuts it; warns (InputWarning) for a prompt truncated, or holding the identifier twice.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
-    ids = np.asarray(ids, np.int32)
+    ids = t5_token_ids(prompts, tokenizer, max_length)
     positions = []
     for prompt, row in zip(prompts, ids):
         full = tokenizer(prompt, return_offsets_mapping=True)   # untruncated, </s> last

@@ -55,9 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "as trained, values in between interpolate the tokens; above 1 extrapolates (with a "
                         "warning); at least 0 (default: %(default)s)")
     parser.add_argument("--expression-image", help="photo whose facial expression to use (needs --expression)")
-    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8, of 16 on FLUX.1 (default: the base's "
-                        "training size, 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL and FLUX.1, or the --config's or "
-                        "--checkpoint's training resolution; SDXL's size conditioning follows it)")
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8, of 16 on FLUX.1 "
+                        "(default: the base's training size, 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL and "
+                        "FLUX.1, or the --config's or --checkpoint's training resolution; SDXL's size conditioning "
+                        "follows it)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: as --height)")
     cli.add_weights(parser)
     cli.add_target(parser)

@@ -90,8 +90,7 @@ class Flux:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides are multiples of this: the VAE's downsampling times the 2x2 packing."""
-        return 2 * self.vae_scale_factor
+        return size_multiple({"vae": {"block_out_channels": self.vae.block_out_channels}})
 
     @property
     def default_size(self) -> int:
@@ -169,6 +168,11 @@ class Flux:
                 "text_encoder_2": np.asarray(t5_class_ids(self.t5_tokenizer()), np.int32)}
 
 
+def size_multiple(configs: dict) -> int:
+    """Image sides are multiples of this, from the VAE's config: its downsampling times the 2x2 packing."""
+    return 2 ** len(configs["vae"]["block_out_channels"])
+
+
 def build_flux(configs: dict, *, dtype=jnp.float32, attention: str = "auto", tokenizer_path: str | None = None,
                t5_tokenizer_path: str | None = None, max_sequence_length: int = 512) -> Flux:
     """The bundle's modules from the component configs {"transformer", "vae", "text_encoder", "text_encoder_2",
@@ -186,12 +190,14 @@ def build_flux(configs: dict, *, dtype=jnp.float32, attention: str = "auto", tok
                 max_sequence_length)
 
 
-def abstract_params(flux: Flux, dtype=None) -> dict[str, Any]:
-    """{"transformer", "vae", "text_encoder", "text_encoder_2"} variable trees as ShapeDtypeStructs."""
+def abstract_params(flux: Flux, dtype=None, names=COMPONENTS) -> dict[str, Any]:
+    """The variable trees of `names` (of "transformer", "vae", "text_encoder", "text_encoder_2") as
+    ShapeDtypeStructs."""
     key = jax.random.key(0)
-    tree = {"transformer": abstract_module(flux.transformer), "vae": abstract_module(flux.vae),
-            "text_encoder": jax.eval_shape(flux.text_encoder.init, key, jnp.zeros((1, 77), jnp.int32)),
-            "text_encoder_2": jax.eval_shape(flux.text_encoder_2.init, key, jnp.zeros((1, 8), jnp.int32))}
+    shapes = {"transformer": lambda: abstract_module(flux.transformer), "vae": lambda: abstract_module(flux.vae),
+              "text_encoder": lambda: jax.eval_shape(flux.text_encoder.init, key, jnp.zeros((1, 77), jnp.int32)),
+              "text_encoder_2": lambda: jax.eval_shape(flux.text_encoder_2.init, key, jnp.zeros((1, 8), jnp.int32))}
+    tree = {name: shapes[name]() for name in names}
     return tree if dtype is None else jax.eval_shape(lambda t: cast(t, dtype), tree)
 
 
@@ -219,9 +225,9 @@ def resolve(path_or_hub_id, revision: str | None = None) -> Path:
     root, name = local_or_hub(path_or_hub_id, "FLUX pipeline folder")
     if root is not None:
         return root
-    return download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*", "scheduler/*.json",
-                                      *(f"{c}/*.json" for c in COMPONENTS), *(f"{c}/*.safetensors" for c in COMPONENTS)],
-                     {})
+    files = [f"{c}/*{suffix}" for c in COMPONENTS for suffix in (".json", ".safetensors")]
+    return download(name, revision, ["model_index.json", "tokenizer/*", "tokenizer_2/*", "scheduler/*.json", *files],
+                    {})
 
 
 def flux_bundle_configs(path_or_hub_id, revision: str | None = None) -> dict:
@@ -255,7 +261,7 @@ def load_flux(path_or_hub_id, *, dtype=jnp.float32, revision: str | None = None,
                                     " scheduler, tokenizer, tokenizer_2)")
     flux = build_flux(flux_configs(root), dtype=dtype, attention=attention, tokenizer_path=str(root / "tokenizer"),
                       t5_tokenizer_path=str(root / "tokenizer_2"), max_sequence_length=max_sequence_length)
-    targets = abstract_params(flux)
+    targets = abstract_params(flux, names=("vae", "text_encoder"))   # the transformer and T5: their own loaders
     _, transformer = load_transformer(root / "transformer", dtype=dtype, attention=attention)
     _, t5 = load_t5(root / "text_encoder_2", dtype=dtype)
     params = {"transformer": transformer, "text_encoder_2": t5,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from f2d_jax.models.flux_latents import from_latents
 from f2d_jax.models.stable_diffusion import unet_output
 from f2d_jax.sampling import flow_match
 
@@ -95,7 +96,7 @@ def decode_images(vae, vae_params, latents, scaling_factor: float):
     """(B, C, h, w) latents -> ((B, H, W, 3) uint8 images, (B,) whether the latents and the decoded image are
     finite: NaN or infinity would come out as a black or white picture). The VAE decodes
     latents / scaling_factor + its shift_factor (FLUX.1's; none for SD)."""
-    images = vae.apply(vae_params, (latents / scaling_factor + (vae.shift_factor or 0.0)).astype(vae.dtype),
+    images = vae.apply(vae_params, from_latents(latents, scaling_factor, vae.shift_factor).astype(vae.dtype),
                        method=vae.decode)
     images = jnp.transpose(images.astype(jnp.float32), (0, 2, 3, 1))
     finite = jnp.isfinite(latents).all(axis=(1, 2, 3)) & jnp.isfinite(images).all(axis=(1, 2, 3))

@@ -269,7 +269,8 @@ def target_programs(config, devices, batch_per_device: int, *, dtype: str = "aut
                                                           conditioning, keys), batch)
     progs = programs(models, mesh)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)  # noqa: E731
-    generate = (laid_out(variables[sd.denoiser], rep), schedule, contexts, scalar(jnp.float32), keys,
+    guidance = jax.ShapeDtypeStruct((2,) if sd.base == "flux" else (), jnp.float32, sharding=rep)  # as `sample`'s
+    generate = (laid_out(variables[sd.denoiser], rep), schedule, contexts, guidance, keys,
                 scalar(jnp.int32), scalar(jnp.int32), x, memory)
     return [TargetProgram("denoising step", progs.generate, generate, batch_per_device, mesh),
             TargetProgram("decode", progs.decode, (laid_out(variables["vae"], rep), x), batch_per_device, mesh)]
@@ -463,9 +464,9 @@ class F2DPipeline:
                            width, progress, batch_size, true_cfg_scale)
 
     def sample(self, conditioning, seeds: Sequence[int], steps: int = 30, guidance_scale: float | None = None,
-               scheduler: str | None = None, negative_prompt: str | None = None, latents=None, height: int | None = None,
-               width: int | None = None, progress: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
-               true_cfg_scale: float = 1.0) -> np.ndarray:
+               scheduler: str | None = None, negative_prompt: str | None = None, latents=None,
+               height: int | None = None, width: int | None = None, progress: bool = True,
+               batch_size: int = DEFAULT_BATCH_SIZE, true_cfg_scale: float = 1.0) -> np.ndarray:
         """(N, height, width, 3) uint8 images from N conditionings (`encode_prompt`'s dict, or its (N, 77, D)
         context alone for SD 1.x and 2.x) and N seeds (each in 0..2^32 - 1), `batch_size` at a time.
 
@@ -498,8 +499,8 @@ class F2DPipeline:
                 raise ValueError(f"true_cfg_scale={true_cfg_scale:g} is FLUX.1's; a Stable Diffusion base's "
                                  "classifier-free guidance is the guidance scale")
             guidance = jnp.float32(guidance_scale)
-            uncond = sd.negative_conditioning(self.programs.embed(self.variables, sd.plain_ids([negative_prompt or ""])),
-                                              negative_prompt)
+            negative = self.programs.embed(self.variables, sd.plain_ids([negative_prompt or ""]))
+            uncond = sd.negative_conditioning(negative, negative_prompt)
         uncond = sd.with_size(jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape[1:])), uncond), height, width)
         conditioning = sd.with_size(conditioning, height, width)
         latents = None if latents is None else np.asarray(latents, np.float32)
@@ -543,8 +544,8 @@ class F2DPipeline:
         factor = self.models.sd.vae_scale_factor
         shape = (n, self.models.sd.latent_channels, height // factor, width // factor)
         if latents is not None and tuple(np.shape(latents)) != shape:
-            raise ValueError(f"latents must have shape {shape} (images, channels, height / {factor}, width / {factor}), "
-                             f"got {tuple(np.shape(latents))}")
+            raise ValueError(f"latents must have shape {shape} (images, channels, height / {factor}, "
+                             f"width / {factor}), got {tuple(np.shape(latents))}")
         return shape
 
     def __call__(self, image, prompt, num_images: int = 8, seed: int = 0, steps: int = 30,

@@ -34,12 +34,17 @@ class TrainingData:
     transform: Callable[[dict], dict] = lambda batch: batch   # numpy batch -> batch
 
 
+def latent_shape(resolution: int, sd) -> tuple[int, int, int]:
+    """(h, w, C) of the base's latents of resolution x resolution images."""
+    return (resolution // sd.vae_scale_factor,) * 2 + (sd.latent_channels,)
+
+
 def training_data(config: Mapping[str, Any], models: Models) -> TrainingData:
     data = config["data"]
     if not data["dir"]:
         sizes = dict(identity_dim=models.encoders.mapping.identity_dim,
                      expression_dim=models.encoders.mapping.expression_dim,
-                     latent_shape=(data["resolution"] // models.sd.vae_scale_factor,) * 2 + (models.sd.latent_channels,), seed=config["seed"])
+                     latent_shape=latent_shape(data["resolution"], models.sd), seed=config["seed"])
         train = SyntheticFaces(data["synthetic_examples"], data["synthetic_identities"], **sizes,
                                shuffle_identity=data["synthetic_shuffle_identity"])
         holdout = SyntheticFaces(max(data["holdout"], 1), max(data["holdout"], 1), **sizes,

@@ -37,7 +37,7 @@ from f2d_jax.sharding import batch_sharding, make_mesh, param_shardings, replica
 from f2d_jax.targets import on_mesh, platform
 from f2d_jax.train.checkpoint import Checkpoints, TrainingError, abstract_like
 from f2d_jax.data.loader import BatchLoader, loading_workers
-from f2d_jax.train.inputs import FEATURES, encode_raw, prepared_has_features, training_data
+from f2d_jax.train.inputs import FEATURES, encode_raw, latent_shape, prepared_has_features, training_data
 from f2d_jax.train.metrics import MetricWriter, is_primary, mfu
 from f2d_jax.params import merge, partition
 from f2d_jax.train.state import TrainState, init_state, optimizer
@@ -250,7 +250,7 @@ def target_programs(config, devices, batch_per_device: int) -> list[TargetProgra
     program = step_program(config, models, variables, mesh, abstract=True)
     data = config.data
     example = SyntheticFaces(1, 1, models.encoders.mapping.identity_dim, models.encoders.mapping.expression_dim,
-                             (data.resolution // models.sd.vae_scale_factor,) * 2 + (models.sd.latent_channels,)).get([0])
+                             latent_shape(data.resolution, models.sd)).get([0])
     features = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding(mesh))
                 for k, v in example.items() if k in FEATURES}
     return [TargetProgram("train step", program.step, (program.abstract_state, program.frozen, features,
@@ -260,11 +260,10 @@ def target_programs(config, devices, batch_per_device: int) -> list[TargetProgra
 def step_config(config, models: Models) -> StepConfig:
     """The step's settings from `config` and the Stable Diffusion it trains against."""
     tc, sd = config.train, models.sd
-    if sd.base == "flux":
-        return StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor, "flow",
-                          sd.vae_shift_factor, config.flux.train_guidance)
+    flux = sd.base == "flux"
     return StepConfig(config.seed, tc.cgdr_lambda, tc.p_uncond, tc.remat_unet, sd.vae_scaling_factor,
-                      sd.scheduler_config.get("prediction_type", "epsilon"))
+                      "flow" if flux else sd.scheduler_config.get("prediction_type", "epsilon"), sd.vae_shift_factor,
+                      config.flux.train_guidance if flux else 1.0)
 
 
 def step_function(config, models: Models) -> tuple[Callable, Any]:
@@ -360,12 +359,12 @@ def _sampler(config, models: Models, variables, frozen, data, mesh):
     noise = jax.random.normal(jax.random.key(config.seed), (len(face_index), sd.latent_channels, size, size))
     constants = jax.device_put(dict(ids=jax.tree.map(lambda x: jnp.asarray(x[prompt_index]), ids),
                                     positions=jax.tree.map(lambda x: jnp.asarray(x[prompt_index]), positions),
-                                    uncond=sd.plain_ids([""] * len(face_index)), noise=noise,
-                                    holdout=holdout, encoder_vars=encoder_vars), rep)
-    if sd.base == "flux":
+                                    noise=noise, holdout=holdout, encoder_vars=encoder_vars), rep)
+    if sd.base == "flux":   # the guidance embedding: no unconditional branch
         sigmas = flow_schedule(lc.sample_steps, (size // 2) ** 2, sd.scheduler_config)[1]
     else:
         scheduler = DDIM.create(sd.scheduler_config, lc.sample_steps)
+        constants["uncond"] = jax.device_put(sd.plain_ids([""] * len(face_index)), rep)
 
     def sample(trainable, frozen, c):
         params = merge(trainable, frozen)

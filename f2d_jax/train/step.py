@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from f2d_jax.bundle import Models
+from f2d_jax.models.flux_latents import to_latents
 from f2d_jax.objectives import cgdr_loss
 from f2d_jax.params import merge
 from f2d_jax.sampling.flow_match import noised, training_sigmas
@@ -64,7 +65,7 @@ def latents_from_moments(moments, key, scaling_factor: float, shift_factor: floa
     scaling_factor * (sample - shift_factor)."""
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    return scaling_factor * (jnp.transpose(sample, (0, 3, 1, 2)) - shift_factor)
+    return to_latents(jnp.transpose(sample, (0, 3, 1, 2)), scaling_factor, shift_factor)
 
 
 def prediction_target(prediction_type: str, z0, eps, abar):
